@@ -1,0 +1,138 @@
+"""The public Python API. The CLI calls only these functions.
+
+    from sidecar.api import create_backup, list_backups, restore_backup, verify_backup
+    backup = create_backup()            # config from config.yaml / environment
+    for b in list_backups(): print(b.id, b.size, b.status)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar import backup as _backup
+from sidecar import restore as _restore
+from sidecar.config import Config, load_config
+from sidecar.errors import NotFound, SidecarError
+from sidecar.repository import Entry, Repository
+from sidecar.restore import RestoreReport, VerifyReport
+from sidecar.retention import classify
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Backup", "PruneReport", "RestoreReport", "VerifyReport",
+    "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
+]
+
+
+@dataclass(frozen=True)
+class Backup:
+    id: str
+    timestamp: str
+    status: str
+    size: int | None = None
+    checksum: str | None = None
+    compression: str | None = None
+    encrypted: bool | None = None
+    label: str | None = None
+    keep: bool = False
+    problem: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> Backup:
+        meta = entry.metadata or {}
+        return cls(
+            id=entry.id,
+            timestamp=meta.get("timestamp") or entry.timestamp.isoformat(),
+            status=entry.status,
+            size=meta.get("size"),
+            checksum=meta.get("checksum"),
+            compression=meta.get("compression"),
+            encrypted=meta.get("encrypted"),
+            label=meta.get("label"),
+            keep=bool(meta.get("keep")),
+            problem=entry.problem,
+            metadata=meta,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        if self.metadata:
+            return {**self.metadata, "status": self.status}
+        return {"id": self.id, "timestamp": self.timestamp, "status": self.status, "problem": self.problem}
+
+
+@dataclass
+class PruneReport:
+    deleted: list[str]
+    kept: list[str]
+    reported: list[str]
+    dry_run: bool
+
+
+def _config(config: Config | None) -> Config:
+    return config if config is not None else load_config()
+
+
+def create_backup(config: Config | None = None, label: str | None = None, keep: bool = False, prune: bool = True) -> Backup:
+    """Take a backup now, then prune by the retention policy (a failed prune does not fail the backup)."""
+    cfg = _config(config)
+    metadata = _backup.create_backup(cfg, label=label, keep=keep)
+    if prune:
+        try:
+            prune_backups(cfg)
+        except SidecarError as exc:
+            log.error("backup %s succeeded but pruning failed: %s", metadata["id"], exc)
+    return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
+
+
+def list_backups(config: Config | None = None) -> list[Backup]:
+    """Every backup on the volume, newest first, with its status."""
+    return [Backup.from_entry(e) for e in Repository(_config(config).backup_dir).entries()]
+
+
+def get_backup(ref: str, config: Config | None = None) -> Backup:
+    return Backup.from_entry(Repository(_config(config).backup_dir).get(ref))
+
+
+def verify_backup(ref: str, config: Config | None = None) -> VerifyReport:
+    return _restore.verify_backup(_config(config), ref)
+
+
+def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
+    return _restore.restore_backup(_config(config), ref, target_db=target_db, in_place=in_place, force=force)
+
+
+def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
+    cfg = _config(config)
+    repo = Repository(cfg.backup_dir)
+    with repo.lock("prune"):
+        decisions = classify(repo.entries(), cfg.retention_days, now or datetime.now(UTC))
+        report = PruneReport([], [], [], dry_run)
+        for decision in decisions:
+            if decision.action == "delete":
+                report.deleted.append(decision.entry.id)
+                if not dry_run:
+                    repo.delete(decision.entry)
+                    log.info("pruned %s (%s)", decision.entry.id, decision.reason)
+            elif decision.action == "report":
+                report.reported.append(f"{decision.entry.id}: {decision.reason}")
+                log.warning("%s: %s", decision.entry.id, decision.reason)
+            else:
+                report.kept.append(decision.entry.id)
+    return report
+
+
+def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
+    """Pin a backup (retention never deletes it) or release it."""
+    cfg = _config(config)
+    repo = Repository(cfg.backup_dir)
+    with repo.lock("pin"):
+        entry = repo.get(ref)
+        if entry.metadata is None:
+            raise NotFound(f"backup {entry.id} has no readable metadata ({entry.problem}); cannot pin it")
+        repo.write_metadata({**entry.metadata, "keep": keep})
+        return Backup.from_entry(repo.get(entry.id))

@@ -1,0 +1,193 @@
+"""The backup flow: snapshot, row counts, pg_dump -> sha256 + compress + encrypt -> commit -> prune."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from sidecar import __version__, postgres, roles
+from sidecar.config import Config
+from sidecar.errors import SidecarError
+from sidecar.postgres import Child
+from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
+from sidecar.streams import CHUNK_SIZE, HashingFile, encode_stages
+
+log = logging.getLogger(__name__)
+
+TABLES = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'
+   AND n.nspname NOT LIKE 'pg\\_temp%'
+   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ ORDER BY 1, 2
+"""
+
+
+def table_key(schema: str, table: str) -> str:
+    return f"{schema}.{table}"
+
+
+def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Exact row count of every user table, in the connection's current transaction."""
+    from psycopg import sql
+
+    counts = {}
+    for schema, table in conn.execute(TABLES).fetchall():
+        query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        row = conn.execute(query).fetchone()
+        counts[table_key(schema, table)] = int(row[0]) if row else 0
+    return counts
+
+
+def dump_format(config: Config) -> str:
+    """gzip keeps the spec's `.sql.gz` layout (gunzip | psql); otherwise pg_dump's custom format."""
+    return "plain" if config.compression == "gzip" else "custom"
+
+
+def _write_stream(child: Child, out: HashingFile, config: Config) -> None:
+    pipeline = encode_stages(config.compression, config.compression_level, config.recipients if config.encryption else None)
+    assert child.proc.stdout is not None
+    stream = child.proc.stdout
+    last_log = time.monotonic()
+    raw = 0
+    while chunk := stream.read(CHUNK_SIZE):
+        raw += len(chunk)
+        out.write(pipeline.update(chunk))
+        if time.monotonic() - last_log > 30:
+            last_log = time.monotonic()
+            log.info("backup in progress: %d MiB dumped, %d MiB written", raw >> 20, out.size >> 20)
+    out.write(pipeline.finish())
+
+
+def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFile) -> None:
+    pg_dumpall = postgres.find_tool("pg_dumpall", config.pg_bin_dir)
+    conninfo, env = postgres.child_env(config)
+    wanted = roles.referenced_roles(conn)
+    text = ""
+    for extra in ([], ["--no-role-passwords"]):  # reading passwords needs superuser; fall back without
+        child = Child([pg_dumpall, "--roles-only", "--no-password", f"--dbname={conninfo}", *extra], env)
+        assert child.proc.stdout is not None
+        data = child.proc.stdout.read()
+        if child.wait() == 0:
+            text = data.decode()
+            break
+        error = child.stderr_tail()
+    else:
+        raise SidecarError(f"backup failed: pg_dumpall --roles-only: {error}")
+    pipeline = encode_stages(config.compression, config.compression_level, config.recipients if config.encryption else None)
+    path.write(pipeline.update(roles.filter_globals(text, wanted).encode()))
+    path.write(pipeline.finish())
+
+
+def create_backup(config: Config, label: str | None = None, keep: bool = False) -> dict[str, Any]:
+    """Take one backup; returns its metadata. Nothing is listed unless it is complete."""
+    repo = Repository(config.backup_dir)
+    with repo.lock("backup"):
+        removed = repo.cleanup()
+        if removed:
+            log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
+        metadata = _create(config, repo, label, keep)
+    return metadata
+
+
+def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> dict[str, Any]:
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    pg_dump = postgres.find_tool("pg_dump", config.pg_bin_dir)
+    conn = postgres.connect(config, autocommit=False)
+    files: list[HashingFile] = []
+    child: Child | None = None
+    try:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        info = postgres.server_info(conn)
+        dump_version = postgres.check_dump_version(pg_dump, info["major"])
+        snapshot_row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert snapshot_row is not None
+        snapshot = snapshot_row[0]
+
+        backup_id = new_id(started, {e.id for e in repo.entries()})
+        fmt = dump_format(config)
+        encrypted = config.encryption
+        dump_name = backup_id + dump_extension(fmt, config.compression, encrypted)
+        globals_name = backup_id + globals_extension(config.compression, encrypted)
+
+        globals_file = HashingFile(repo.path(globals_name + PARTIAL_SUFFIX))
+        files.append(globals_file)
+        _dump_globals(config, conn, globals_file)
+
+        dump_file = HashingFile(repo.path(dump_name + PARTIAL_SUFFIX))
+        files.append(dump_file)
+        conninfo, env = postgres.child_env(config)
+        argv = [pg_dump, f"--dbname={conninfo}", f"--snapshot={snapshot}", "--no-password", "--lock-wait-timeout=5min"]
+        argv += ["--format=plain"] if fmt == "plain" else ["--format=custom", "--compress=0"]
+        child = Child(argv, env)
+
+        # the exact row counts run in the same snapshot, on our connection, while pg_dump streams
+        counts: dict[str, int] = {}
+        failure: list[BaseException] = []
+
+        def count() -> None:
+            try:
+                counts.update(count_rows(conn))
+            except BaseException as exc:  # reported below
+                failure.append(exc)
+
+        counter = threading.Thread(target=count, name="row-counts")
+        counter.start()
+        try:
+            _write_stream(child, dump_file, config)
+        finally:
+            counter.join()
+        child.check("backup")
+        if failure:
+            raise SidecarError(f"backup failed: counting rows: {postgres.describe(failure[0])}")
+        checksums = {name: f.close() for name, f in (("globals", globals_file), ("dump", dump_file))}
+        files.clear()
+        conn.rollback()
+
+        metadata: dict[str, Any] = {
+            "id": backup_id,
+            "timestamp": iso_timestamp(started),
+            "size": dump_file.size,
+            "checksum": checksums["dump"],
+            "compressed": config.compression != "none",
+            "encrypted": encrypted,
+            "databaseVersion": info["version"],
+            "format": fmt,
+            "compression": config.compression,
+            "compressionLevel": config.compression_level if config.compression != "none" else None,
+            "encryption": "age" if encrypted else None,
+            "recipients": list(config.recipients) if encrypted else [],
+            "database": info["database"],
+            "databaseOwner": info["owner"],
+            "encoding": info["encoding"],
+            "collate": info["collate"],
+            "ctype": info["ctype"],
+            "pgDumpVersion": dump_version,
+            "completedAt": iso_timestamp(datetime.now(UTC)),
+            "durationSeconds": round(time.monotonic() - clock, 3),
+            "rowCounts": counts,
+            "sidecarVersion": __version__,
+            "label": label,
+            "keep": keep,
+            "files": {
+                "dump": {"name": dump_name, "size": dump_file.size, "checksum": checksums["dump"]},
+                "globals": {"name": globals_name, "size": globals_file.size, "checksum": checksums["globals"]},
+            },
+        }
+        repo.commit(metadata)
+        log.info("backup %s complete: %d bytes in %.1fs", backup_id, dump_file.size, metadata["durationSeconds"])
+        return metadata
+    except psycopg.Error as exc:
+        raise SidecarError(f"backup failed: {postgres.describe(exc)}") from None
+    finally:
+        if child is not None:
+            child.terminate()
+        for leftover in files:
+            leftover.abort()
+        conn.close()

@@ -1,0 +1,173 @@
+"""Argument parsing and exit codes only; every operation is a call into sidecar.api.
+
+Exit codes: 0 success; 1 a check found a problem; 2 usage or configuration error; 3 the operation failed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from sidecar import __version__, api
+from sidecar.config import Config, load_config
+from sidecar.errors import ConfigError, SidecarError, UsageError
+
+OK, FOUND_PROBLEM, USAGE, FAILED = 0, 1, 2, 3
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def print_table(backups: list[api.Backup]) -> None:
+    if not backups:
+        print("no backups yet")
+        return
+    rows = [("ID", "TIMESTAMP", "SIZE", "COMPRESSION", "ENCRYPTED", "STATUS")]
+    for b in backups:
+        status = b.status + (" (pinned)" if b.keep else "") + (f": {b.problem}" if b.problem else "")
+        rows.append((b.id, b.timestamp, human_size(b.size), b.compression or "-",
+                     "-" if b.encrypted is None else ("yes" if b.encrypted else "no"), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+def emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pg-backup-sidecar", description="PostgreSQL backups that provably restore.")
+    p.add_argument("--config", help="config.yaml path (default: $SIDECAR_CONFIG)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--version", action="version", version=f"pg-backup-sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("backup", help="take a backup now (then prune)")
+    b.add_argument("--label", help="free text stored in the metadata")
+    b.add_argument("--keep", action="store_true", help="pin it: retention never deletes it (e.g. before a migration)")
+    b.add_argument("--json", action="store_true", help="print the metadata instead of the id")
+
+    ls = sub.add_parser("list", help="list backups, newest first")
+    ls.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="check checksums and that a backup decodes to its end")
+    v.add_argument("id", metavar="ID|latest")
+    v.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("restore", help="restore a backup (with no id: list backups)")
+    r.add_argument("id", nargs="?", metavar="ID|latest")
+    r.add_argument("--target-db", help="restore into this database instead of the one in DATABASE_URL")
+    r.add_argument("--in-place", action="store_true", help="drop and recreate objects in the live database (not atomic)")
+    r.add_argument("--force", action="store_true", help="swap in the restored database even if its row counts differ")
+    r.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("prune", help="delete backups older than the retention period")
+    pr.add_argument("--dry-run", action="store_true")
+    pr.add_argument("--json", action="store_true")
+
+    un = sub.add_parser("unpin", help="release a pinned backup to retention")
+    un.add_argument("id", metavar="ID")
+    pin = sub.add_parser("pin", help="pin a backup so retention never deletes it")
+    pin.add_argument("id", metavar="ID|latest")
+
+    vc = sub.add_parser("validate-config", help="check the configuration")
+    vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
+    return p
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "validate-config":
+        if args.print:
+            emit(config.masked())
+        else:
+            print("configuration is valid")
+        return OK
+    if args.command == "backup":
+        created = api.create_backup(config, label=args.label, keep=args.keep)
+        if args.json:
+            emit(created.to_json())
+        else:
+            print(created.id)
+        return OK
+    if args.command == "list" or (args.command == "restore" and not args.id):
+        backups = api.list_backups(config)
+        if getattr(args, "json", False):
+            emit([b.to_json() for b in backups])
+        else:
+            print_table(backups)
+        return OK
+    if args.command == "verify":
+        report = api.verify_backup(args.id, config)
+        if args.json:
+            emit(asdict(report))
+        else:
+            print(f"{report.backup_id}: {'OK' if report.ok else 'BAD'}")
+            for line in report.problems + report.notes:
+                print(f"  {line}")
+        return OK if report.ok else FOUND_PROBLEM
+    if args.command == "restore":
+        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force)
+        if args.json:
+            emit(asdict(result))
+        else:
+            print(f"restored {result.backup_id} into {result.database} ({result.mode}, {result.duration_seconds:.1f}s, "
+                  f"row counts of {result.tables_checked} tables {'checked' if not result.mismatches else 'DIFFER'})")
+            if result.previous_database:
+                print(f"the previous database is kept as {result.previous_database}")
+        return OK
+    if args.command == "prune":
+        pruned = api.prune_backups(config, dry_run=args.dry_run)
+        if args.json:
+            emit(asdict(pruned))
+        else:
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"{verb} {len(pruned.deleted)}, kept {len(pruned.kept)}")
+            for line in pruned.deleted:
+                print(f"  {verb}: {line}")
+            for line in pruned.reported:
+                print(f"  not deleted: {line}")
+        return OK
+    if args.command in ("pin", "unpin"):
+        changed = api.set_pinned(args.id, args.command == "pin", config)
+        print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
+        return OK
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+        return run(args, config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return USAGE
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    except SidecarError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written is listed, the next backup cleans up", file=sys.stderr)
+        return FAILED

@@ -1,0 +1,231 @@
+"""Typed configuration: defaults < config.yaml < environment, validated all at once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from sidecar.errors import ConfigError
+
+COMPRESSIONS = ("zstd", "gzip", "none")
+DEFAULT_COMPRESSION = "zstd"
+DEFAULT_LEVELS = {"zstd": 1, "gzip": 1, "none": 0}
+LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9), "none": (0, 0)}
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str
+    backup_dir: Path = Path("./backups")
+    retention_days: int = 30
+    compression: str = DEFAULT_COMPRESSION
+    compression_level: int = DEFAULT_LEVELS[DEFAULT_COMPRESSION]
+    encryption: bool = False
+    recipients: tuple[str, ...] = ()
+    identity_file: Path | None = None
+    keep_previous_database: bool = True
+    pg_bin_dir: Path | None = None
+
+    def conninfo(self) -> dict[str, str]:
+        """Connection parameters, password included (for libpq only, never for output)."""
+        return {k: str(v) for k, v in conninfo_to_dict(self.database_url).items() if v is not None}
+
+    @property
+    def database_name(self) -> str:
+        return self.conninfo().get("dbname", "")
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for printing."""
+        return {
+            "database.url": mask_url(self.database_url),
+            "backup.dir": str(self.backup_dir),
+            "backup.retention_days": self.retention_days,
+            "backup.compression": self.compression,
+            "backup.compression_level": self.compression_level,
+            "encryption.enabled": self.encryption,
+            "encryption.recipients": list(self.recipients),
+            "encryption.identity_file": str(self.identity_file) if self.identity_file else None,
+            "restore.keep_previous_database": self.keep_previous_database,
+            "postgres.bin_dir": str(self.pg_bin_dir) if self.pg_bin_dir else None,
+        }
+
+    def with_database(self, dbname: str) -> Config:
+        params = self.conninfo()
+        params["dbname"] = dbname
+        return replace(self, database_url=make_conninfo(**params))
+
+
+def mask_url(url: str) -> str:
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return "<unparseable>"
+    if params.get("password"):
+        params["password"] = "****"
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
+# key in config.yaml -> (environment variable, parser)
+Parser = Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
+        raise ValueError("must be a non-empty string")
+    return str(value).strip()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError("must be an integer") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}")
+        return number
+
+    return parse
+
+
+def _compression(value: Any) -> str:
+    if isinstance(value, bool):
+        return DEFAULT_COMPRESSION if value else "none"
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return DEFAULT_COMPRESSION
+    if text in ("false", "0", "no", "off", "none"):
+        return "none"
+    if text in COMPRESSIONS:
+        return text
+    raise ValueError("accepted values: true, false, zstd, gzip")
+
+
+def _recipients(value: Any) -> tuple[str, ...]:
+    from sidecar.age import parse_recipient
+
+    items = value if isinstance(value, list) else str(value).split(",")
+    keys = tuple(str(item).strip() for item in items if str(item).strip())
+    for key in keys:
+        parse_recipient(key)
+    return keys
+
+
+def _url(value: Any) -> str:
+    url = _text(value)
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        raise ValueError("is not a PostgreSQL connection URL (postgresql://user:password@host:5432/dbname)") from None
+    if not params.get("dbname"):
+        raise ValueError("names no database (postgresql://user:password@host:5432/dbname)")
+    return url
+
+
+def _path(value: Any) -> Path:
+    return Path(_text(value))
+
+
+KEYS: dict[str, tuple[str, Parser]] = {
+    "database.url": ("DATABASE_URL", _url),
+    "backup.dir": ("BACKUP_DIR", _path),
+    "backup.retention_days": ("BACKUP_RETENTION_DAYS", _int_at_least(0)),
+    "backup.compression": ("BACKUP_COMPRESSION", _compression),
+    "backup.compression_level": ("BACKUP_COMPRESSION_LEVEL", _int_at_least(0, 19)),
+    "encryption.enabled": ("BACKUP_ENCRYPTION", _bool),
+    "encryption.recipients": ("BACKUP_ENCRYPTION_RECIPIENTS", _recipients),
+    "encryption.identity_file": ("BACKUP_ENCRYPTION_IDENTITY_FILE", _path),
+    "restore.keep_previous_database": ("RESTORE_KEEP_PREVIOUS_DATABASE", _bool),
+    "postgres.bin_dir": ("PG_BIN_DIR", _path),
+}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and name not in KEYS:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read config.yaml (if given or named by SIDECAR_CONFIG), then the environment; report every bad key."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    raw: dict[str, tuple[str, Any]] = {}  # key -> (where it came from, value)
+    config_path = path or env.get("SIDECAR_CONFIG")
+    if config_path:
+        try:
+            document = yaml.safe_load(Path(config_path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError([f"config file {config_path}: cannot read it ({exc.strerror}); check --config / SIDECAR_CONFIG"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config file {config_path}: not valid YAML ({str(exc).splitlines()[0]})"]) from None
+        if not isinstance(document, Mapping):
+            raise ConfigError([f"config file {config_path}: must be a mapping of sections (database:, backup:, ...)"])
+        for key, value in _flatten(document).items():
+            if key not in KEYS:
+                problems.append(f"{key} (in {config_path}): unknown key; accepted keys: {', '.join(KEYS)}")
+            elif value is not None:
+                raw[key] = (f"{key} (in {config_path})", value)
+    for key, (variable, _parser) in KEYS.items():
+        if env.get(variable, "") != "":
+            raw[key] = (variable, env[variable])
+
+    values: dict[str, Any] = {}
+    for key, (where, value) in raw.items():
+        try:
+            values[key] = KEYS[key][1](value)
+        except ValueError as exc:
+            shown = "****" if key == "database.url" else repr(value)
+            problems.append(f"{where}={shown}: {exc}")
+
+    if "database.url" not in values and "database.url" not in raw:
+        problems.append("DATABASE_URL: not set; set it (or database.url in config.yaml) to postgresql://user:password@host:5432/dbname")
+    compression = values.get("backup.compression", DEFAULT_COMPRESSION)
+    level = values.get("backup.compression_level", DEFAULT_LEVELS[compression])
+    low, high = LEVEL_RANGES[compression]
+    if "backup.compression_level" in values and not low <= level <= high:
+        where = raw["backup.compression_level"][0]
+        problems.append(f"{where}={level!r}: must be between {low} and {high} for {compression} compression")
+    if values.get("encryption.enabled") and not values.get("encryption.recipients"):
+        problems.append(
+            "BACKUP_ENCRYPTION=true: no recipients; set BACKUP_ENCRYPTION_RECIPIENTS to one or more age public keys (age1...)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        database_url=values["database.url"],
+        backup_dir=values.get("backup.dir", Path("./backups")),
+        retention_days=values.get("backup.retention_days", 30),
+        compression=compression,
+        compression_level=level,
+        encryption=values.get("encryption.enabled", False),
+        recipients=values.get("encryption.recipients", ()),
+        identity_file=values.get("encryption.identity_file"),
+        keep_previous_database=values.get("restore.keep_previous_database", True),
+        pg_bin_dir=values.get("postgres.bin_dir"),
+    )

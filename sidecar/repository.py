@@ -1,0 +1,238 @@
+"""The backup volume: ids, file names, metadata JSON, listing, atomic commit, lock, delete."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import LockHeld, NotFound, SidecarError
+from sidecar.streams import disk_error, remove_quietly
+
+ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})-(\d{3})Z")
+METADATA_SUFFIX = ".metadata.json"
+PARTIAL_SUFFIX = ".partial"
+LOCK_NAME = ".lock"
+
+
+# --- ids (pure) -----------------------------------------------------------------------------------
+
+def format_id(moment: datetime) -> str:
+    moment = moment.astimezone(UTC)
+    return "backup_" + moment.strftime("%Y-%m-%dT%H-%M-%S-") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_id(text: str) -> datetime:
+    """The UTC time of a backup id; NotFound for anything that is not exactly an id."""
+    match = ID_PATTERN.fullmatch(text) if isinstance(text, str) and text.isascii() else None
+    if not match:
+        shown = text[:60].encode("unicode_escape").decode() if isinstance(text, str) else repr(text)
+        raise NotFound(f"'{shown}' is not a backup id (backup_YYYY-MM-DDTHH-MM-SS-mmmZ); run 'pg-backup-sidecar list'")
+    year, month, day, hour, minute, second, milli = (int(g) for g in match.groups())
+    try:
+        return datetime(year, month, day, hour, minute, second, milli * 1000, tzinfo=UTC)
+    except ValueError:
+        raise NotFound(f"'{text}' is not a valid backup id (no such date); run 'pg-backup-sidecar list'") from None
+
+
+def new_id(now: datetime, taken: set[str]) -> str:
+    """An id for `now`, moved forward by a millisecond until it is not taken."""
+    moment = now.astimezone(UTC).replace(microsecond=now.microsecond // 1000 * 1000)
+    while format_id(moment) in taken:
+        moment += timedelta(milliseconds=1)
+    return format_id(moment)
+
+
+def iso_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def dump_extension(fmt: str, compression: str, encrypted: bool) -> str:
+    from sidecar.streams import EXTENSIONS
+
+    return (".sql" if fmt == "plain" else ".dump") + EXTENSIONS[compression] + (".age" if encrypted else "")
+
+
+def globals_extension(compression: str, encrypted: bool) -> str:
+    from sidecar.streams import EXTENSIONS
+
+    return ".globals.sql" + EXTENSIONS[compression] + (".age" if encrypted else "")
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """What the volume holds for one backup id."""
+
+    id: str
+    metadata: dict[str, Any] | None
+    status: str  # ok | missing-file | size-mismatch | unreadable-metadata | missing-metadata
+    problem: str = ""
+
+    @property
+    def good(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def timestamp(self) -> datetime:
+        return parse_id(self.id)
+
+
+class Repository:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def ensure(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SidecarError(f"cannot create backup directory {self.dir} ({exc.strerror}); set BACKUP_DIR to a writable directory") from None
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise SidecarError(f"backup directory {self.dir} is not writable by this user; fix its permissions or set BACKUP_DIR")
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def metadata_path(self, backup_id: str) -> Path:
+        return self.dir / (backup_id + METADATA_SUFFIX)
+
+    def _names(self) -> list[str]:
+        try:
+            return os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SidecarError(f"cannot list backup directory {self.dir} ({exc.strerror})") from None
+
+    def entries(self) -> list[Entry]:
+        """Every backup on the volume, newest first; incomplete commits are not listed."""
+        names = set(self._names())
+        ids: set[str] = set()
+        for name in names:
+            stem = name.split(".", 1)[0]
+            if ID_PATTERN.fullmatch(stem) and not name.endswith((PARTIAL_SUFFIX, ".tmp")):
+                ids.add(stem)
+        entries = [e for e in (self._entry(i, names) for i in ids) if e is not None]
+        return sorted(entries, key=lambda e: e.id, reverse=True)
+
+    def _entry(self, backup_id: str, names: set[str]) -> Entry | None:
+        meta_name = backup_id + METADATA_SUFFIX
+        if meta_name not in names:
+            return Entry(backup_id, None, "missing-metadata", f"{meta_name} is missing")
+        try:
+            metadata = json.loads(self.metadata_path(backup_id).read_text())
+            files = metadata["files"]
+            if metadata.get("id") != backup_id:
+                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {metadata.get('id')!r}, not this backup")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} cannot be read ({exc})")
+        for item in files.values():
+            name = item["name"]
+            if name not in names:
+                if name + PARTIAL_SUFFIX in names:
+                    return None  # a commit that was interrupted; cleaned up by the next backup
+                return Entry(backup_id, metadata, "missing-file", f"{name} is missing")
+            size = self.path(name).stat().st_size
+            if size != item["size"]:
+                return Entry(backup_id, metadata, "size-mismatch", f"{name} is {size} bytes, metadata says {item['size']}")
+        return Entry(backup_id, metadata, "ok")
+
+    def get(self, ref: str) -> Entry:
+        """Resolve an id or 'latest' (the newest good backup)."""
+        if ref == "latest":
+            for entry in self.entries():
+                if entry.good:
+                    return entry
+            raise NotFound(f"no good backup in {self.dir}; take one with 'pg-backup-sidecar backup'")
+        parse_id(ref)
+        for entry in self.entries():
+            if entry.id == ref:
+                return entry
+        raise NotFound(f"no backup {ref} in {self.dir}; run 'pg-backup-sidecar list' to see the ids")
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def write_metadata(self, metadata: dict[str, Any]) -> None:
+        write_atomically(self.metadata_path(metadata["id"]), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n")
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        """Metadata first, then each `.partial` renamed to its final name, then the directory fsynced.
+
+        A crash in between leaves metadata beside a `.partial`, which is not listed and is cleaned up."""
+        self.write_metadata(metadata)
+        for item in metadata["files"].values():
+            final = self.path(item["name"])
+            os.rename(final.with_name(final.name + PARTIAL_SUFFIX), final)
+        fsync_dir(self.dir)
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of interrupted backups (call with the lock held). Returns what was removed."""
+        names = set(self._names())
+        removed = []
+        for name in sorted(names):
+            stem = name.split(".", 1)[0]
+            if name.endswith((PARTIAL_SUFFIX, ".tmp")) and (ID_PATTERN.fullmatch(stem) or name.startswith(".")):
+                remove_quietly(self.path(name))
+                removed.append(name)
+                meta = stem + METADATA_SUFFIX
+                if name.endswith(PARTIAL_SUFFIX) and meta in names and meta not in removed:
+                    remove_quietly(self.path(meta))
+                    removed.append(meta)
+        if removed:
+            fsync_dir(self.dir)
+        return removed
+
+    def delete(self, entry: Entry) -> None:
+        files = entry.metadata["files"].values() if entry.metadata else []
+        for item in files:
+            remove_quietly(self.path(item["name"]))
+        remove_quietly(self.metadata_path(entry.id))
+        fsync_dir(self.dir)
+
+    @contextmanager
+    def lock(self, operation: str) -> Iterator[None]:
+        """Only one backup or restore at a time on one volume."""
+        self.ensure()
+        path = self.path(LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise LockHeld(f"another operation holds {path} ({holder}); wait for it to finish and retry") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{operation} by pid {os.getpid()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise disk_error(exc, path) from None
+    fsync_dir(path.parent)

@@ -1,0 +1,312 @@
+"""Verify and restore: checksum first, load into a new database, compare row counts, then swap."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from sidecar import age, postgres
+from sidecar.backup import count_rows
+from sidecar.config import Config
+from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
+from sidecar.postgres import Child
+from sidecar.repository import Entry, Repository
+from sidecar.streams import CHUNK_SIZE, decode_stages, file_sha256, read_chunks
+
+log = logging.getLogger(__name__)
+
+MAX_NAME = 63
+
+
+@dataclass
+class VerifyReport:
+    backup_id: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def identities_for(config: Config, metadata: dict[str, Any]) -> age.Identities | None:
+    if not metadata.get("encrypted"):
+        return None
+    if not config.identity_file:
+        raise SidecarError(
+            f"backup {metadata['id']} is encrypted; set BACKUP_ENCRYPTION_IDENTITY_FILE to the age secret key file of one of its recipients"
+        )
+    return age.parse_identities(config.identity_file)
+
+
+def check_files(repo: Repository, entry: Entry) -> list[str]:
+    """Problems with the stored files of a backup: status, size and sha256 of each file."""
+    if not entry.good or entry.metadata is None:
+        return [f"{entry.status}: {entry.problem}"]
+    problems = []
+    for item in entry.metadata["files"].values():
+        digest, size = file_sha256(repo.path(item["name"]))
+        if digest != item["checksum"]:
+            problems.append(f"{item['name']}: sha256 {digest} does not match the recorded checksum {item['checksum']}")
+        elif size != item["size"]:
+            problems.append(f"{item['name']}: {size} bytes, metadata says {item['size']}")
+    return problems
+
+
+def verify_backup(config: Config, ref: str) -> VerifyReport:
+    repo = Repository(config.backup_dir)
+    entry = repo.get(ref)
+    report = VerifyReport(entry.id, ok=False, problems=check_files(repo, entry))
+    if report.problems:
+        return report
+    assert entry.metadata is not None
+    if entry.metadata.get("encrypted") and not config.identity_file:
+        report.notes.append("checksums match; contents not decrypted (no BACKUP_ENCRYPTION_IDENTITY_FILE)")
+        report.ok = True
+        return report
+    identities = identities_for(config, entry.metadata)
+    for kind, item in entry.metadata["files"].items():
+        try:
+            _read_to_end(config, repo.path(item["name"]), entry.metadata, kind, identities)
+        except SidecarError as exc:
+            report.problems.append(f"{item['name']}: {exc}")
+    report.ok = not report.problems
+    if report.ok:
+        report.notes.append("checksums match; every file decodes to its end")
+    return report
+
+
+def _read_to_end(config: Config, path: Path, metadata: dict[str, Any], kind: str, identities: age.Identities | None) -> None:
+    pipeline = decode_stages(metadata["compression"], identities)
+    checker: Child | None = None
+    if kind == "dump" and metadata["format"] == "custom":
+        pg_restore = postgres.find_tool("pg_restore", config.pg_bin_dir)
+        checker = Child([pg_restore, "--list"], {}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    tail = b""
+    try:
+        for chunk in read_chunks(path):
+            out = pipeline.update(chunk)
+            tail = (tail + out)[-200:]
+            if checker:
+                checker = _feed(checker, out)
+        out = pipeline.finish()
+        tail = (tail + out)[-200:]
+        if checker:
+            checker = _feed(checker, out)
+            assert checker.proc.stdin is not None
+            checker.proc.stdin.close()
+            checker.check("reading the archive's table of contents")
+    finally:
+        if checker:
+            checker.terminate()
+    if kind == "dump" and metadata["format"] == "plain" and b"PostgreSQL database dump complete" not in tail:
+        raise SidecarError("the SQL dump does not end with pg_dump's completion line: it is truncated")
+
+
+def _feed(child: Child, data: bytes) -> Child:
+    """Write to a checker that may stop reading early (pg_restore --list reads only the header)."""
+    assert child.proc.stdin is not None
+    if data and child.proc.poll() is None:
+        try:
+            child.proc.stdin.write(data)
+        except BrokenPipeError:
+            pass
+    return child
+
+
+@dataclass
+class RestoreReport:
+    backup_id: str
+    database: str
+    previous_database: str | None
+    mode: str  # swap | new-database | in-place
+    duration_seconds: float
+    tables_checked: int
+    mismatches: list[str] = field(default_factory=list)
+
+
+def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
+    repo = Repository(config.backup_dir)
+    with repo.lock("restore"):
+        return _restore(config, repo, ref, target_db, in_place, force)
+
+
+def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, in_place: bool, force: bool) -> RestoreReport:
+    clock = time.monotonic()
+    entry = repo.get(ref)
+    if not entry.good or entry.metadata is None:
+        raise SidecarError(f"backup {entry.id} cannot be restored: {entry.status}: {entry.problem}")
+    metadata = entry.metadata
+    identities = identities_for(config, metadata)
+    problems = check_files(repo, entry)
+    if problems:
+        raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+    target = target_db or config.database_name
+    if not target or len(target.encode()) > MAX_NAME:
+        raise UsageError(f"target database name {target!r} is empty or longer than {MAX_NAME} bytes")
+    if in_place and metadata["format"] != "custom":
+        raise UsageError("--in-place needs a custom-format backup (.dump); restore this plain SQL backup into a new database instead")
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    admin = _admin_connection(config, target)
+    try:
+        _run_globals(config, repo, metadata, admin_db=admin.info.dbname, identities=identities)
+        exists = _database_exists(admin, target)
+        if in_place:
+            if not exists:
+                raise UsageError(f"--in-place: database {target!r} does not exist; leave out --in-place to create it")
+            log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
+            _load(config, repo, metadata, target, identities, clean=True)
+            mismatches = _compare_counts(config, target, metadata)
+            return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches)
+
+        scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
+        _create_database(admin, scratch, metadata)
+        try:
+            _load(config, repo, metadata, scratch, identities, clean=False)
+            mismatches = _compare_counts(config, scratch, metadata)
+            if mismatches and not force:
+                raise SidecarError(
+                    f"restore of {entry.id} does not match its recorded row counts ({'; '.join(mismatches[:3])}); "
+                    f"the live database was not touched (use --force to swap anyway)"
+                )
+        except BaseException:
+            _drop_database(admin, scratch)
+            raise
+        previous = None
+        if exists:
+            previous = f"{target[:MAX_NAME - 28]}__pre_restore_{stamp}"
+            _swap(admin, target, scratch, previous)
+            if not config.keep_previous_database:
+                _drop_database(admin, previous)
+                previous = None
+        log.info("restored %s into %s", entry.id, target)
+        return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database",
+                             round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches)
+    except psycopg.Error as exc:
+        raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None
+    finally:
+        admin.close()
+
+
+def _admin_connection(config: Config, target: str) -> psycopg.Connection[Any]:
+    """A connection to a database other than the target (for CREATE/RENAME/DROP DATABASE)."""
+    last: SidecarError | None = None
+    for name in ("postgres", "template1"):
+        if name == target:
+            continue
+        try:
+            return postgres.connect(config, dbname=name)
+        except SidecarError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _database_exists(conn: psycopg.Connection[Any], name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def _create_database(conn: psycopg.Connection[Any], name: str, metadata: dict[str, Any]) -> None:
+    owner = metadata.get("databaseOwner")
+    has_owner = owner and conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,)).fetchone()
+    base = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+    if has_owner and owner:
+        base += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+    if metadata.get("encoding"):
+        base += sql.SQL(" ENCODING {}").format(sql.Literal(metadata["encoding"]))
+    try:
+        conn.execute(base + sql.SQL(" LC_COLLATE {} LC_CTYPE {}").format(sql.Literal(metadata["collate"]), sql.Literal(metadata["ctype"])))
+    except psycopg.errors.InvalidParameterValue as exc:
+        log.warning("creating %s with the server's default locale: %s", name, postgres.describe(exc))
+        conn.execute(base)
+
+
+def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    try:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.error("could not drop %s: %s; drop it by hand", name, postgres.describe(exc))
+
+
+def _swap(conn: psycopg.Connection[Any], live: str, restored: str, previous: str) -> None:
+    """Rename live -> previous and restored -> live in one transaction, after ending sessions on both."""
+    for attempt in range(20):
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname IN (%s, %s) AND pid <> pg_backend_pid()",
+            (live, restored),
+        )
+        time.sleep(0.1 * (attempt + 1) if attempt else 0.05)
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(previous)))
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(live)))
+            return
+        except psycopg.errors.ObjectInUse:
+            continue
+    raise SidecarError(f"could not swap in the restored database: sessions keep reconnecting to {live}; stop the application and retry")
+
+
+def _run_globals(config: Config, repo: Repository, metadata: dict[str, Any], admin_db: str | None, identities: age.Identities | None) -> None:
+    item = metadata["files"].get("globals")
+    if not item:
+        return
+    psql = postgres.find_tool("psql", config.pg_bin_dir)
+    conninfo, env = postgres.child_env(config.with_database(admin_db or "postgres"))
+    child = Child([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"],
+                  env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "creating roles")
+
+
+def _load(config: Config, repo: Repository, metadata: dict[str, Any], dbname: str, identities: age.Identities | None, clean: bool) -> None:
+    conninfo, env = postgres.child_env(config.with_database(dbname))
+    if metadata["format"] == "custom":
+        argv = [postgres.find_tool("pg_restore", config.pg_bin_dir), f"--dbname={conninfo}", "--exit-on-error", "--single-transaction", "--no-password"]
+        if clean:
+            argv += ["--clean", "--if-exists"]
+    else:
+        argv = [postgres.find_tool("psql", config.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"]
+    child = Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    item = metadata["files"]["dump"]
+    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "restore")
+
+
+def _pump(child: Child, path: Path, checksum: str, compression: str, identities: age.Identities | None, what: str) -> None:
+    """Stream a stored file, decoded, into a child's stdin. stdin is closed (so the child commits) only
+    after the whole file decoded cleanly and its sha256 matched again; otherwise the child is killed."""
+    assert child.proc.stdin is not None
+    digest = hashlib.sha256()
+    pipeline = decode_stages(compression, identities)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_SIZE):
+                digest.update(chunk)
+                child.proc.stdin.write(pipeline.update(chunk))
+        child.proc.stdin.write(pipeline.finish())
+        if digest.hexdigest() != checksum:
+            raise ChecksumMismatch(f"{path.name} changed while it was read (sha256 no longer matches); nothing was committed")
+        child.proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the child stopped reading: its exit status and stderr tell why
+    except BaseException:
+        child.terminate(grace=1)
+        raise
+    child.check(what)
+
+
+def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any]) -> list[str]:
+    conn = postgres.connect(config, dbname=dbname)
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            actual = count_rows(conn)
+    finally:
+        conn.close()
+    expected: dict[str, int] = metadata.get("rowCounts", {})
+    return [f"{table}: {actual.get(table, 'missing')} rows, backup had {rows}" for table, rows in sorted(expected.items()) if actual.get(table) != rows]

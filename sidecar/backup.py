@@ -143,9 +143,9 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             _write_stream(child, dump_file, config)
         finally:
             counter.join()
+        if failure:  # reported first: an error in the snapshot's transaction also makes pg_dump fail
+            raise SidecarError(f"backup failed: counting rows: {postgres.describe(failure[0])}; the backup user must be able to read every table")
         child.check("backup")
-        if failure:
-            raise SidecarError(f"backup failed: counting rows: {postgres.describe(failure[0])}")
         checksums = {name: f.close() for name, f in (("globals", globals_file), ("dump", dump_file))}
         files.clear()
         conn.rollback()

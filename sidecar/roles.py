@@ -22,13 +22,17 @@ WITH RECURSIVE direct AS (
 ), closure AS (
     SELECT oid FROM direct
     UNION SELECT m.roleid FROM pg_auth_members m JOIN closure c ON m.member = c.oid
+), members AS (
+    SELECT oid FROM closure
+    UNION SELECT m.member FROM pg_auth_members m JOIN members c ON m.roleid = c.oid
 )
-SELECT r.rolname FROM pg_roles r JOIN closure c ON r.oid = c.oid WHERE r.rolname NOT LIKE 'pg\\_%'
+SELECT r.rolname FROM pg_roles r JOIN members c ON r.oid = c.oid WHERE r.rolname NOT LIKE 'pg\\_%'
 """
 
 
 def referenced_roles(conn: psycopg.Connection[Any]) -> set[str]:
-    """Owners and grantees of this database's objects, the database owner, and the roles they belong to."""
+    """Owners and grantees of this database's objects, the database owner, the roles they belong to, and
+    the members of those roles (the login roles that reach the data through a group)."""
     return {row[0] for row in conn.execute(REFERENCED_ROLES)}
 
 

@@ -1,0 +1,85 @@
+"""Real throwaway PostgreSQL clusters (initdb into a temp dir, Unix socket only, fsync off)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.embedded import Cluster
+from sidecar.postgres import find_tool
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    with Cluster(port=54321) as c:
+        yield c
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[Cluster]:
+    """A brand-new server: no application roles, no databases."""
+    with Cluster(port=54322) as c:
+        yield c
+
+
+@pytest.fixture
+def db(cluster: Cluster) -> str:
+    name = f"app_{os.getpid()}_{next(_names)}"
+    cluster.psql(f'CREATE DATABASE "{name}"')
+    return name
+
+
+@pytest.fixture
+def env(cluster: Cluster, db: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for the CLI: the test database and a fresh backup directory."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "DATABASE_", "SIDECAR_", "PG"))}
+    return {**clean, "DATABASE_URL": cluster.url(db), "BACKUP_DIR": str(tmp_path / "backups")}
+
+
+def cli(env: dict[str, str], *args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "sidecar", *args], env=env, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    if check and result.returncode != 0:
+        raise AssertionError(f"pg-backup-sidecar {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result  # type: ignore[no-any-return]
+
+
+def backup_id(env: dict[str, str], *args: str) -> str:
+    return cli(env, "backup", *args).stdout.strip().splitlines()[-1]
+
+
+def load_dataset(cluster: Cluster, dbname: str, name: str) -> None:
+    text = (DATASETS / name).read_text()
+    text = re.sub(r"^(DROP DATABASE|CREATE DATABASE|\\c ).*$", "", text, flags=re.M)
+    if cluster.psql("SELECT count(*) FROM pg_proc WHERE proname = 'uuidv7'", dbname) == "0":
+        # pagila is written for PostgreSQL 18 (uuidv7(), virtual generated columns); adapt it to older servers
+        text = text.replace("uuidv7()", "gen_random_uuid()").replace(") VIRTUAL", ") STORED")
+    if "vector" in text and cluster.psql("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'", dbname) == "0":
+        # pgvector is not packaged for every server here: its column becomes real[] and its index goes
+        text = re.sub(r"^(CREATE EXTENSION IF NOT EXISTS vector|COMMENT ON EXTENSION vector|CREATE INDEX \S+ ON public.film_embedding USING hnsw).*$", "", text, flags=re.M)
+        text = text.replace("public.vector(20)", "real[]")
+    cluster.psql(text, dbname)
+
+
+def fingerprint(cluster: Cluster, dbname: str) -> dict[str, object]:
+    """What must survive a restore: schema, every table's data, sequences, large objects."""
+    schema = subprocess.run([find_tool("pg_dump"), "--schema-only", "-d", cluster.url(dbname)], capture_output=True, text=True, check=True).stdout
+    schema = "\n".join(line for line in schema.splitlines() if not line.startswith(("\\restrict", "\\unrestrict", "--")))
+    tables = cluster.psql(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1",
+        dbname,
+    ).splitlines()
+    data = {t: cluster.psql(f"SELECT count(*) || ':' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY x::text)), '') FROM {t} x", dbname) for t in tables}
+    sequences = cluster.psql("SELECT string_agg(format('%s.%s=%s', schemaname, sequencename, last_value), ',' ORDER BY schemaname, sequencename) FROM pg_sequences", dbname)
+    blobs = cluster.psql("SELECT string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid) FROM pg_largeobject_metadata", dbname)
+    return {"schema": schema, "data": data, "sequences": sequences, "blobs": blobs}

@@ -25,6 +25,7 @@ from sidecar.streams import CHUNK_SIZE, decode_stages, file_sha256, read_chunks
 log = logging.getLogger(__name__)
 
 MAX_NAME = 63
+PLAIN_TRAILER = b"PostgreSQL database dump complete"
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _read_to_end(config: Config, path: Path, metadata: dict[str, Any], kind: str
     finally:
         if checker:
             checker.terminate()
-    if kind == "dump" and metadata["format"] == "plain" and b"PostgreSQL database dump complete" not in tail:
+    if kind == "dump" and metadata["format"] == "plain" and PLAIN_TRAILER not in tail:
         raise SidecarError("the SQL dump does not end with pg_dump's completion line: it is truncated")
 
 
@@ -274,21 +275,30 @@ def _load(config: Config, repo: Repository, metadata: dict[str, Any], dbname: st
         argv = [postgres.find_tool("psql", config.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"]
     child = Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     item = metadata["files"]["dump"]
-    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "restore")
+    trailer = PLAIN_TRAILER if metadata["format"] == "plain" else None
+    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "restore", trailer)
 
 
-def _pump(child: Child, path: Path, checksum: str, compression: str, identities: age.Identities | None, what: str) -> None:
+def _pump(child: Child, path: Path, checksum: str, compression: str, identities: age.Identities | None, what: str,
+          trailer: bytes | None = None) -> None:
     """Stream a stored file, decoded, into a child's stdin. stdin is closed (so the child commits) only
     after the whole file decoded cleanly and its sha256 matched again; otherwise the child is killed."""
     assert child.proc.stdin is not None
     digest = hashlib.sha256()
     pipeline = decode_stages(compression, identities)
+    tail = b""
     try:
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK_SIZE):
                 digest.update(chunk)
-                child.proc.stdin.write(pipeline.update(chunk))
-        child.proc.stdin.write(pipeline.finish())
+                out = pipeline.update(chunk)
+                tail = (tail + out)[-256:]
+                child.proc.stdin.write(out)
+        out = pipeline.finish()
+        tail = (tail + out)[-256:]
+        child.proc.stdin.write(out)
+        if trailer and trailer not in tail:
+            raise SidecarError(f"{path.name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
         if digest.hexdigest() != checksum:
             raise ChecksumMismatch(f"{path.name} changed while it was read (sha256 no longer matches); nothing was committed")
         child.proc.stdin.close()

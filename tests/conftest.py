@@ -83,3 +83,14 @@ def fingerprint(cluster: Cluster, dbname: str) -> dict[str, object]:
     sequences = cluster.psql("SELECT string_agg(format('%s.%s=%s', schemaname, sequencename, last_value), ',' ORDER BY schemaname, sequencename) FROM pg_sequences", dbname)
     blobs = cluster.psql("SELECT string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid) FROM pg_largeobject_metadata", dbname)
     return {"schema": schema, "data": data, "sequences": sequences, "blobs": blobs}
+
+
+PASSWORD = "hunter2-secret"
+
+
+def password_user(cluster: Cluster) -> str:
+    """The role `pwuser`, which must log in with PASSWORD (pg_hba asks it for scram-sha-256)."""
+    if cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'pwuser'") == "0":
+        cluster.psql("CREATE ROLE pwuser LOGIN")
+    cluster.psql(f"ALTER ROLE pwuser PASSWORD '{PASSWORD}'")
+    return "pwuser"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli
+from tests.conftest import backup_id, cli, password_user
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -97,8 +97,7 @@ def test_unreachable_database_and_wrong_password(cluster: Cluster, env: dict[str
     unreachable = cli({**env, "DATABASE_URL": f"postgresql://postgres@/app?host={tmp_path}&port=1"}, "backup", check=False)
     assert unreachable.returncode == 3
     assert "cannot connect" in one_line(unreachable.stderr)
-    if cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'pwuser'") == "0":
-        cluster.psql("CREATE ROLE pwuser LOGIN PASSWORD 'right-one'")
+    password_user(cluster)
     wrong = cli({**env, "DATABASE_URL": cluster.url("postgres", user="pwuser", password="wrong-one-xyz")}, "backup", check=False)
     assert wrong.returncode == 3
     line = one_line(wrong.stderr)

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.age import generate_identity
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli, fingerprint, load_dataset
+from tests.conftest import PASSWORD, backup_id, cli, fingerprint, load_dataset, password_user
 
 OWN_SCHEMA = """
 CREATE ROLE app_owner;
@@ -108,11 +108,10 @@ def test_in_place_restore_replaces_objects(cluster: Cluster, db: str, env: dict[
 
 
 def test_metadata_keeps_spec_fields_and_exact_row_counts_and_no_secret(cluster: Cluster, env: dict[str, str], db: str) -> None:
-    if cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'pwuser'") == "0":
-        cluster.psql("CREATE ROLE pwuser LOGIN PASSWORD 'hunter2-secret'")
+    password_user(cluster)
     load_dataset(cluster, db, "chinook.sql")
     cluster.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO pwuser", db)
-    env = {**env, "DATABASE_URL": cluster.url(db, user="pwuser", password="hunter2-secret")}
+    env = {**env, "DATABASE_URL": cluster.url(db, user="pwuser", password=PASSWORD)}
     result = cli(env, "backup", "--json", "--label", "before migration")
     meta = json.loads(result.stdout)
     for field in ("id", "timestamp", "size", "checksum", "compressed", "encrypted", "databaseVersion"):
@@ -120,7 +119,7 @@ def test_metadata_keeps_spec_fields_and_exact_row_counts_and_no_secret(cluster: 
     assert meta["rowCounts"]["public.track"] == 3503
     assert meta["label"] == "before migration"
     backups = Path(env["BACKUP_DIR"])
-    assert "hunter2-secret" not in (backups / f"{meta['id']}.metadata.json").read_text()
-    assert "hunter2-secret" not in result.stderr + result.stdout
+    assert PASSWORD not in (backups / f"{meta['id']}.metadata.json").read_text()
+    assert PASSWORD not in result.stderr + result.stdout
     assert sorted(p.name for p in backups.iterdir() if not p.name.startswith(".")) == sorted(
         [meta["files"]["dump"]["name"], meta["files"]["globals"]["name"], f"{meta['id']}.metadata.json"])

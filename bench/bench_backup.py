@@ -1,0 +1,129 @@
+"""Backup and restore speed and memory, side by side with plain pg_dump baselines, in one run.
+
+    python bench/bench_backup.py --rows 4000000 --rounds 2      (about 1 GB of ../shared/datasets/realistic.sql)
+
+Prints a table and ratios; results are recorded by hand in bench/RESULTS.md with the machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sidecar.age import generate_identity  # noqa: E402
+from sidecar.embedded import Cluster  # noqa: E402
+from sidecar.postgres import find_tool  # noqa: E402
+
+DATASET = ROOT.parent / "shared" / "datasets" / "realistic.sql"
+
+
+def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:
+    start = time.monotonic()
+    subprocess.run(argv, env=env, shell=shell, check=True, stdout=subprocess.DEVNULL, executable="/bin/bash" if shell else None)
+    return time.monotonic() - start
+
+
+def ours(env: dict[str, str], *args: str) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of our own process, via bench/rss.py."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "rss.py"), *args], env=env, check=True, capture_output=True, text=True)
+    return time.monotonic() - start, int(result.stderr.strip().splitlines()[-1].split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=4_000_000)
+    parser.add_argument("--small-rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", default="1,3", help="zstd levels to compare")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_DIR", "/tmp")))
+    os.chmod(work, 0o755)
+    with Cluster(base=work, port=54400) as cluster:
+        rss: dict[int, int] = {}
+        for rows in (args.small_rows, args.rows):
+            db = f"bench_{rows}"
+            cluster.psql(f"CREATE DATABASE {db}")
+            subprocess.run([find_tool("psql"), "-X", "-q", "-v", f"rows={rows}", "-f", str(DATASET), "-d", cluster.url(db)], check=True)
+            size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('{db}'))")
+            print(f"# database {db}: {rows} rows, {size}", flush=True)
+            url = cluster.url(db)
+            secret, public = generate_identity()
+            key = work / "key.txt"
+            key.write_text(secret + "\n")
+            base_env = {**os.environ, "DATABASE_URL": url, "BACKUP_RETENTION_DAYS": "0"}
+            pg_dump = find_tool("pg_dump")
+            cases: dict[str, object] = {
+                "raw pg_dump -Fc -Z0 > /dev/null": f"{pg_dump} -Fc -Z0 -d '{url}' > /dev/null",
+                "pg_dump -Fp | gzip": f"{pg_dump} -Fp -d '{url}' | gzip > {work}/plain.sql.gz",
+                "pg_dump -Fc (default compression)": f"{pg_dump} -Fc -d '{url}' > {work}/custom.dump",
+            }
+            for level in args.levels.split(","):
+                cases[f"ours zstd -{level}"] = {"BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": level}
+            cases[f"ours zstd -{args.levels.split(',')[0]} + age"] = {
+                "BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": args.levels.split(",")[0],
+                "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public}
+            cases["ours gzip -1"] = {"BACKUP_COMPRESSION": "gzip", "BACKUP_COMPRESSION_LEVEL": "1"}
+            if rows != args.rows:
+                cases = {k: v for k, v in cases.items() if k.startswith("ours zstd -1") and "age" not in k}
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            sizes: dict[str, int] = {}
+            for _ in range(args.rounds):  # interleaved: every case once per round
+                for name, case in cases.items():
+                    if isinstance(case, str):
+                        times[name].append(timed(case, shell=True))
+                    else:
+                        backups = work / "backups"
+                        env = {**base_env, **case, "BACKUP_DIR": str(backups)}  # type: ignore[dict-item]
+                        seconds, peak = ours(env, "backup")
+                        times[name].append(seconds)
+                        rss[rows] = max(rss.get(rows, 0), peak)
+                        newest = max(backups.glob("backup_*"), key=lambda p: p.stat().st_size)
+                        sizes[name] = newest.stat().st_size
+                        for path in backups.glob("backup_*"):
+                            path.unlink()
+            if rows == args.rows:
+                sizes["pg_dump -Fp | gzip"] = (work / "plain.sql.gz").stat().st_size
+                sizes["pg_dump -Fc (default compression)"] = (work / "custom.dump").stat().st_size
+                raw = min(times["raw pg_dump -Fc -Z0 > /dev/null"])
+                gz = min(times["pg_dump -Fp | gzip"])
+                print(f"\n| case ({rows} rows, {size}) | best of {args.rounds} (s) | vs raw pg_dump | pg_dump\\|gzip / this | size (MB) |")
+                print("|---|---|---|---|---|")
+                for name, values in times.items():
+                    best = min(values)
+                    mb = f"{sizes[name] / 1e6:.0f}" if name in sizes else "-"
+                    print(f"| {name} | {best:.1f} | {best / raw:.2f}x | {gz / best:.2f}x | {mb} |", flush=True)
+                # restore: ours (verify + decode + pg_restore into a new database + row counts) vs pg_restore -j 2
+                subprocess.run(f"{pg_dump} -Fc -Z0 -d '{url}' > {work}/raw.dump", shell=True, check=True)
+                restore_times: dict[str, list[float]] = {"pg_restore -j 2 (uncompressed custom dump)": [], "ours restore --target-db (zstd -1)": []}
+                env = {**base_env, "BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": "1", "BACKUP_DIR": str(work / "backups")}
+                ours(env, "backup")
+                for i in range(args.rounds):
+                    cluster.psql(f"CREATE DATABASE r_{i}")
+                    restore_times["pg_restore -j 2 (uncompressed custom dump)"].append(
+                        timed([find_tool("pg_restore"), "-j", "2", "-d", cluster.url(f"r_{i}"), str(work / "raw.dump")]))
+                    seconds, peak = ours(env, "restore", "latest", "--target-db", f"o_{i}")
+                    restore_times["ours restore --target-db (zstd -1)"].append(seconds)
+                    print(f"# restore peak RSS {peak / 1024:.0f} MiB", flush=True)
+                base = min(restore_times["pg_restore -j 2 (uncompressed custom dump)"])
+                print("\n| restore | best (s) | vs pg_restore -j 2 |\n|---|---|---|")
+                for name, values in restore_times.items():
+                    print(f"| {name} | {min(values):.1f} | {min(values) / base:.2f}x |")
+            cluster.psql(f"DROP DATABASE {db}")
+        print("\n| database rows | peak RSS of our backup process (MiB) |\n|---|---|")
+        for rows, peak in rss.items():
+            print(f"| {rows} | {peak / 1024:.0f} |")
+        print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+              f"{subprocess.run([find_tool('pg_dump'), '--version'], capture_output=True, text=True).stdout.strip()}")
+
+
+if __name__ == "__main__":
+    main()

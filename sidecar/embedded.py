@@ -44,9 +44,13 @@ class Cluster:
     def start(self) -> Cluster:
         self._run([find_tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
         (self.data / "pg_hba.conf").write_text(HBA)
-        options = f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c port={self.port} -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
-        self._run([find_tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start"])
+        self._pg_ctl_start()
         return self
+
+    def _pg_ctl_start(self) -> None:
+        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c port={self.port}"
+                   " -c fsync=off -c full_page_writes=off -c synchronous_commit=off")
+        self._run([find_tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start"])
 
     def stop(self, mode: str = "immediate") -> None:
         if (self.data / "postmaster.pid").exists():
@@ -54,8 +58,7 @@ class Cluster:
 
     def restart(self) -> None:
         self.stop("fast")
-        options = f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c port={self.port} -c fsync=off"
-        self._run([find_tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start"])
+        self._pg_ctl_start()
 
     def destroy(self) -> None:
         try:

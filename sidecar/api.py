@@ -19,11 +19,13 @@ from sidecar.errors import NotFound, SidecarError
 from sidecar.repository import Entry, Repository
 from sidecar.restore import RestoreReport, VerifyReport
 from sidecar.retention import classify
+from sidecar.validation import ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
+    "ValidationResult", "validate_data_consistency",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -136,3 +138,8 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
             raise NotFound(f"backup {entry.id} has no readable metadata ({entry.problem}); cannot pin it")
         repo.write_metadata({**entry.metadata, "keep": keep})
         return Backup.from_entry(repo.get(entry.id))
+
+
+def validate_data_consistency(config: Config | None = None, dbname: str | None = None) -> ValidationResult:
+    """Run the consistency checks now; `result.is_valid`, `result.errors`, `result.findings`."""
+    return validate(_config(config), dbname=dbname)

@@ -16,6 +16,7 @@ from sidecar.errors import SidecarError
 from sidecar.postgres import Child
 from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.streams import CHUNK_SIZE, HashingFile, encode_stages
+from sidecar.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
     started = datetime.now(UTC)
     clock = time.monotonic()
     pg_dump = postgres.find_tool("pg_dump", config.pg_bin_dir)
+    checked = validate(config) if config.validation_enabled else None
+    if checked and not checked.is_valid and config.validation_block_backup:
+        raise SidecarError(f"backup refused: validation found {len(checked.findings)} problems ({checked.errors[0]}); "
+                           "fix them or set validation.block_backup_on_failure: false")
     conn = postgres.connect(config, autocommit=False)
     files: list[HashingFile] = []
     child: Child | None = None
@@ -174,6 +179,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             "rowCounts": counts,
             "sidecarVersion": __version__,
             "label": label,
+            "validation": checked.to_json() if checked else None,
             "keep": keep,
             "files": {
                 "dump": {"name": dump_name, "size": dump_file.size, "checksum": checksums["dump"]},

@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     pin = sub.add_parser("pin", help="pin a backup so retention never deletes it")
     pin.add_argument("id", metavar="ID|latest")
 
+    va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
+    va.add_argument("--json", action="store_true")
+
     vc = sub.add_parser("validate-config", help="check the configuration")
     vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
     return p
@@ -95,6 +98,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             print("configuration is valid")
         return OK
+    if args.command == "validate":
+        checked = api.validate_data_consistency(config)
+        if args.json:
+            emit(checked.to_json())
+        else:
+            print("data is consistent" if checked.is_valid else f"{len(checked.findings)} problems found")
+            for finding in checked.findings:
+                print(f"  {finding.check}: {finding.message}" + (f"  e.g. {', '.join(finding.sample[:3])}" if finding.sample else ""))
+            print("checks took " + ", ".join(f"{name} {seconds:.2f}s" for name, seconds in checked.timings.items()))
+        return OK if checked.is_valid else FOUND_PROBLEM
     if args.command == "backup":
         created = api.create_backup(config, label=args.label, keep=args.keep)
         if args.json:
@@ -123,8 +136,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.json:
             emit(asdict(result))
         else:
+            findings = len(result.validation["findings"]) if result.validation else 0
             print(f"restored {result.backup_id} into {result.database} ({result.mode}, {result.duration_seconds:.1f}s, "
-                  f"row counts of {result.tables_checked} tables {'checked' if not result.mismatches else 'DIFFER'})")
+                  f"row counts of {result.tables_checked} tables {'checked' if not result.mismatches else 'DIFFER'}, "
+                  f"{'validation off' if result.validation is None else f'{findings} validation findings'})")
             if result.previous_database:
                 print(f"the previous database is kept as {result.previous_database}")
         return OK

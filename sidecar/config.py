@@ -31,6 +31,12 @@ class Config:
     identity_file: Path | None = None
     keep_previous_database: bool = True
     pg_bin_dir: Path | None = None
+    validation_enabled: bool = True
+    validation_block_backup: bool = False
+    validation_timeout_seconds: int = 60
+    validation_disabled: tuple[str, ...] = ()
+    validation_amcheck: bool = False
+    validation_checks: tuple[tuple[str, str], ...] = ()
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -53,6 +59,12 @@ class Config:
             "encryption.identity_file": str(self.identity_file) if self.identity_file else None,
             "restore.keep_previous_database": self.keep_previous_database,
             "postgres.bin_dir": str(self.pg_bin_dir) if self.pg_bin_dir else None,
+            "validation.enabled": self.validation_enabled,
+            "validation.block_backup_on_failure": self.validation_block_backup,
+            "validation.statement_timeout_seconds": self.validation_timeout_seconds,
+            "validation.disabled_checks": list(self.validation_disabled),
+            "validation.amcheck": self.validation_amcheck,
+            "validation.checks": dict(self.validation_checks),
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -142,6 +154,29 @@ def _url(value: Any) -> str:
     return url
 
 
+CHECK_NAMES = ("foreign_keys", "check_constraints", "invalid_indexes", "btree_indexes", "sequences", "user_checks")
+
+
+def _check_names(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    names = tuple(str(item).strip() for item in items if str(item).strip())
+    unknown = [n for n in names if n not in CHECK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown check {unknown[0]!r}; accepted values: {', '.join(CHECK_NAMES)}")
+    return names
+
+
+def _user_checks(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of check name to SQL query that must return no rows")
+    checks = []
+    for name, query in value.items():
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"check {name!r} must be a non-empty SQL query")
+        checks.append((str(name), query))
+    return tuple(checks)
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value))
 
@@ -157,6 +192,12 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "encryption.identity_file": ("BACKUP_ENCRYPTION_IDENTITY_FILE", _path),
     "restore.keep_previous_database": ("RESTORE_KEEP_PREVIOUS_DATABASE", _bool),
     "postgres.bin_dir": ("PG_BIN_DIR", _path),
+    "validation.enabled": ("VALIDATION_ENABLED", _bool),
+    "validation.block_backup_on_failure": ("VALIDATION_BLOCK_BACKUP_ON_FAILURE", _bool),
+    "validation.statement_timeout_seconds": ("VALIDATION_STATEMENT_TIMEOUT_SECONDS", _int_at_least(1)),
+    "validation.disabled_checks": ("VALIDATION_DISABLED_CHECKS", _check_names),
+    "validation.amcheck": ("VALIDATION_AMCHECK", _bool),
+    "validation.checks": ("", _user_checks),
 }
 
 
@@ -192,7 +233,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             elif value is not None:
                 raw[key] = (f"{key} (in {config_path})", value)
     for key, (variable, _parser) in KEYS.items():
-        if env.get(variable, "") != "":
+        if variable and env.get(variable, "") != "":
             raw[key] = (variable, env[variable])
 
     values: dict[str, Any] = {}
@@ -228,4 +269,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         identity_file=values.get("encryption.identity_file"),
         keep_previous_database=values.get("restore.keep_previous_database", True),
         pg_bin_dir=values.get("postgres.bin_dir"),
+        validation_enabled=values.get("validation.enabled", True),
+        validation_block_backup=values.get("validation.block_backup_on_failure", False),
+        validation_timeout_seconds=values.get("validation.statement_timeout_seconds", 60),
+        validation_disabled=values.get("validation.disabled_checks", ()),
+        validation_amcheck=values.get("validation.amcheck", False),
+        validation_checks=values.get("validation.checks", ()),
     )

@@ -21,6 +21,7 @@ from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
 from sidecar.streams import CHUNK_SIZE, decode_stages, file_sha256, read_chunks
+from sidecar.validation import ValidationResult, validate
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class RestoreReport:
     duration_seconds: float
     tables_checked: int
     mismatches: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
 
 
 def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
@@ -164,19 +166,19 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 raise UsageError(f"--in-place: database {target!r} does not exist; leave out --in-place to create it")
             log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
             _load(config, repo, metadata, target, identities, clean=True)
-            mismatches = _compare_counts(config, target, metadata)
-            return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches)
+            mismatches, checked = _check_restored(config, target, metadata)
+            return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
+                                 checked.to_json() if checked else None)
 
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
         _create_database(admin, scratch, metadata)
         try:
             _load(config, repo, metadata, scratch, identities, clean=False)
-            mismatches = _compare_counts(config, scratch, metadata)
-            if mismatches and not force:
-                raise SidecarError(
-                    f"restore of {entry.id} does not match its recorded row counts ({'; '.join(mismatches[:3])}); "
-                    f"the live database was not touched (use --force to swap anyway)"
-                )
+            mismatches, checked = _check_restored(config, scratch, metadata)
+            problems = mismatches + (checked.errors if checked else [])
+            if problems and not force:
+                where = "the live database was not touched" if exists else f"{target} was dropped again"
+                raise SidecarError(f"restore of {entry.id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
             _drop_database(admin, scratch)
             raise
@@ -189,7 +191,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 previous = None
         log.info("restored %s into %s", entry.id, target)
         return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database",
-                             round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches)
+                             round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None)
     except psycopg.Error as exc:
         raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None
     finally:
@@ -308,6 +310,12 @@ def _pump(child: Child, path: Path, checksum: str, compression: str, identities:
         child.terminate(grace=1)
         raise
     child.check(what)
+
+
+def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tuple[list[str], ValidationResult | None]:
+    """Row counts against the metadata (exact: taken in the dump's own snapshot), then the consistency checks."""
+    mismatches = [f"row_counts: {m}" for m in _compare_counts(config, dbname, metadata)]
+    return mismatches, validate(config, dbname=dbname) if config.validation_enabled else None
 
 
 def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any]) -> list[str]:

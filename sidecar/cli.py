@@ -183,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return FAILED
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the backup volume and its permissions", file=sys.stderr)
+        return FAILED
     except KeyboardInterrupt:
         print("error: interrupted; nothing half-written is listed, the next backup cleans up", file=sys.stderr)
         return FAILED

@@ -53,7 +53,7 @@ def test_a_flipped_byte_fails_verify_and_restore_changes_nothing(cluster: Cluste
     assert restore.returncode == 3
     assert "checksum" in one_line(restore.stderr) and "nothing was changed" in restore.stderr
     assert cluster.psql("SELECT count(*) FROM t", db) == "5001"
-    assert cluster.psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%restore%'") == "0"
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_restore%'") == "0"
 
 
 def test_a_truncated_file_is_reported_not_restored(cluster: Cluster, db: str, env: dict[str, str], backed_up: tuple[str, Path]) -> None:
@@ -157,7 +157,7 @@ def test_restore_of_an_encrypted_backup_without_identity_says_what_to_set(cluste
     key.write_text(other_secret + "\n")
     wrong = cli({**encrypted, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(key)}, "restore", bid, check=False)
     assert wrong.returncode == 3 and "no identity" in one_line(wrong.stderr)
-    assert cluster.psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%restore%'") == "0"
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_restore%'") == "0"
 
 
 def test_a_second_operation_is_refused_while_the_lock_is_held(env: dict[str, str], backed_up: tuple[str, Path]) -> None:

@@ -123,3 +123,25 @@ def test_metadata_keeps_spec_fields_and_exact_row_counts_and_no_secret(cluster: 
     assert PASSWORD not in result.stderr + result.stdout
     assert sorted(p.name for p in backups.iterdir() if not p.name.startswith(".")) == sorted(
         [meta["files"]["dump"]["name"], meta["files"]["globals"]["name"], f"{meta['id']}.metadata.json"])
+
+
+def test_restore_ends_sessions_on_the_live_database_and_swaps(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    import subprocess
+
+    from sidecar.postgres import find_tool
+
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g", db)
+    bid = backup_id(env)
+    cluster.psql("DELETE FROM t", db)
+    session = subprocess.Popen([find_tool("psql"), "-X", "-d", cluster.url(db), "-c", "SELECT pg_sleep(60)"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            if cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep%'") != "0":
+                break
+        cli(env, "restore", bid)
+        _, stderr = session.communicate(timeout=30)
+        assert "terminat" in stderr
+    finally:
+        session.kill()
+    assert cluster.psql("SELECT count(*) FROM t", db) == "100"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -83,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     pin = sub.add_parser("pin", help="pin a backup so retention never deletes it")
     pin.add_argument("id", metavar="ID|latest")
 
+    sub.add_parser("run", help="the daemon: schedule, metrics, health and the HTTP API (the container's main process)")
+
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
@@ -98,6 +101,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             print("configuration is valid")
         return OK
+    if args.command == "run":
+        from sidecar.daemon import run_daemon
+
+        return run_daemon(config, args.config)
     if args.command == "validate":
         checked = api.validate_data_consistency(config)
         if args.json:
@@ -162,8 +169,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: pg_dump's process group is terminated and the partial file removed
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

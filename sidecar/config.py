@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ class Config:
     validation_disabled: tuple[str, ...] = ()
     validation_amcheck: bool = False
     validation_checks: tuple[tuple[str, str], ...] = ()
+    schedule_cron: str = "0 2 * * *"
+    schedule_timezone: str = "UTC"
+    run_on_start: bool = False
+    listen: str = "0.0.0.0:9188"
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -65,6 +70,10 @@ class Config:
             "validation.disabled_checks": list(self.validation_disabled),
             "validation.amcheck": self.validation_amcheck,
             "validation.checks": dict(self.validation_checks),
+            "schedule.cron": self.schedule_cron,
+            "schedule.timezone": self.schedule_timezone,
+            "schedule.run_on_start": self.run_on_start,
+            "http.listen": self.listen,
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -177,6 +186,36 @@ def _user_checks(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(checks)
 
 
+def _cron(value: Any) -> str:
+    from cronsim import CronSim, CronSimError
+
+    text = _text(value)
+    try:
+        CronSim(text, datetime.now())
+    except CronSimError as exc:
+        raise ValueError(f"is not a cron expression ({exc}); e.g. '0 2 * * *' for 2 AM daily") from None
+    return text
+
+
+def _timezone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    text = _text(value)
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("is not a time zone name (e.g. UTC, Europe/Berlin)") from None
+    return text
+
+
+def _listen(value: Any) -> str:
+    text = _text(value)
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9188")
+    return text
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value))
 
@@ -198,6 +237,10 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "validation.disabled_checks": ("VALIDATION_DISABLED_CHECKS", _check_names),
     "validation.amcheck": ("VALIDATION_AMCHECK", _bool),
     "validation.checks": ("", _user_checks),
+    "schedule.cron": ("BACKUP_SCHEDULE", _cron),
+    "schedule.timezone": ("BACKUP_SCHEDULE_TIMEZONE", _timezone),
+    "schedule.run_on_start": ("BACKUP_ON_START", _bool),
+    "http.listen": ("SIDECAR_LISTEN", _listen),
 }
 
 
@@ -275,4 +318,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         validation_disabled=values.get("validation.disabled_checks", ()),
         validation_amcheck=values.get("validation.amcheck", False),
         validation_checks=values.get("validation.checks", ()),
+        schedule_cron=values.get("schedule.cron", "0 2 * * *"),
+        schedule_timezone=values.get("schedule.timezone", "UTC"),
+        run_on_start=values.get("schedule.run_on_start", False),
+        listen=values.get("http.listen", "0.0.0.0:9188"),
     )

@@ -1,0 +1,38 @@
+"""`pg-backup-sidecar run`: wire the scheduler, metrics and HTTP server together; stop on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from sidecar.config import Config
+from sidecar.metrics import Metrics
+from sidecar.repository import Repository
+from sidecar.scheduler import Daemon
+from sidecar.server import api_token, make_server
+
+log = logging.getLogger(__name__)
+
+
+def run_daemon(config: Config, config_path: str | None) -> int:
+    repo = Repository(config.backup_dir)
+    repo.ensure()
+    daemon = Daemon(config, Metrics(repo), config_path)
+    host, _, port = config.listen.rpartition(":")
+    server = make_server(daemon, host.strip("[]"), int(port), api_token())
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("listening on %s; schedule '%s' (%s)", config.listen, config.schedule_cron, config.schedule_timezone)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        daemon.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    daemon.loop()
+    daemon.cancel()
+    server.shutdown()
+    log.info("stopped")
+    return 0

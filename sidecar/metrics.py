@@ -1,0 +1,99 @@
+"""Prometheus metrics. State that lives on the volume is read by a collector at scrape time, so the
+numbers are right after a restart; events (a backup finished) are counted directly."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+from sidecar.repository import Entry, Repository
+
+
+def _completed_at(entry: Entry) -> float:
+    meta = entry.metadata or {}
+    text = meta.get("completedAt") or meta.get("timestamp")
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return entry.timestamp.timestamp()
+
+
+class RepositoryCollector(Collector):
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    def collect(self) -> Iterator[Metric]:
+        entries = self.repo.entries()
+        newest = next((e for e in entries if e.good), None)
+        last = _completed_at(newest) if newest else 0.0
+        yield GaugeMetricFamily("pg_backup_last_success_timestamp_seconds", "End time of the newest good backup (0 if none).", value=last)
+        yield GaugeMetricFamily("pg_backup_age_seconds", "Seconds since the newest good backup ended (+Inf if none).",
+                                value=time.time() - last if newest else math.inf)
+        yield GaugeMetricFamily("pg_backup_last_size_bytes", "Size of the newest good backup.",
+                                value=float(newest.metadata["size"]) if newest and newest.metadata else 0.0)
+        yield GaugeMetricFamily("pg_backup_repository_backups", "Backups on the volume.", value=len(entries))
+        total = sum(item["size"] for e in entries if e.metadata for item in e.metadata["files"].values())
+        yield GaugeMetricFamily("pg_backup_repository_size_bytes", "Bytes of backups on the volume.", value=total)
+        try:
+            stat = os.statvfs(self.repo.dir)
+            free = float(stat.f_bavail * stat.f_frsize)
+        except OSError:
+            free = math.nan
+        yield GaugeMetricFamily("pg_backup_volume_free_bytes", "Free bytes on the backup volume.", value=free)
+        drills = [e for e in entries if e.metadata and (e.metadata.get("verified") or {}).get("ok")]
+        yield GaugeMetricFamily("pg_backup_drill_last_success_timestamp_seconds", "Last restore drill that passed (0 if none).",
+                                value=max((_iso(e.metadata["verified"]["at"]) for e in drills if e.metadata), default=0.0))
+
+
+def _iso(text: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class Metrics:
+    def __init__(self, repo: Repository, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.duration = Histogram("pg_backup_duration_seconds", "Wall time of backups.", registry=r,
+                                  buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, math.inf))
+        self.runs = Counter("pg_backup_runs_total", "Backups by result.", ["result"], registry=r)
+        self.last_failure = Gauge("pg_backup_last_failure_timestamp_seconds", "Time of the last failed backup (0 if none).", registry=r)
+        self.validation_failures = Counter("pg_backup_validation_failures_total", "Consistency findings by check.", ["check"], registry=r)
+        self.last_validation_ok = Gauge("pg_backup_last_validation_ok", "1 if the last validation was clean, else 0.", registry=r)
+        self.restores = Counter("pg_backup_restores_total", "Restores by result.", ["result"], registry=r)
+        self.drills = Counter("pg_backup_drills_total", "Restore drills by result.", ["result"], registry=r)
+        self.in_progress = Gauge("pg_backup_in_progress", "1 while a backup/restore/drill runs.", ["operation"], registry=r)
+        info = Gauge("pg_backup_info", "Sidecar version.", ["version"], registry=r)
+        info.labels(version=__version__).set(1)
+        for result in ("success", "failure"):
+            self.runs.labels(result=result)
+            self.restores.labels(result=result)
+            self.drills.labels(result=result)
+        for operation in ("backup", "restore", "drill"):
+            self.in_progress.labels(operation=operation).set(0)
+        self.last_validation_ok.set(1)
+        r.register(RepositoryCollector(repo))
+
+    def backup_finished(self, seconds: float, metadata: dict[str, Any] | None) -> None:
+        self.duration.observe(seconds)
+        if metadata is None:
+            self.runs.labels(result="failure").inc()
+            self.last_failure.set(time.time())
+            return
+        self.runs.labels(result="success").inc()
+        validation = metadata.get("validation")
+        if validation is not None:
+            self.last_validation_ok.set(1 if validation["ok"] else 0)
+            for finding in validation["findings"]:
+                self.validation_failures.labels(check=finding["check"]).inc()

@@ -1,0 +1,117 @@
+"""HTTP: /metrics, /healthz, /readyz, and the token-protected /v1 API."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar import api, postgres
+from sidecar.errors import NotFound, SidecarError
+from sidecar.scheduler import Daemon
+
+log = logging.getLogger(__name__)
+MAX_BODY = 64 * 1024
+STUCK_AFTER = 30.0
+
+
+def api_token() -> str | None:
+    """SIDECAR_API_TOKEN, or the contents of SIDECAR_API_TOKEN_FILE."""
+    if os.environ.get("SIDECAR_API_TOKEN"):
+        return os.environ["SIDECAR_API_TOKEN"]
+    path = os.environ.get("SIDECAR_API_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise SidecarError(f"SIDECAR_API_TOKEN_FILE={path}: cannot read it ({exc.strerror})") from None
+    return None
+
+
+def make_server(daemon: Daemon, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "pg-backup-sidecar"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http %s", format % args)
+
+        def send(self, status: int, body: Any, content_type: str = "application/json") -> None:
+            data = body if isinstance(body, bytes) else (json.dumps(body, indent=2, default=str) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def error(self, status: int, message: str) -> None:
+            self.send(status, {"error": message})
+
+        def authorized(self) -> bool:
+            if token is None:
+                self.error(403, "the API is disabled: set SIDECAR_API_TOKEN (or SIDECAR_API_TOKEN_FILE) to enable it")
+                return False
+            given = self.headers.get("Authorization", "")
+            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return False
+            return True
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self.send(200, generate_latest(daemon.metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                age = time.monotonic() - daemon.heartbeat
+                self.send(200 if age < STUCK_AFTER else 503, {"ok": age < STUCK_AFTER, "loopSecondsAgo": round(age, 1)})
+            elif path == "/readyz":
+                try:
+                    postgres.connect(daemon.config).close()
+                    self.send(200, {"ready": True})
+                except SidecarError as exc:
+                    self.send(503, {"ready": False, "reason": str(exc)})
+            elif not self.authorized():
+                return
+            elif path == "/v1/backups":
+                self.send(200, [b.to_json() for b in api.list_backups(daemon.config)])
+            elif path.startswith("/v1/backups/"):
+                try:
+                    self.send(200, api.get_backup(path.rsplit("/", 1)[1], daemon.config).to_json())
+                except NotFound as exc:
+                    self.error(404, str(exc))
+            elif path.startswith("/v1/runs/") and path.rsplit("/", 1)[1] in daemon.runs:
+                self.send(200, daemon.runs[path.rsplit("/", 1)[1]])
+            else:
+                self.error(404, f"no such endpoint {path[:100]}")
+
+        def do_POST(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            if not self.authorized():
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self.error(413, f"request body over {MAX_BODY} bytes")
+                return
+            body = self.rfile.read(length) if length else b""
+            if path == "/v1/backups":
+                if body.strip() not in (b"", b"{}"):
+                    self.error(400, "POST /v1/backups takes no body (or {})")
+                    return
+                run_id = daemon.start_backup("api")
+                if run_id is None:
+                    self.error(409, "a backup is already running")
+                else:
+                    self.send(202, {"id": run_id, "state": "running"})
+            else:
+                self.error(404, f"no such endpoint {path[:100]}")
+
+    return ThreadingHTTPServer((host, port), Handler)

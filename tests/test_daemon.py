@@ -1,0 +1,155 @@
+"""The daemon as a subprocess: real HTTP, real PostgreSQL, promtool on the exposition."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.embedded import Cluster
+
+TOKEN = "test-token-s3cr3t"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def request(base: str, path: str, method: str = "GET", token: str | None = TOKEN, body: bytes | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(base + path, method=method, data=body)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if resp.headers.get_content_type() == "application/json" else raw.decode()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw and exc.headers.get_content_type() == "application/json" else raw
+
+
+class Running:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env={**env, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}", "SIDECAR_API_TOKEN": TOKEN},
+                                     stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        for _ in range(100):
+            try:
+                if request(self.base, "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"daemon did not start: {log.read_text()}")
+
+    def wait_for(self, predicate: Any, what: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], tmp_path: Path) -> Iterator[Running]:
+    running = Running({**env, "BACKUP_ON_START": "true"}, tmp_path / "daemon.log")
+    yield running
+    if running.proc.poll() is None:
+        running.proc.kill()
+
+
+def sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_backup_on_start_shows_in_metrics_and_the_exposition_passes_promtool(daemon: Running, cluster: Cluster, db: str) -> None:
+    backups = daemon.wait_for(lambda: request(daemon.base, "/v1/backups")[1], "a backup")
+    metrics = daemon.wait_for(lambda: (m := request(daemon.base, "/metrics")[1]) and 'pg_backup_runs_total{result="success"} 1.0' in m and m, "metrics")
+    assert sample(metrics, "pg_backup_last_size_bytes") == backups[0]["size"]
+    assert 0 <= sample(metrics, "pg_backup_age_seconds") < 60
+    assert sample(metrics, "pg_backup_repository_backups") == 1
+    assert sample(metrics, 'pg_backup_in_progress{operation="backup"}') == 0
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is required"
+    check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert daemon.stop() == 0
+
+
+def test_the_api_requires_the_token_and_rejects_bad_requests(daemon: Running) -> None:
+    assert request(daemon.base, "/v1/backups", token=None)[0] == 401
+    assert request(daemon.base, "/v1/backups", token="wrong")[0] == 401
+    assert request(daemon.base, "/v1/backups", method="POST", token=None)[0] == 401
+    assert request(daemon.base, "/v1/backups/../../etc/passwd")[0] == 404
+    assert request(daemon.base, "/v1/backups/backup_2001-01-01T00-00-00-000Z")[0] == 404
+    assert request(daemon.base, "/v1/backups", method="POST", body=b"{not json")[0] == 400
+    assert request(daemon.base, "/v1/backups", method="POST", body=b"x" * 100_000)[0] == 413
+    assert request(daemon.base, "/metrics", token=None)[0] == 200
+    assert TOKEN not in daemon.log.read_text()
+
+
+def test_readiness_follows_postgresql(fresh_cluster: Cluster, env: dict[str, str], tmp_path: Path) -> None:
+    fresh_cluster.psql("CREATE DATABASE app")
+    running = Running({**env, "DATABASE_URL": fresh_cluster.url("app")}, tmp_path / "daemon.log")
+    try:
+        assert request(running.base, "/readyz")[0] == 200
+        fresh_cluster.stop("fast")
+        status, body = request(running.base, "/readyz")
+        assert status == 503 and "cannot connect" in body["reason"]
+        assert request(running.base, "/healthz")[0] == 200
+        fresh_cluster.restart()
+        assert request(running.base, "/readyz")[0] == 200
+    finally:
+        assert running.stop() == 0
+
+
+def test_catch_up_on_start_when_no_recent_backup_exists(env: dict[str, str], tmp_path: Path) -> None:
+    running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 2 * * *"}, tmp_path / "daemon.log")
+    try:
+        running.wait_for(lambda: request(running.base, "/v1/backups")[1], "the catch-up backup")
+        assert "catch-up" in running.log.read_text()
+    finally:
+        running.stop()
+    # with a fresh backup on the volume, a restart does not take another one
+    again = Running({**env, "BACKUP_ON_START": "false"}, tmp_path / "again.log")
+    time.sleep(2)
+    assert again.stop() == 0
+    assert len(request_list(env)) == 1
+
+
+def request_list(env: dict[str, str]) -> list[Any]:
+    return [p for p in Path(env["BACKUP_DIR"]).glob("*.metadata.json")]
+
+
+def test_sigterm_during_a_backup_cancels_it_cleanly(cluster: Cluster, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    cluster.psql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 2000000) g", db)
+    running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_COMPRESSION_LEVEL": "19", "VALIDATION_ENABLED": "false"}, tmp_path / "daemon.log")
+    directory = Path(env["BACKUP_DIR"])
+    running.wait_for(lambda: any(p.stat().st_size > 0 for p in directory.glob("*.dump.zst.partial")), "the backup to be writing")
+    started = time.monotonic()
+    assert running.stop() == 0
+    assert time.monotonic() - started < 20
+    assert not list(directory.glob("*.partial")) and not list(directory.glob("*.metadata.json"))

@@ -17,7 +17,7 @@ from sidecar import restore as _restore
 from sidecar.config import Config, load_config
 from sidecar.errors import NotFound, SidecarError
 from sidecar.repository import Entry, Repository
-from sidecar.restore import RestoreReport, VerifyReport
+from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import classify
 from sidecar.validation import ValidationResult, validate
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
-    "ValidationResult", "validate_data_consistency",
+    "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -143,3 +143,8 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
 def validate_data_consistency(config: Config | None = None, dbname: str | None = None) -> ValidationResult:
     """Run the consistency checks now; `result.is_valid`, `result.errors`, `result.findings`."""
     return validate(_config(config), dbname=dbname)
+
+
+def drill_backup(ref: str = "latest", config: Config | None = None) -> DrillReport:
+    """Restore into a scratch database, validate, compare row counts, drop it; records `verified`."""
+    return _restore.drill_backup(_config(config), ref)

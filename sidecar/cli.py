@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,17 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="the daemon: schedule, metrics, health and the HTTP API (the container's main process)")
 
+    dr = sub.add_parser("drill", help="restore drill: restore into a scratch database, validate, drop it, record the outcome")
+    dr.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    dr.add_argument("--json", action="store_true")
+
+    rr = sub.add_parser("restore-request", help="ask a running sidecar to restore (the Kubernetes restore Job's command)")
+    rr.add_argument("id", metavar="ID|latest")
+    rr.add_argument("--target-db")
+    rr.add_argument("--server", required=True, help="the sidecar's URL, e.g. http://db-0.db:9188")
+    rr.add_argument("--request-id", help="idempotency key (default: $RESTORE_REQUEST_ID, else random)")
+    rr.add_argument("--wait", action="store_true", help="follow the restore and exit 0 only if it succeeded")
+
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
@@ -105,6 +117,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
         from sidecar.daemon import run_daemon
 
         return run_daemon(config, args.config)
+    if args.command == "drill":
+        drilled = api.drill_backup(args.id, config)
+        if args.json:
+            emit(asdict(drilled))
+        else:
+            print(f"{drilled.backup_id}: restore drill {'PASSED' if drilled.ok else 'FAILED'} in {drilled.duration_seconds:.1f}s")
+            for line in drilled.findings:
+                print(f"  {line}")
+        return OK if drilled.ok else FOUND_PROBLEM
     if args.command == "validate":
         checked = api.validate_data_consistency(config)
         if args.json:
@@ -169,6 +190,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for the container's log collector."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -177,9 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: pg_dump's process group is terminated and the partial file removed
     signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if args.command == "run" or os.environ.get("SIDECAR_LOG_FORMAT") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     try:
+        if args.command == "restore-request":
+            from sidecar.client import restore_request
+
+            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait)
         config = load_config(args.config)
         return run(args, config)
     except ConfigError as exc:

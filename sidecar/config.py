@@ -42,6 +42,7 @@ class Config:
     schedule_timezone: str = "UTC"
     run_on_start: bool = False
     listen: str = "0.0.0.0:9188"
+    drill_after_backup: bool = True
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -74,6 +75,7 @@ class Config:
             "schedule.timezone": self.schedule_timezone,
             "schedule.run_on_start": self.run_on_start,
             "http.listen": self.listen,
+            "drill.after_backup": self.drill_after_backup,
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -241,6 +243,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "schedule.timezone": ("BACKUP_SCHEDULE_TIMEZONE", _timezone),
     "schedule.run_on_start": ("BACKUP_ON_START", _bool),
     "http.listen": ("SIDECAR_LISTEN", _listen),
+    "drill.after_backup": ("DRILL_AFTER_BACKUP", _bool),
 }
 
 
@@ -322,4 +325,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         schedule_timezone=values.get("schedule.timezone", "UTC"),
         run_on_start=values.get("schedule.run_on_start", False),
         listen=values.get("http.listen", "0.0.0.0:9188"),
+        drill_after_backup=values.get("drill.after_backup", True),
     )

@@ -328,3 +328,45 @@ def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any]) -> li
         conn.close()
     expected: dict[str, int] = metadata.get("rowCounts", {})
     return [f"{table}: {actual.get(table, 'missing')} rows, backup had {rows}" for table, rows in sorted(expected.items()) if actual.get(table) != rows]
+
+
+@dataclass
+class DrillReport:
+    backup_id: str
+    ok: bool
+    at: str
+    scratch_database: str
+    duration_seconds: float
+    findings: list[str] = field(default_factory=list)
+
+
+def drill_backup(config: Config, ref: str) -> DrillReport:
+    """Restore a backup into a scratch database on the same server, validate it and compare row counts,
+    drop the scratch database, and record the outcome in the backup's metadata (`verified`)."""
+    from sidecar.repository import iso_timestamp
+
+    repo = Repository(config.backup_dir)
+    clock = time.monotonic()
+    with repo.lock("drill"):
+        entry = repo.get(ref)
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        scratch = f"{config.database_name[:MAX_NAME - 22]}__drill_{stamp}"
+        findings: list[str] = []
+        try:
+            report = _restore(config, repo, entry.id, scratch, in_place=False, force=True)
+            findings = report.mismatches + [f"{f['check']}: {f['message']}" for f in (report.validation or {}).get("findings", [])]
+        except SidecarError as exc:
+            findings = [str(exc)]
+        finally:
+            admin = _admin_connection(config, scratch)
+            try:
+                _drop_database(admin, scratch)
+            finally:
+                admin.close()
+        at = iso_timestamp(datetime.now(UTC))
+        result = DrillReport(entry.id, not findings, at, scratch, round(time.monotonic() - clock, 3), findings)
+        fresh = repo.get(entry.id)
+        if fresh.metadata is not None:
+            repo.write_metadata({**fresh.metadata, "verified": {"at": at, "ok": result.ok, "findings": findings}})
+    (log.info if result.ok else log.error)("restore drill of %s: %s", entry.id, "passed" if result.ok else "; ".join(findings[:3]))
+    return result

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
@@ -49,18 +50,32 @@ class Daemon:
         self.heartbeat = time.monotonic()
         self._run_lock = threading.Lock()
         self._child: subprocess.Popen[str] | None = None
-        self.current_run: str | None = None
-        self.runs: dict[str, dict[str, object]] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.restores: dict[str, dict[str, Any]] = {}
+        self.request_ids: dict[str, str] = {}
+        self._requests_lock = threading.Lock()
 
-    # --- one backup -------------------------------------------------------------------------------
+    # --- operations: one at a time, each a child process -------------------------------------------
+
+    def _cli(self, *args: str) -> tuple[bool, Any]:
+        """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line)."""
+        argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + [*args, "--json"]
+        self._child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = self._child.communicate()
+        finally:
+            code = self._child.returncode
+            self._child = None
+        if code in (0, 1) and out.strip():
+            return code == 0, json.loads(out)
+        return False, next((line for line in reversed(err.splitlines()) if line.startswith("error:")), err.strip()[-300:] or f"exit code {code}")
 
     def start_backup(self, reason: str) -> str | None:
-        """Start a backup in a thread; None if one is already running."""
+        """Start a backup in a thread; None if an operation is already running."""
         if not self._run_lock.acquire(blocking=False):
-            log.warning("backup (%s) skipped: a backup is still running", reason)
+            log.warning("backup (%s) skipped: another operation is still running", reason)
             return None
         run_id = f"run-{int(time.time() * 1000)}"
-        self.current_run = run_id
         self.runs[run_id] = {"id": run_id, "state": "running", "reason": reason}
         threading.Thread(target=self._backup, args=(run_id, reason), name="backup", daemon=True).start()
         return run_id
@@ -70,23 +85,58 @@ class Daemon:
         metadata = None
         self.metrics.in_progress.labels(operation="backup").set(1)
         try:
-            argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + ["backup", "--json"]
             log.info("backup started (%s)", reason)
-            self._child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-            out, err = self._child.communicate()
-            if self._child.returncode == 0:
-                metadata = json.loads(out)
-                self.runs[run_id].update(state="succeeded", backup=metadata["id"])
-                log.info("backup %s succeeded in %.1fs", metadata["id"], time.monotonic() - started)
+            ok, result = self._cli("backup")
+            if ok:
+                metadata = result
+                self.runs[run_id].update(state="succeeded", backup=result["id"])
+                log.info("backup %s succeeded in %.1fs", result["id"], time.monotonic() - started)
             else:
-                error = next((line for line in reversed(err.splitlines()) if line.startswith("error:")), err.strip()[-300:])
-                self.runs[run_id].update(state="failed", error=error)
-                log.error("backup failed: %s", error)
+                self.runs[run_id].update(state="failed", error=result)
+                log.error("backup failed: %s", result)
         finally:
-            self._child = None
             self.metrics.in_progress.labels(operation="backup").set(0)
             self.metrics.backup_finished(time.monotonic() - started, metadata)
-            self.current_run = None
+            try:
+                if metadata and self.config.drill_after_backup and not self.stopping.is_set():
+                    self._drill(metadata["id"])
+            finally:
+                self._run_lock.release()
+
+    def _drill(self, backup_id: str) -> None:
+        self.metrics.in_progress.labels(operation="drill").set(1)
+        try:
+            ok, result = self._cli("drill", backup_id)
+            self.metrics.drills.labels(result="success" if ok else "failure").inc()
+            (log.info if ok else log.error)("restore drill of %s %s", backup_id, "passed" if ok else f"failed: {result}")
+        finally:
+            self.metrics.in_progress.labels(operation="drill").set(0)
+
+    def request_restore(self, backup: str, target_db: str | None, request_id: str) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, restore record). The same request_id always answers with the same restore."""
+        with self._requests_lock:
+            if request_id in self.request_ids:
+                return 200, self.restores[self.request_ids[request_id]]
+            if not self._run_lock.acquire(blocking=False):
+                return 409, {"error": "another backup, restore or drill is running; retry when it has finished"}
+            restore_id = f"restore-{int(time.time() * 1000)}"
+            record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
+                                      "state": "running", "error": None, "result": None}
+            self.restores[restore_id] = record
+            self.request_ids[request_id] = restore_id
+        threading.Thread(target=self._restore, args=(record,), name="restore", daemon=True).start()
+        return 202, record
+
+    def _restore(self, record: dict[str, Any]) -> None:
+        self.metrics.in_progress.labels(operation="restore").set(1)
+        try:
+            args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
+            ok, result = self._cli(*args)
+            record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result)
+            self.metrics.restores.labels(result="success" if ok else "failure").inc()
+            (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")
+        finally:
+            self.metrics.in_progress.labels(operation="restore").set(0)
             self._run_lock.release()
 
     def cancel(self, grace: float = 20.0) -> None:

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import api, postgres
 from sidecar.errors import NotFound, SidecarError
+from sidecar.repository import parse_id
 from sidecar.scheduler import Daemon
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def make_server(daemon: Daemon, host: str, port: int, token: str | None) -> Thre
                     self.error(404, str(exc))
             elif path.startswith("/v1/runs/") and path.rsplit("/", 1)[1] in daemon.runs:
                 self.send(200, daemon.runs[path.rsplit("/", 1)[1]])
+            elif path.startswith("/v1/restores/") and path.rsplit("/", 1)[1] in daemon.restores:
+                self.send(200, daemon.restores[path.rsplit("/", 1)[1]])
             else:
                 self.error(404, f"no such endpoint {path[:100]}")
 
@@ -111,7 +114,39 @@ def make_server(daemon: Daemon, host: str, port: int, token: str | None) -> Thre
                     self.error(409, "a backup is already running")
                 else:
                     self.send(202, {"id": run_id, "state": "running"})
+            elif path == "/v1/restores":
+                request = self.json_body(body, required={"backup", "request_id"}, optional={"target_db"})
+                if request is None:
+                    return
+                status, record = daemon.request_restore(request["backup"], request.get("target_db"), request["request_id"])
+                self.send(status, record)
             else:
                 self.error(404, f"no such endpoint {path[:100]}")
+
+        def json_body(self, body: bytes, required: set[str], optional: set[str]) -> dict[str, str] | None:
+            """The request's JSON object with string values; 400 naming the problem otherwise."""
+            try:
+                data = json.loads(body)
+            except ValueError:
+                self.error(400, "the body is not valid JSON")
+                return None
+            if not isinstance(data, dict):
+                self.error(400, "the body must be a JSON object")
+                return None
+            unknown = sorted(set(data) - required - optional)
+            missing = sorted(required - set(data))
+            wrong = sorted(k for k, v in data.items() if not isinstance(v, str) or not v or len(v) > 200)
+            problems = [f"{label}: {', '.join(keys)}" for label, keys in (("unknown fields", unknown), ("missing fields", missing),
+                        ("must be non-empty strings of at most 200 characters", wrong)) if keys]
+            if problems:
+                self.error(400, "; ".join(problems))
+                return None
+            try:
+                if data["backup"] != "latest":
+                    parse_id(data["backup"])
+            except NotFound as exc:
+                self.error(400, str(exc))
+                return None
+            return data
 
     return ThreadingHTTPServer((host, port), Handler)

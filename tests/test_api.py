@@ -41,3 +41,13 @@ def test_verify_and_restore_return_typed_reports(cluster: Cluster, db: str, env:
     restored = api.restore_backup(backup.id, config)
     assert restored.mode == "swap" and restored.previous_database and restored.mismatches == []
     assert restored.tables_checked == 1
+
+
+def test_a_restore_drill_records_its_outcome_and_leaves_no_scratch_database(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 10) g", db)
+    config = load_config(None, env)
+    backup = api.create_backup(config)
+    drilled = api.drill_backup("latest", config)
+    assert drilled.ok and drilled.backup_id == backup.id
+    assert api.get_backup(backup.id, config).metadata["verified"]["ok"] is True
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_drill%'") == "0"

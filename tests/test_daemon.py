@@ -153,3 +153,57 @@ def test_sigterm_during_a_backup_cancels_it_cleanly(cluster: Cluster, db: str, e
     assert running.stop() == 0
     assert time.monotonic() - started < 20
     assert not list(directory.glob("*.partial")) and not list(directory.glob("*.metadata.json"))
+
+
+def idle(daemon: Running) -> str:
+    """Metrics once the start-up backup and its restore drill have finished."""
+    return daemon.wait_for(lambda: (m := request(daemon.base, "/metrics")[1]) and 'pg_backup_drills_total{result="success"} 1.0' in m
+                           and 'pg_backup_in_progress{operation="drill"} 0.0' in m and m, "the backup and its drill")  # type: ignore[no-any-return]
+
+
+def test_a_restore_request_from_another_process_reports_its_outcome_in_its_exit_code(daemon: Running, cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    idle(daemon)
+    client_env = {**env, "SIDECAR_API_TOKEN": TOKEN}
+    job = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "latest", "--target-db", db + "_job", "--server", daemon.base,
+                          "--request-id", "job-uid-1", "--wait"], env=client_env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert "succeeded" in job.stdout
+    # the same request id (a retried Job pod) gets the same restore back, never a second one
+    status, again = request(daemon.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-uid-1"}).encode())
+    assert status == 200 and again["state"] == "succeeded"
+    assert 'pg_backup_restores_total{result="success"} 1.0' in request(daemon.base, "/metrics")[1]
+    bad = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "backup_2001-01-01T00-00-00-000Z", "--server", daemon.base,
+                          "--request-id", "job-uid-2", "--wait"], env=client_env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 3 and "no backup backup_2001-01-01T00-00-00-000Z" in bad.stderr
+
+
+def test_restore_requests_are_validated_and_refused_while_a_backup_runs(daemon: Running) -> None:
+    idle(daemon)
+    for body, message in ((b"{oops", "not valid JSON"), (b'{"backup": "latest"}', "missing fields: request_id"),
+                          (b'{"backup": "latest", "request_id": "x", "force": "yes"}', "unknown fields: force"),
+                          (b'{"backup": "../../etc/passwd", "request_id": "x"}', "is not a backup id")):
+        status, reply = request(daemon.base, "/v1/restores", method="POST", body=body)
+        assert status == 400 and message in reply["error"]
+    assert request(daemon.base, "/v1/backups", method="POST")[0] == 202
+    assert request(daemon.base, "/v1/backups", method="POST")[0] == 409
+    status, reply = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "during-backup"}')
+    assert status == 409 and "running" in reply["error"]
+
+
+def test_daemon_logs_are_json_lines_without_secrets(cluster: Cluster, env: dict[str, str], db: str, tmp_path: Path) -> None:
+    from tests.conftest import PASSWORD, password_user
+
+    password_user(cluster)
+    cluster.psql(f'ALTER DATABASE "{db}" OWNER TO pwuser')
+    running = Running({**env, "DATABASE_URL": cluster.url(db, user="pwuser", password=PASSWORD), "BACKUP_ON_START": "true"}, tmp_path / "d.log")
+    try:
+        running.wait_for(lambda: request(running.base, "/v1/backups")[1], "a backup")
+        request(running.base, "/readyz")
+    finally:
+        assert running.stop() == 0
+    lines = running.log.read_text().splitlines()
+    assert lines and all(json.loads(line)["message"] for line in lines)
+    assert any("backup" in json.loads(line)["message"] and "succeeded" in json.loads(line)["message"] for line in lines)
+    text = running.log.read_text() + "".join(p.read_text() for p in Path(env["BACKUP_DIR"]).glob("*.json"))
+    assert PASSWORD not in text and TOKEN not in text

@@ -43,6 +43,7 @@ class Config:
     run_on_start: bool = False
     listen: str = "0.0.0.0:9188"
     drill_after_backup: bool = True
+    retry_seconds: int = 120
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -76,6 +77,7 @@ class Config:
             "schedule.run_on_start": self.run_on_start,
             "http.listen": self.listen,
             "drill.after_backup": self.drill_after_backup,
+            "schedule.retry_seconds": self.retry_seconds,
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -244,6 +246,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "schedule.run_on_start": ("BACKUP_ON_START", _bool),
     "http.listen": ("SIDECAR_LISTEN", _listen),
     "drill.after_backup": ("DRILL_AFTER_BACKUP", _bool),
+    "schedule.retry_seconds": ("BACKUP_RETRY_SECONDS", _int_at_least(0, 86400)),
 }
 
 
@@ -326,4 +329,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         run_on_start=values.get("schedule.run_on_start", False),
         listen=values.get("http.listen", "0.0.0.0:9188"),
         drill_after_backup=values.get("drill.after_backup", True),
+        retry_seconds=values.get("schedule.retry_seconds", 120),
     )

@@ -16,8 +16,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
+from sidecar import postgres
 from sidecar.config import Config
+from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics, _completed_at
 from sidecar.repository import Repository
 
@@ -58,17 +61,51 @@ class Daemon:
     # --- operations: one at a time, each a child process -------------------------------------------
 
     def _cli(self, *args: str) -> tuple[bool, Any]:
-        """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line)."""
+        """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line).
+        The child's JSON log lines (progress, warnings) are passed on to our log as they come."""
         argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + [*args, "--json"]
-        self._child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env = {**os.environ, "SIDECAR_LOG_FORMAT": "json"}
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+        self._child = child
+        errors: list[str] = []
+
+        def relay() -> None:
+            assert child.stderr is not None
+            for line in child.stderr:
+                if line.startswith("error:"):
+                    errors.append(line.strip())
+                else:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
         try:
-            out, err = self._child.communicate()
+            assert child.stdout is not None
+            out = child.stdout.read()
+            code = child.wait()
+            relay_thread.join(timeout=5)
         finally:
-            code = self._child.returncode
             self._child = None
         if code in (0, 1) and out.strip():
             return code == 0, json.loads(out)
-        return False, next((line for line in reversed(err.splitlines()) if line.startswith("error:")), err.strip()[-300:] or f"exit code {code}")
+        return False, errors[-1] if errors else f"exit code {code}"
+
+    def _database_reachable(self) -> str | None:
+        """Retry the connection with exponential backoff for up to schedule.retry_seconds; None when reachable."""
+        retrying = Retrying(stop=stop_after_delay(self.config.retry_seconds) | stop_after_attempt(50),
+                            wait=wait_exponential(multiplier=1, min=1, max=30), retry=retry_if_exception_type(SidecarError),
+                            before_sleep=lambda state: log.warning("database unreachable, retrying: %s", state.outcome.exception() if state.outcome else ""),
+                            reraise=True)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    if self.stopping.is_set():
+                        return "stopping"
+                    postgres.connect(self.config).close()
+        except SidecarError as exc:
+            return str(exc)
+        return None
 
     def start_backup(self, reason: str) -> str | None:
         """Start a backup in a thread; None if an operation is already running."""
@@ -82,11 +119,13 @@ class Daemon:
 
     def _backup(self, run_id: str, reason: str) -> None:
         started = time.monotonic()
-        metadata = None
+        metadata: dict[str, Any] | None = None
         self.metrics.in_progress.labels(operation="backup").set(1)
         try:
             log.info("backup started (%s)", reason)
-            ok, result = self._cli("backup")
+            unreachable = self._database_reachable()
+            result: Any
+            ok, result = (False, f"error: {unreachable}") if unreachable else self._cli("backup")
             if ok:
                 metadata = result
                 self.runs[run_id].update(state="succeeded", backup=result["id"])

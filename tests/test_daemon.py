@@ -207,3 +207,79 @@ def test_daemon_logs_are_json_lines_without_secrets(cluster: Cluster, env: dict[
     assert any("backup" in json.loads(line)["message"] and "succeeded" in json.loads(line)["message"] for line in lines)
     text = running.log.read_text() + "".join(p.read_text() for p in Path(env["BACKUP_DIR"]).glob("*.json"))
     assert PASSWORD not in text and TOKEN not in text
+
+
+def test_a_database_that_comes_back_is_retried_and_one_that_does_not_is_a_recorded_failure(fresh_cluster: Cluster, env: dict[str, str], tmp_path: Path) -> None:
+    fresh_cluster.psql("CREATE DATABASE app")
+    fresh_cluster.stop("fast")
+    base_env = {**env, "DATABASE_URL": fresh_cluster.url("app"), "BACKUP_ON_START": "true", "DRILL_AFTER_BACKUP": "false"}
+    gives_up = Running({**base_env, "BACKUP_RETRY_SECONDS": "2"}, tmp_path / "gives-up.log")
+    try:
+        metrics = gives_up.wait_for(lambda: (m := request(gives_up.base, "/metrics")[1]) and 'pg_backup_runs_total{result="failure"} 1.0' in m and m,
+                                    "the failure to be recorded")
+        assert sample(metrics, "pg_backup_last_failure_timestamp_seconds") > time.time() - 60
+        assert sample(metrics, "pg_backup_age_seconds") == float("inf")
+        assert request(gives_up.base, "/readyz")[0] == 503
+    finally:
+        assert gives_up.stop() == 0
+    retries = Running({**base_env, "BACKUP_RETRY_SECONDS": "60"}, tmp_path / "retries.log")
+    try:
+        retries.wait_for(lambda: "retrying" in retries.log.read_text(), "a retry")
+        fresh_cluster.restart()
+        retries.wait_for(lambda: request(retries.base, "/v1/backups")[1], "the backup after the database came back")
+    finally:
+        assert retries.stop() == 0
+
+
+def test_the_server_answers_as_its_openapi_document_says(daemon: Running) -> None:
+    import jsonschema
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml").read_text())
+    idle(daemon)
+
+    def check(path: str, template: str, method: str, status: int, body: Any) -> None:
+        responses = spec["paths"][template][method]["responses"]
+        assert str(status) in responses, f"{method.upper()} {path} answered {status}, not documented"
+        schema = responses[str(status)].get("content", {}).get("application/json", {}).get("schema")
+        if schema:
+            jsonschema.validate(body, {**schema, "components": spec["components"]}, cls=jsonschema.Draft202012Validator)
+
+    backup_id_ = request(daemon.base, "/v1/backups")[1][0]["id"]
+    calls = [("/metrics", "/metrics", "get", None), ("/healthz", "/healthz", "get", None), ("/readyz", "/readyz", "get", None),
+             ("/v1/backups", "/v1/backups", "get", None), (f"/v1/backups/{backup_id_}", "/v1/backups/{id}", "get", None),
+             ("/v1/backups/nope", "/v1/backups/{id}", "get", None), ("/v1/restores/nope", "/v1/restores/{id}", "get", None),
+             ("/v1/restores", "/v1/restores", "post", b'{"backup": "latest", "request_id": "openapi", "target_db": "openapi_copy"}'),
+             ("/v1/restores", "/v1/restores", "post", b'{"backup": "latest"}'), ("/v1/backups", "/v1/backups", "post", b"{}")]
+    for path, template, method, body in calls:
+        status, reply = request(daemon.base, path, method=method.upper(), body=body)
+        check(path, template, method, status, reply)
+    restore = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "openapi"}')[1]
+    status, reply = request(daemon.base, f"/v1/restores/{restore['id']}")
+    check("", "/v1/restores/{id}", "get", status, reply)
+
+
+def test_a_real_prometheus_scrapes_the_daemon_and_answers_for_backup_age(daemon: Running, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus (Debian package prometheus) is required"
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: sidecar\n    static_configs: [{{targets: ['127.0.0.1:{daemon.port}']}}]\n")
+    server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def age() -> float | None:
+            try:
+                status, reply = request(f"http://127.0.0.1:{port}", "/api/v1/query?query=pg_backup_age_seconds", token=None)
+            except OSError:
+                return None
+            if status != 200 or not reply["data"]["result"]:
+                return None
+            value = float(reply["data"]["result"][0]["value"][1])
+            return value if value != float("inf") else None
+
+        seconds = daemon.wait_for(age, "Prometheus to report a finite pg_backup_age_seconds")
+        assert 0 <= seconds < 120
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

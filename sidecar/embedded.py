@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,14 +95,23 @@ INSERT INTO orders (customer_id, total) SELECT 1 + g % 1000, (g % 977) / 3.0 FRO
 """
 
 
-def demo() -> int:
-    """Start a throwaway PostgreSQL with a sample database, take a backup, verify it, list, clean up."""
+def demo(daemon: bool = False) -> int:
+    """Start a throwaway PostgreSQL with a sample database; take a backup, verify it and list it, or
+    (daemon=True) run the daemon against it until SIGINT/SIGTERM. The cluster is removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="pg-backup-sidecar-demo-"))
     with Cluster() as cluster:
         cluster.psql("CREATE DATABASE app")
         cluster.psql(SAMPLE, "app")
         env = {**os.environ, "DATABASE_URL": cluster.url("app"), "BACKUP_DIR": os.environ.get("BACKUP_DIR", str(workdir / "backups"))}
         print(f"embedded PostgreSQL at {cluster.socket_dir} (database 'app'); backups in {env['BACKUP_DIR']}", flush=True)
+        if daemon:
+            env.setdefault("BACKUP_ON_START", "true")
+            child = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env=env)
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGTERM)
+                return child.wait()
         for args in (["backup", "--label", "demo"], ["verify", "latest"], ["list"]):
             print(f"$ pg-backup-sidecar {' '.join(args)}", flush=True)
             code = subprocess.run([sys.executable, "-m", "sidecar", *args], env=env, check=False).returncode
@@ -111,4 +121,5 @@ def demo() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(demo())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(demo(daemon="--daemon" in sys.argv))

@@ -51,3 +51,15 @@ def test_a_restore_drill_records_its_outcome_and_leaves_no_scratch_database(clus
     assert drilled.ok and drilled.backup_id == backup.id
     assert api.get_backup(backup.id, config).metadata["verified"]["ok"] is True
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_drill%'") == "0"
+
+
+def test_the_embedded_demo_starts_its_own_postgresql_and_takes_a_verified_backup(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "BACKUP_", "PG"))}
+    result = subprocess.run([sys.executable, "-m", "sidecar.embedded"], env={**env, "BACKUP_DIR": str(tmp_path / "b")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ": OK" in result.stdout and len(list((tmp_path / "b").glob("*.metadata.json"))) == 1

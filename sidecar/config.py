@@ -44,10 +44,14 @@ class Config:
     listen: str = "0.0.0.0:9188"
     drill_after_backup: bool = True
     retry_seconds: int = 120
+    password_file: Path | None = None
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
-        return {k: str(v) for k, v in conninfo_to_dict(self.database_url).items() if v is not None}
+        params = {k: str(v) for k, v in conninfo_to_dict(self.database_url).items() if v is not None}
+        if self.password_file:
+            params["password"] = self.password_file.read_text().strip()
+        return params
 
     @property
     def database_name(self) -> str:
@@ -78,6 +82,7 @@ class Config:
             "http.listen": self.listen,
             "drill.after_backup": self.drill_after_backup,
             "schedule.retry_seconds": self.retry_seconds,
+            "database.password_file": str(self.password_file) if self.password_file else None,
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -220,6 +225,15 @@ def _listen(value: Any) -> str:
     return text
 
 
+def _readable_file(value: Any) -> Path:
+    path = Path(_text(value))
+    try:
+        path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from None
+    return path
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value))
 
@@ -247,6 +261,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "http.listen": ("SIDECAR_LISTEN", _listen),
     "drill.after_backup": ("DRILL_AFTER_BACKUP", _bool),
     "schedule.retry_seconds": ("BACKUP_RETRY_SECONDS", _int_at_least(0, 86400)),
+    "database.password_file": ("DATABASE_PASSWORD_FILE", _readable_file),
 }
 
 
@@ -330,4 +345,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         listen=values.get("http.listen", "0.0.0.0:9188"),
         drill_after_backup=values.get("drill.after_backup", True),
         retry_seconds=values.get("schedule.retry_seconds", 120),
+        password_file=values.get("database.password_file"),
     )

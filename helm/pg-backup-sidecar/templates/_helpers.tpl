@@ -1,0 +1,105 @@
+{{- define "sidecar.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "sidecar.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "sidecar.selector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "sidecar.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "sidecar.dbSecret" -}}
+{{- if .Values.postgresql.enabled -}}
+{{ .Values.postgresql.existingSecret | default (printf "%s-db" (include "sidecar.fullname" .)) }}
+{{- else -}}
+{{ required "externalDatabase.existingSecret is required with postgresql.enabled=false" .Values.externalDatabase.existingSecret }}
+{{- end -}}
+{{- end -}}
+
+{{- define "sidecar.dbPasswordKey" -}}
+{{- if .Values.postgresql.enabled -}}password{{- else -}}{{ .Values.externalDatabase.passwordKey }}{{- end -}}
+{{- end -}}
+
+{{- define "sidecar.apiSecret" -}}
+{{ .Values.api.existingSecret | default (printf "%s-api" (include "sidecar.fullname" .)) }}
+{{- end -}}
+
+{{- define "sidecar.databaseUrl" -}}
+{{- if .Values.postgresql.enabled -}}
+postgresql://{{ .Values.postgresql.username }}@127.0.0.1:5432/{{ .Values.postgresql.database }}
+{{- else -}}
+postgresql://{{ required "externalDatabase.username is required" .Values.externalDatabase.username }}@{{ required "externalDatabase.host is required" .Values.externalDatabase.host }}:{{ .Values.externalDatabase.port }}/{{ required "externalDatabase.database is required" .Values.externalDatabase.database }}
+{{- end -}}
+{{- end -}}
+
+{{/* The restricted Pod Security Standard for the sidecar container */}}
+{{- define "sidecar.containerSecurity" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "sidecar.container" -}}
+- name: backup-sidecar
+  image: {{ include "sidecar.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: ["run"]
+  ports:
+    - {name: http, containerPort: 9188, protocol: TCP}
+  env:
+    - {name: DATABASE_URL, value: {{ include "sidecar.databaseUrl" . | quote }}}
+    - {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
+    - {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
+    - {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
+    - {name: BACKUP_DIR, value: /backups}
+    - {name: TMPDIR, value: /tmp}
+  securityContext:
+    {{- include "sidecar.containerSecurity" . | nindent 4 }}
+  livenessProbe:
+    httpGet: {path: /healthz, port: http}
+    {{- toYaml .Values.probes.liveness | nindent 4 }}
+  readinessProbe:
+    httpGet: {path: /readyz, port: http}
+    {{- toYaml .Values.probes.readiness | nindent 4 }}
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  volumeMounts:
+    - {name: backups, mountPath: /backups}
+    - {name: tmp, mountPath: /tmp}
+    - {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
+    - {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
+    - {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
+{{- end -}}
+
+{{- define "sidecar.volumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: config
+  configMap:
+    name: {{ include "sidecar.fullname" . }}-config
+- name: db-secret
+  secret:
+    secretName: {{ include "sidecar.dbSecret" . }}
+    items: [{key: {{ include "sidecar.dbPasswordKey" . }}, path: password}]
+- name: api-secret
+  secret:
+    secretName: {{ include "sidecar.apiSecret" . }}
+    items: [{key: api-token, path: api-token}]
+{{- end -}}

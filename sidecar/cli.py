@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
     rr.add_argument("--request-id", help="idempotency key (default: $RESTORE_REQUEST_ID, else random)")
     rr.add_argument("--wait", action="store_true", help="follow the restore and exit 0 only if it succeeded")
 
+    rj = sub.add_parser("restore-job", help="print a Kubernetes restore Job manifest for kubectl apply -f -")
+    rj.add_argument("id", metavar="ID|latest")
+    rj.add_argument("--namespace", default="default")
+    rj.add_argument("--release", default="pg-backup-sidecar", help="the Helm release name")
+    rj.add_argument("--target-db")
+    rj.add_argument("--image", default=None, help="the sidecar image (default: this version's)")
+
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
@@ -216,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     try:
+        if args.command == "restore-job":
+            import yaml
+
+            from sidecar.jobs import restore_job
+
+            extra = {"image": args.image} if args.image else {}
+            print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
+            return OK
         if args.command == "restore-request":
             from sidecar.client import restore_request
 

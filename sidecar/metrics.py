@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.config import CHECK_NAMES
 from sidecar.repository import Entry, Repository
 
 
@@ -80,6 +81,8 @@ class Metrics:
             self.runs.labels(result=result)
             self.restores.labels(result=result)
             self.drills.labels(result=result)
+        for check in CHECK_NAMES:  # present from the start, so increase() sees the first finding
+            self.validation_failures.labels(check=check)
         for operation in ("backup", "restore", "drill"):
             self.in_progress.labels(operation=operation).set(0)
         self.last_validation_ok.set(1)

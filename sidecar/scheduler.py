@@ -60,7 +60,7 @@ class Daemon:
 
     # --- operations: one at a time, each a child process -------------------------------------------
 
-    def _cli(self, *args: str) -> tuple[bool, Any]:
+    def _cli(self, *args: str, record: dict[str, Any] | None = None) -> tuple[bool, Any]:
         """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line).
         The child's JSON log lines (progress, warnings) are passed on to our log as they come."""
         argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + [*args, "--json"]
@@ -75,6 +75,11 @@ class Daemon:
                 if line.startswith("error:"):
                     errors.append(line.strip())
                 else:
+                    if record is not None and '"sidecar.progress"' in line:
+                        try:
+                            record["progress"] = json.loads(line)["message"]
+                        except ValueError:
+                            pass
                     sys.stderr.write(line)
                     sys.stderr.flush()
 
@@ -125,7 +130,7 @@ class Daemon:
             log.info("backup started (%s)", reason)
             unreachable = self._database_reachable()
             result: Any
-            ok, result = (False, f"error: {unreachable}") if unreachable else self._cli("backup")
+            ok, result = (False, f"error: {unreachable}") if unreachable else self._cli("backup", record=self.runs[run_id])
             if ok:
                 metadata = result
                 self.runs[run_id].update(state="succeeded", backup=result["id"])
@@ -141,6 +146,21 @@ class Daemon:
                     self._drill(metadata["id"])
             finally:
                 self._run_lock.release()
+
+    def start_drill(self) -> bool:
+        """A scheduled restore drill of the newest good backup; False if an operation is running."""
+        if not self._run_lock.acquire(blocking=False):
+            log.warning("restore drill skipped: another operation is still running")
+            return False
+
+        def run() -> None:
+            try:
+                self._drill("latest")
+            finally:
+                self._run_lock.release()
+
+        threading.Thread(target=run, name="drill", daemon=True).start()
+        return True
 
     def _drill(self, backup_id: str) -> None:
         self.metrics.in_progress.labels(operation="drill").set(1)
@@ -160,7 +180,7 @@ class Daemon:
                 return 409, {"error": "another backup, restore or drill is running; retry when it has finished"}
             restore_id = f"restore-{int(time.time() * 1000)}"
             record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
-                                      "state": "running", "error": None, "result": None}
+                                      "state": "running", "progress": None, "error": None, "result": None}
             self.restores[restore_id] = record
             self.request_ids[request_id] = restore_id
         threading.Thread(target=self._restore, args=(record,), name="restore", daemon=True).start()
@@ -170,7 +190,7 @@ class Daemon:
         self.metrics.in_progress.labels(operation="restore").set(1)
         try:
             args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
-            ok, result = self._cli(*args)
+            ok, result = self._cli(*args, record=record)
             record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result)
             self.metrics.restores.labels(result="success" if ok else "failure").inc()
             (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")
@@ -201,10 +221,15 @@ class Daemon:
             self.start_backup("catch-up: the newest good backup is older than one schedule interval")
         due = next_run(cfg.schedule_cron, cfg.schedule_timezone, datetime.now(timezone.utc))
         log.info("next backup at %s", due.isoformat())
+        drill_due = next_run(cfg.drill_cron, cfg.schedule_timezone, datetime.now(timezone.utc)) if cfg.drill_cron else None
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
-            if datetime.now(timezone.utc) >= due:
+            now = datetime.now(timezone.utc)
+            if now >= due:
                 self.start_backup("schedule")
-                due = next_run(cfg.schedule_cron, cfg.schedule_timezone, datetime.now(timezone.utc))
+                due = next_run(cfg.schedule_cron, cfg.schedule_timezone, now)
                 log.info("next backup at %s", due.isoformat())
+            if cfg.drill_cron and drill_due and now >= drill_due:
+                self.start_drill()
+                drill_due = next_run(cfg.drill_cron, cfg.schedule_timezone, now)
             self.stopping.wait(1.0)

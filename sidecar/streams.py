@@ -96,6 +96,29 @@ class Pipeline:
         return out
 
 
+class Progress:
+    """Logs `what: N MiB [of M MiB], R MiB/s` every `every` seconds while bytes go through."""
+
+    def __init__(self, what: str, total: int | None = None, every: float = 10.0) -> None:
+        import logging
+        import time
+
+        self._log = logging.getLogger("sidecar.progress")
+        self._clock = time.monotonic
+        self.what, self.total, self.every = what, total, every
+        self.done = 0
+        self._start = self._last = self._clock()
+
+    def add(self, count: int) -> None:
+        self.done += count
+        now = self._clock()
+        if now - self._last >= self.every:
+            self._last = now
+            rate = self.done / max(now - self._start, 1e-9) / (1 << 20)
+            of = f" of {self.total >> 20} MiB ({100 * self.done // max(self.total, 1)}%)" if self.total else ""
+            self._log.info("%s in progress: %d MiB%s, %.1f MiB/s", self.what, self.done >> 20, of, rate)
+
+
 class HashingFile:
     """Write to a file while counting bytes and computing sha256; fsync on close."""
 

@@ -292,3 +292,16 @@ def test_the_grafana_dashboard_uses_only_metrics_the_daemon_exports(daemon: Runn
     used = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"\bpg_backup_[a-z_]+", target["expr"])}
     exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(daemon), flags=re.M))
     assert used and used <= exported, used - exported
+
+
+def test_restore_drills_also_run_on_their_own_schedule(cluster: Cluster, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import backup_id
+
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    bid = backup_id(env)
+    running = Running({**env, "DRILL_AFTER_BACKUP": "false", "DRILL_SCHEDULE": "* * * * *"}, tmp_path / "d.log")
+    try:
+        running.wait_for(lambda: 'pg_backup_drills_total{result="success"} 1.0' in request(running.base, "/metrics")[1], "a scheduled drill", timeout=90)
+        assert request(running.base, f"/v1/backups/{bid}")[1]["verified"]["ok"] is True
+    finally:
+        assert running.stop() == 0

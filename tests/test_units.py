@@ -114,3 +114,14 @@ def test_retention_keeps_the_newest_good_backup_for_any_set_and_clock(spec: list
     if good:
         assert max(good) not in deleted
     assert not any(e.id in deleted for e in entries if e.metadata is None or (e.metadata or {}).get("keep"))
+
+
+def test_progress_lines_give_bytes_so_far_share_and_rate(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sidecar.streams import Progress
+
+    caplog.set_level(logging.INFO, logger="sidecar.progress")
+    progress = Progress("restore (x.dump.zst)", total=4 << 20, every=0)
+    progress.add(1 << 20)
+    assert "restore (x.dump.zst) in progress: 1 MiB of 4 MiB (25%)" in caplog.text and "MiB/s" in caplog.text

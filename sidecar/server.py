@@ -68,6 +68,22 @@ def make_server(daemon: Daemon, host: str, port: int, token: str | None) -> Thre
             return True
 
         def do_GET(self) -> None:  # noqa: N802
+            self.guarded(self.get)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.guarded(self.post)
+
+        def guarded(self, handler: Any) -> None:
+            """A failing request answers 500 with one line and never stops the server."""
+            try:
+                handler()
+            except SidecarError as exc:
+                self.error(500, str(exc))
+            except Exception as exc:  # a bug: log it with its traceback, keep serving
+                log.exception("request %s %s failed", self.command, self.path[:100])
+                self.error(500, f"internal error ({type(exc).__name__}); see the sidecar's log")
+
+        def get(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self.send(200, generate_latest(daemon.metrics.registry), CONTENT_TYPE_LATEST)
@@ -96,11 +112,17 @@ def make_server(daemon: Daemon, host: str, port: int, token: str | None) -> Thre
             else:
                 self.error(404, f"no such endpoint {path[:100]}")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def post(self) -> None:
             path = self.path.split("?", 1)[0]
             if not self.authorized():
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.error(400, "Content-Length must be a non-negative integer")
+                return
             if length > MAX_BODY:
                 self.error(413, f"request body over {MAX_BODY} bytes")
                 return

@@ -305,3 +305,21 @@ def test_restore_drills_also_run_on_their_own_schedule(cluster: Cluster, db: str
         assert request(running.base, f"/v1/backups/{bid}")[1]["verified"]["ok"] is True
     finally:
         assert running.stop() == 0
+
+
+def test_a_malformed_request_or_a_failing_volume_answers_with_an_error_and_the_server_keeps_serving(daemon: Running, env: dict[str, str]) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.port)) as raw:
+        raw.sendall(f"POST /v1/backups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: lots\r\n\r\n".encode())
+        assert raw.recv(200).startswith(b"HTTP/1.0 400")
+    idle(daemon)
+    directory = Path(env["BACKUP_DIR"])
+    moved = directory.with_name("moved-away")
+    directory.rename(moved)
+    directory.write_text("not a directory")  # the volume is broken (root can read any directory, so no chmod)
+    try:
+        status, reply = request(daemon.base, "/v1/backups")
+        assert status == 500 and "cannot list backup directory" in reply["error"]
+    finally:
+        directory.unlink()
+        moved.rename(directory)
+    assert request(daemon.base, "/v1/backups")[0] == 200

@@ -19,13 +19,10 @@ from sidecar.config import CHECK_NAMES
 from sidecar.repository import Entry, Repository
 
 
-def _completed_at(entry: Entry) -> float:
+def completed_at(entry: Entry) -> float:
+    """When a backup ended (its metadata's completedAt), as a Unix time."""
     meta = entry.metadata or {}
-    text = meta.get("completedAt") or meta.get("timestamp")
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return entry.timestamp.timestamp()
+    return _iso(meta.get("completedAt") or meta.get("timestamp")) or entry.timestamp.timestamp()
 
 
 class RepositoryCollector(Collector):
@@ -35,7 +32,7 @@ class RepositoryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         entries = self.repo.entries()
         newest = next((e for e in entries if e.good), None)
-        last = _completed_at(newest) if newest else 0.0
+        last = completed_at(newest) if newest else 0.0
         yield GaugeMetricFamily("pg_backup_last_success_timestamp_seconds", "End time of the newest good backup (0 if none).", value=last)
         yield GaugeMetricFamily("pg_backup_age_seconds", "Seconds since the newest good backup ended (+Inf if none).",
                                 value=time.time() - last if newest else math.inf)

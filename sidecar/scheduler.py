@@ -21,7 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 from sidecar import postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.metrics import Metrics, _completed_at
+from sidecar.metrics import Metrics, completed_at
 from sidecar.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class Daemon:
     def loop(self) -> None:
         cfg = self.config
         newest = next((e for e in self.repo.entries() if e.good), None)
-        newest_at = datetime.fromtimestamp(_completed_at(newest), timezone.utc) if newest else None
+        newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:
             self.start_backup("run_on_start")
         elif needs_catch_up(newest_at, cfg.schedule_cron, cfg.schedule_timezone, datetime.now(timezone.utc)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -175,15 +175,13 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
-def read_chunks(path: Path, on_chunk: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
+def read_chunks(path: Path) -> Iterator[bytes]:
     try:
         handle: BinaryIO = open(path, "rb")
     except OSError as exc:
         raise SidecarError(f"cannot read {path} ({exc.strerror})") from None
     with handle:
         while chunk := handle.read(CHUNK_SIZE):
-            if on_chunk:
-                on_chunk(chunk)
             yield chunk
 
 
@@ -202,15 +200,3 @@ def encode_stages(compression: str, level: int, recipients: tuple[str, ...] | No
 
 def decode_stages(compression: str, identities: age.Identities | None) -> Pipeline:
     return Pipeline([age.Decryptor(identities) if identities is not None else None, decompressor(compression)])
-
-
-def decoded_chunks(path: Path, compression: str, identities: age.Identities | None) -> Iterator[bytes]:
-    """The plaintext of a stored file, chunk by chunk; raises if it is damaged or ends early."""
-    pipeline = decode_stages(compression, identities)
-    for chunk in read_chunks(path):
-        out = pipeline.update(chunk)
-        if out:
-            yield out
-    tail = pipeline.finish()
-    if tail:
-        yield tail

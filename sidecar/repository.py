@@ -95,6 +95,8 @@ class Repository:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SidecarError(f"cannot create backup directory {self.dir} ({exc.strerror}); set BACKUP_DIR to a writable directory") from None
+        if os.statvfs(self.dir).f_flag & os.ST_RDONLY:
+            raise SidecarError(f"backup directory {self.dir} is on a read-only file system; mount the backup volume read-write")
         if not os.access(self.dir, os.W_OK | os.X_OK):
             raise SidecarError(f"backup directory {self.dir} is not writable by this user; fix its permissions or set BACKUP_DIR")
 

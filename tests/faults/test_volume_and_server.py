@@ -1,0 +1,75 @@
+"""Faults, part two: the database server stopping mid-dump, a read-only or full volume, metadata
+swapped between backups."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.embedded import Cluster
+from tests.conftest import backup_id, cli
+
+
+def test_postgresql_stopped_mid_dump_fails_the_backup_with_the_tools_message(fresh_cluster: Cluster, env: dict[str, str]) -> None:
+    fresh_cluster.psql("CREATE DATABASE app")
+    fresh_cluster.psql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 3000000) g", "app")
+    env = {**env, "DATABASE_URL": fresh_cluster.url("app"), "BACKUP_COMPRESSION_LEVEL": "19", "VALIDATION_ENABLED": "false"}
+    directory = Path(env["BACKUP_DIR"])
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "backup"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(500):
+        if any(p.stat().st_size > 0 for p in directory.glob("*.dump.zst.partial")):
+            break
+        time.sleep(0.02)
+    fresh_cluster.stop("fast")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    assert "pg_dump" in stderr and "terminat" in stderr, stderr
+    assert not list(directory.glob("*.partial")) and json.loads(cli(env, "list", "--json").stdout) == []
+
+
+@pytest.fixture
+def read_only_volume(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=True)  # CI runs as root
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_volume_is_a_clear_error_naming_the_directory(env: dict[str, str], read_only_volume: Path, db: str) -> None:
+    result = cli({**env, "BACKUP_DIR": str(read_only_volume)}, "backup", check=False)
+    assert result.returncode == 3
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert str(read_only_volume) in line and "read-only file system" in line, line
+
+
+def test_a_backup_directory_that_is_a_file_is_a_clear_error(env: dict[str, str], tmp_path: Path, db: str) -> None:
+    target = tmp_path / "not-a-dir"
+    target.write_text("x")
+    result = cli({**env, "BACKUP_DIR": str(target / "backups")}, "backup", check=False)
+    assert result.returncode == 3 and "cannot create backup directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metadata_of_another_backup_is_detected_and_nothing_is_restored(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    first = backup_id(env)
+    cluster.psql("INSERT INTO t VALUES (2)", db)
+    second = backup_id(env)
+    directory = Path(env["BACKUP_DIR"])
+    shutil.copy(directory / f"{first}.metadata.json", directory / f"{second}.metadata.json")
+    verify = cli(env, "verify", second, check=False)
+    assert verify.returncode == 1 and f"describes '{first}'" in verify.stdout
+    restore = cli(env, "restore", second, check=False)
+    assert restore.returncode == 3 and "unreadable-metadata" in restore.stderr
+    assert cluster.psql("SELECT count(*) FROM t", db) == "2"
+    assert os.path.exists(directory / f"{first}.metadata.json")

@@ -159,6 +159,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     admin = _admin_connection(config, target)
     try:
+        _drop_leftovers(admin, target)
         _run_globals(config, repo, metadata, admin_db=admin.info.dbname, identities=identities)
         exists = _database_exists(admin, target)
         if in_place:
@@ -210,6 +211,16 @@ def _admin_connection(config: Config, target: str) -> psycopg.Connection[Any]:
             last = exc
     assert last is not None
     raise last
+
+
+def _drop_leftovers(conn: psycopg.Connection[Any], target: str) -> None:
+    """Scratch databases of a restore or drill that was killed (we hold the volume lock, so none is in use)."""
+    prefix = target[:MAX_NAME - 24].replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+    rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s OR datname LIKE %s",
+                        (prefix + "\\_\\_restore\\_%", prefix + "\\_\\_drill\\_%")).fetchall()
+    for (name,) in rows:
+        log.warning("dropping %s, left by an interrupted restore or drill", name)
+        _drop_database(conn, name)
 
 
 def _database_exists(conn: psycopg.Connection[Any], name: str) -> bool:
@@ -352,8 +363,13 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
     with repo.lock("drill"):
         entry = repo.get(ref)
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-        scratch = f"{config.database_name[:MAX_NAME - 22]}__drill_{stamp}"
+        scratch = f"{config.database_name[:MAX_NAME - 24]}__drill_{stamp}"
         findings: list[str] = []
+        admin = _admin_connection(config, config.database_name)
+        try:
+            _drop_leftovers(admin, config.database_name)
+        finally:
+            admin.close()
         try:
             report = _restore(config, repo, entry.id, scratch, in_place=False, force=True)
             findings = report.mismatches + [f"{f['check']}: {f['message']}" for f in (report.validation or {}).get("findings", [])]

@@ -27,6 +27,19 @@ from sidecar.repository import Repository
 log = logging.getLogger(__name__)
 
 
+def _write_log_line(line: str) -> None:
+    """Pass a child's log line on whole: holding the log handlers' locks, so it never interleaves with ours."""
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.acquire()
+    try:
+        sys.stderr.write(line if line.endswith("\n") else line + "\n")
+        sys.stderr.flush()
+    finally:
+        for handler in reversed(handlers):
+            handler.release()
+
+
 def next_run(cron: str, tz: str, after: datetime) -> datetime:
     """The first time strictly after `after` at which the cron expression fires, in UTC."""
     local = after.astimezone(ZoneInfo(tz)).replace(microsecond=0)
@@ -80,8 +93,7 @@ class Daemon:
                             record["progress"] = json.loads(line)["message"]
                         except ValueError:
                             pass
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
+                    _write_log_line(line)
 
         relay_thread = threading.Thread(target=relay, daemon=True)
         relay_thread.start()

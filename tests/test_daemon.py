@@ -198,7 +198,7 @@ def test_daemon_logs_are_json_lines_without_secrets(cluster: Cluster, env: dict[
     cluster.psql(f'ALTER DATABASE "{db}" OWNER TO pwuser')
     running = Running({**env, "DATABASE_URL": cluster.url(db, user="pwuser", password=PASSWORD), "BACKUP_ON_START": "true"}, tmp_path / "d.log")
     try:
-        running.wait_for(lambda: request(running.base, "/v1/backups")[1], "a backup")
+        running.wait_for(lambda: 'pg_backup_runs_total{result="success"} 1.0' in request(running.base, "/metrics")[1], "a backup")
         request(running.base, "/readyz")
     finally:
         assert running.stop() == 0

@@ -16,7 +16,10 @@ from sidecar.errors import SidecarError, UsageError
 
 def call(server: str, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
+    try:
+        req = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
+    except ValueError:
+        raise UsageError(f"--server {server!r} is not a URL; e.g. http://my-release-pg-backup-sidecar:9188") from None
     req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")

@@ -323,3 +323,9 @@ def test_a_malformed_request_or_a_failing_volume_answers_with_an_error_and_the_s
         directory.unlink()
         moved.rename(directory)
     assert request(daemon.base, "/v1/backups")[0] == 200
+
+
+def test_restore_request_with_a_malformed_server_url_is_a_usage_error(env: dict[str, str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "latest", "--server", "not-a-url"],
+                            env={**env, "SIDECAR_API_TOKEN": TOKEN}, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a URL" in result.stderr and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from sidecar.config import Config
+from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics
 from sidecar.repository import Repository
 from sidecar.scheduler import Daemon
@@ -21,7 +22,10 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     repo.ensure()
     daemon = Daemon(config, Metrics(repo), config_path)
     host, _, port = config.listen.rpartition(":")
-    server = make_server(daemon, host.strip("[]"), int(port), api_token())
+    try:
+        server = make_server(daemon, host.strip("[]"), int(port), api_token())
+    except OSError as exc:
+        raise SidecarError(f"cannot listen on {config.listen} ({exc.strerror}); set SIDECAR_LISTEN (http.listen) to a free address") from None
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("listening on %s; schedule '%s' (%s)", config.listen, config.schedule_cron, config.schedule_timezone)
 

@@ -310,7 +310,7 @@ def test_restore_drills_also_run_on_their_own_schedule(cluster: Cluster, db: str
 def test_a_malformed_request_or_a_failing_volume_answers_with_an_error_and_the_server_keeps_serving(daemon: Running, env: dict[str, str]) -> None:
     with socket.create_connection(("127.0.0.1", daemon.port)) as raw:
         raw.sendall(f"POST /v1/backups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: lots\r\n\r\n".encode())
-        assert raw.recv(200).startswith(b"HTTP/1.0 400")
+        assert raw.recv(200).startswith(b"HTTP/1.1 400")
     idle(daemon)
     directory = Path(env["BACKUP_DIR"])
     moved = directory.with_name("moved-away")
@@ -329,3 +329,47 @@ def test_restore_request_with_a_malformed_server_url_is_a_usage_error(env: dict[
     result = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "latest", "--server", "not-a-url"],
                             env={**env, "SIDECAR_API_TOKEN": TOKEN}, capture_output=True, text=True)
     assert result.returncode == 2 and "is not a URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_connections_are_kept_alive_and_a_refused_body_closes_its_connection(daemon: Running) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    for path in ("/metrics", "/healthz", "/v1/backups"):  # one connection, as a Prometheus scraper keeps it
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and not response.will_close
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as raw:
+        # an oversized body is refused unread, so what follows it must never be taken for a request
+        smuggled = b"POST /v1/backups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 0\r\n\r\n"
+        raw.sendall(b"POST /v1/restores HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 70000\r\n\r\n" + smuggled)
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply and reply.count(b"HTTP/1.1") == 1, reply
+
+
+def test_a_burst_of_connections_is_answered_without_stalls(daemon: Running) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(_: int) -> float:
+        started = time.monotonic()
+        assert request(daemon.base, "/healthz")[0] == 200
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(64) as pool:
+        slowest = max(pool.map(timed, range(256)))
+    assert slowest < 0.9, f"a connection waited {slowest:.2f}s (a dropped SYN is retried after 1 s)"
+
+
+def test_a_listen_address_in_use_is_a_one_line_error(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "sidecar", "run"], env={**env, "SIDECAR_LISTEN": f"127.0.0.1:{port}"},
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "error" in x]
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "SIDECAR_LISTEN" in line, line

@@ -1,0 +1,63 @@
+"""Load: /metrics and /v1/backups hammered at a few hundred requests/s while backups run.
+
+The load comes from wrk (Debian's package), a second process on loopback that keeps its connections
+alive as Prometheus does and paces each one (tests/faults/soak.lua). Backups alternate unloaded and
+loaded, so the comparison is made in one run on one machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.embedded import Cluster
+from tests.test_daemon import TOKEN, Running, request
+
+CONNECTIONS = 6
+PAUSE_MS = 15  # per connection between requests: 6 connections give about 300 requests/s
+PAIRS = 3
+
+
+def backup_through_the_api(running: Running) -> dict[str, Any]:
+    """POST /v1/backups once the daemon is idle; the new backup's metadata once the run ends."""
+    status, run = running.wait_for(lambda: (r := request(running.base, "/v1/backups", method="POST"))[0] == 202 and r, "the daemon to be idle")
+    running.wait_for(lambda: request(running.base, f"/v1/runs/{run['id']}")[1]["state"] != "running", "the backup", timeout=120)
+    assert request(running.base, f"/v1/runs/{run['id']}")[1]["state"] == "succeeded", running.log.read_text()[-2000:]
+    return request(running.base, "/v1/backups")[1][0]  # type: ignore[no-any-return]
+
+
+def test_a_few_hundred_requests_per_second_during_backups_get_no_errors_and_do_not_slow_them(cluster: Cluster, db: str, env: dict[str, str],
+                                                                                            tmp_path: Path) -> None:
+    wrk = shutil.which("wrk")
+    assert wrk, "wrk (Debian package wrk) is required"
+    cluster.psql("CREATE TABLE big AS SELECT g, md5(g::text) AS h, now() AS at FROM generate_series(1, 8000000) g", db)
+    running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 2 * * *", "DRILL_AFTER_BACKUP": "false"}, tmp_path / "daemon.log")
+    try:
+        running.wait_for(lambda: request(running.base, "/v1/backups")[1], "the catch-up backup", timeout=120)  # also warms the caches
+        unloaded: list[float] = []
+        loaded: list[float] = []
+        reports: list[dict[str, Any]] = []
+        for _ in range(PAIRS):
+            unloaded.append(backup_through_the_api(running)["durationSeconds"])
+            load = subprocess.Popen([wrk, "-t", "2", "-c", str(CONNECTIONS), "-d", "300s", "-s", str(Path(__file__).with_name("soak.lua")), running.base],
+                                    env={"SOAK_TOKEN": TOKEN, "SOAK_DELAY_MS": str(PAUSE_MS)}, stdout=subprocess.PIPE, text=True)
+            time.sleep(0.5)  # the load is on before the backup starts and stays on until it has ended
+            loaded.append(backup_through_the_api(running)["durationSeconds"])
+            load.send_signal(signal.SIGINT)
+            out, _ = load.communicate(timeout=30)
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        assert request(running.base, "/healthz")[0] == 200
+    finally:
+        assert running.stop() == 0
+    for report in reports:
+        assert report["requests"] / report["seconds"] >= 200, report
+        assert report["connect"] == report["read"] == report["write"] == report["status"] == report["timeout"] == 0, report
+        assert report["p99_ms"] < 250, report
+    ratio = statistics.median(loaded) / statistics.median(unloaded)
+    print(f"soak: unloaded {unloaded} s, loaded {loaded} s, median ratio {ratio:.3f}; load {reports}")
+    assert ratio <= 1.10, (unloaded, loaded)

@@ -86,7 +86,7 @@ class Daemon:
             assert child.stderr is not None
             for line in child.stderr:
                 if line.startswith("error:"):
-                    errors.append(line.strip())
+                    errors.append(line.removeprefix("error:").strip())
                 else:
                     if record is not None and '"sidecar.progress"' in line:
                         try:
@@ -142,14 +142,14 @@ class Daemon:
             log.info("backup started (%s)", reason)
             unreachable = self._database_reachable()
             result: Any
-            ok, result = (False, f"error: {unreachable}") if unreachable else self._cli("backup", record=self.runs[run_id])
+            ok, result = (False, unreachable) if unreachable else self._cli("backup", record=self.runs[run_id])
             if ok:
                 metadata = result
                 self.runs[run_id].update(state="succeeded", backup=result["id"])
                 log.info("backup %s succeeded in %.1fs", result["id"], time.monotonic() - started)
             else:
                 self.runs[run_id].update(state="failed", error=result)
-                log.error("backup failed: %s", result)
+                log.error("backup failed: %s", str(result).removeprefix("backup failed: "))
         finally:
             self.metrics.in_progress.labels(operation="backup").set(0)
             self.metrics.backup_finished(time.monotonic() - started, metadata)

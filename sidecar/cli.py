@@ -208,14 +208,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+DAEMON_PID_VARIABLE = "SIDECAR_DAEMON_PID"
+PR_SET_PDEATHSIG = 1
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _die_with_the_daemon() -> None:
+    """An operation the daemon started gets SIGTERM (and so cleans up) if the daemon is killed, even by
+    SIGKILL: it would otherwise run on unseen, holding the volume lock, after the daemon restarts."""
+    parent = os.environ.pop(DAEMON_PID_VARIABLE, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the daemon died before prctl took effect
+        raise SystemExit("error: the daemon that started this operation is gone")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: pg_dump's process group is terminated and the partial file removed
     signal.signal(signal.SIGTERM, _interrupt)
+    _die_with_the_daemon()
     handler = logging.StreamHandler(sys.stderr)
     if args.command == "run" or os.environ.get("SIDECAR_LOG_FORMAT") == "json":
         handler.setFormatter(JsonFormatter())

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from sidecar.config import Config
-from sidecar.errors import SidecarError
+from sidecar.errors import LockHeld, SidecarError
 from sidecar.metrics import Metrics
 from sidecar.repository import Repository
 from sidecar.scheduler import Daemon
@@ -17,9 +17,23 @@ from sidecar.server import api_token, make_server
 log = logging.getLogger(__name__)
 
 
+def _clean_leftovers(repo: Repository) -> None:
+    """Partial files of an operation that was killed with the previous daemon; skipped (and left to the
+    next backup) if another process holds the volume lock."""
+    try:
+        with repo.lock("start-up cleanup"):
+            removed = repo.cleanup()
+    except LockHeld as exc:
+        log.warning("leftovers not cleaned at start-up: %s", exc)
+        return
+    if removed:
+        log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
+
+
 def run_daemon(config: Config, config_path: str | None) -> int:
     repo = Repository(config.backup_dir)
     repo.ensure()
+    _clean_leftovers(repo)
     daemon = Daemon(config, Metrics(repo), config_path)
     host, _, port = config.listen.rpartition(":")
     try:

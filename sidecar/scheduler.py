@@ -19,6 +19,7 @@ from cronsim import CronSim
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from sidecar import postgres
+from sidecar.cli import DAEMON_PID_VARIABLE
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics, completed_at
@@ -56,6 +57,14 @@ def needs_catch_up(newest_good: datetime | None, cron: str, tz: str, now: dateti
     return newest_good is None or now - newest_good > interval(cron, tz, now)
 
 
+REMEMBERED = 1000  # finished runs and restores answered by /v1/runs and /v1/restores; older ones are forgotten
+
+
+def _forget_oldest(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep at most REMEMBERED records (the newest), so a daemon that runs for years stays small."""
+    return [records.pop(key) for key in list(records)[: max(0, len(records) - REMEMBERED)]]
+
+
 class Daemon:
     def __init__(self, config: Config, metrics: Metrics, config_path: str | None = None) -> None:
         self.config = config
@@ -77,7 +86,7 @@ class Daemon:
         """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line).
         The child's JSON log lines (progress, warnings) are passed on to our log as they come."""
         argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + [*args, "--json"]
-        env = {**os.environ, "SIDECAR_LOG_FORMAT": "json"}
+        env = {**os.environ, "SIDECAR_LOG_FORMAT": "json", DAEMON_PID_VARIABLE: str(os.getpid())}
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
         self._child = child
         errors: list[str] = []
@@ -131,6 +140,7 @@ class Daemon:
             return None
         run_id = f"run-{int(time.time() * 1000)}"
         self.runs[run_id] = {"id": run_id, "state": "running", "reason": reason}
+        _forget_oldest(self.runs)
         threading.Thread(target=self._backup, args=(run_id, reason), name="backup", daemon=True).start()
         return run_id
 
@@ -195,6 +205,8 @@ class Daemon:
                                       "state": "running", "progress": None, "error": None, "result": None}
             self.restores[restore_id] = record
             self.request_ids[request_id] = restore_id
+            for forgotten in _forget_oldest(self.restores):
+                self.request_ids.pop(forgotten["request_id"], None)
         threading.Thread(target=self._restore, args=(record,), name="restore", daemon=True).start()
         return 202, record
 

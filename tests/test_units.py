@@ -125,3 +125,13 @@ def test_progress_lines_give_bytes_so_far_share_and_rate(caplog: pytest.LogCaptu
     progress = Progress("restore (x.dump.zst)", total=4 << 20, every=0)
     progress.add(1 << 20)
     assert "restore (x.dump.zst) in progress: 1 MiB of 4 MiB (25%)" in caplog.text and "MiB/s" in caplog.text
+
+
+def test_the_daemon_remembers_the_newest_runs_only() -> None:
+    from sidecar.scheduler import REMEMBERED, _forget_oldest
+
+    records = {f"run-{i}": {"id": f"run-{i}", "request_id": f"r{i}"} for i in range(REMEMBERED + 5)}
+    forgotten = _forget_oldest(records)
+    assert [r["id"] for r in forgotten] == [f"run-{i}" for i in range(5)]
+    assert len(records) == REMEMBERED and "run-5" in records and f"run-{REMEMBERED + 4}" in records
+    assert _forget_oldest(records) == []

@@ -96,3 +96,30 @@ def test_a_bad_value_for_any_key_is_one_message_naming_it_and_exit_2(key: str, t
     lines = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1 and variable in lines[0], result.stderr
     assert not (tmp_path / "backups").exists()
+
+
+def test_kill_9_of_the_daemon_mid_backup_takes_its_backup_with_it_and_a_restart_is_clean(cluster: Cluster, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_daemon import Running, request
+
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000000) g", db)
+    directory = Path(env["BACKUP_DIR"])
+    env = {**env, "BACKUP_ON_START": "true", "DRILL_AFTER_BACKUP": "false", "VALIDATION_ENABLED": "false", "BACKUP_COMPRESSION_LEVEL": "12"}
+    for trial in range(3):
+        running = Running(env, tmp_path / f"killed-{trial}.log")
+        running.wait_for(lambda: any(p.stat().st_size > 0 for p in directory.glob("*.partial")), "the backup to be writing")
+        children = subprocess.run(["pgrep", "-P", str(running.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the backup runs as a child process"
+        running.proc.kill()
+        running.proc.wait()
+        # the orphaned backup is told to stop (parent-death signal) and removes its partial file
+        running.wait_for(lambda pids=children: not any(Path(f"/proc/{pid}").exists() for pid in pids), "the orphaned backup to exit", timeout=30)
+        assert not list(directory.glob("*.partial")) and json.loads(cli(env, "list", "--json").stdout) == []
+    (directory / "backup_2099-01-01T00-00-00-000Z.dump.zst.partial").write_bytes(b"what a killed container leaves")
+    restarted = Running(env, tmp_path / "restarted.log")
+    try:
+        [backup] = restarted.wait_for(lambda: request(restarted.base, "/v1/backups")[1], "a backup after the restart", timeout=120)
+    finally:
+        assert restarted.stop() == 0
+    first = json.loads(restarted.log.read_text().splitlines()[0])  # cleaned at start-up, before anything else
+    assert first["logger"] == "sidecar.daemon" and "removed leftovers" in first["message"] and "2099" in first["message"], first
+    assert cli(env, "verify", backup["id"], check=False).returncode == 0

@@ -23,6 +23,10 @@ PAUSE_MS = 15  # per connection between requests: 6 connections give about 300 r
 PAIRS = 3
 
 
+def rss_kib(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
 def backup_through_the_api(running: Running) -> dict[str, Any]:
     """POST /v1/backups once the daemon is idle; the new backup's metadata once the run ends."""
     status, run = running.wait_for(lambda: (r := request(running.base, "/v1/backups", method="POST"))[0] == 202 and r, "the daemon to be idle")
@@ -39,6 +43,7 @@ def test_a_few_hundred_requests_per_second_during_backups_get_no_errors_and_do_n
     running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 2 * * *", "DRILL_AFTER_BACKUP": "false"}, tmp_path / "daemon.log")
     try:
         running.wait_for(lambda: request(running.base, "/v1/backups")[1], "the catch-up backup", timeout=120)  # also warms the caches
+        rss_before = rss_kib(running.proc.pid)
         unloaded: list[float] = []
         loaded: list[float] = []
         reports: list[dict[str, Any]] = []
@@ -52,6 +57,7 @@ def test_a_few_hundred_requests_per_second_during_backups_get_no_errors_and_do_n
             out, _ = load.communicate(timeout=30)
             reports.append(json.loads(out.strip().splitlines()[-1]))
         assert request(running.base, "/healthz")[0] == 200
+        rss_after = rss_kib(running.proc.pid)
     finally:
         assert running.stop() == 0
     for report in reports:
@@ -59,5 +65,5 @@ def test_a_few_hundred_requests_per_second_during_backups_get_no_errors_and_do_n
         assert report["connect"] == report["read"] == report["write"] == report["status"] == report["timeout"] == 0, report
         assert report["p99_ms"] < 250, report
     ratio = statistics.median(loaded) / statistics.median(unloaded)
-    print(f"soak: unloaded {unloaded} s, loaded {loaded} s, median ratio {ratio:.3f}; load {reports}")
+    print(f"soak: unloaded {unloaded} s, loaded {loaded} s, median ratio {ratio:.3f}; daemon RSS {rss_before} -> {rss_after} KiB; load {reports}")
     assert ratio <= 1.10, (unloaded, loaded)

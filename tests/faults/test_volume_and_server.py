@@ -3,6 +3,7 @@ swapped between backups."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,31 @@ def test_metadata_of_another_backup_is_detected_and_nothing_is_restored(cluster:
     assert restore.returncode == 3 and "unreadable-metadata" in restore.stderr
     assert cluster.psql("SELECT count(*) FROM t", db) == "2"
     assert os.path.exists(directory / f"{first}.metadata.json")
+
+
+def test_postgresql_down_at_schedule_time_and_back_after_30_s_is_retried_with_backoff(fresh_cluster: Cluster, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_daemon import Running, request
+
+    fresh_cluster.psql("CREATE DATABASE app")
+    fresh_cluster.stop("fast")
+    running = Running({**env, "DATABASE_URL": fresh_cluster.url("app"), "BACKUP_ON_START": "true", "DRILL_AFTER_BACKUP": "false",
+                       "BACKUP_RETRY_SECONDS": "120", "SIDECAR_LOG_FORMAT": "json"}, tmp_path / "daemon.log")
+    try:
+        down_at = time.monotonic()
+        running.wait_for(lambda: "retrying" in running.log.read_text(), "a retry")
+        ready = [request(running.base, "/readyz")[0]]
+        while time.monotonic() - down_at < 30:
+            time.sleep(1)
+            ready.append(request(running.base, "/readyz")[0])
+            assert request(running.base, "/healthz")[0] == 200  # the daemon is alive; only the database is not
+        fresh_cluster.restart()
+        running.wait_for(lambda: request(running.base, "/v1/backups")[1], "the backup after the database came back", timeout=60)
+        metrics = request(running.base, "/metrics")[1]
+    finally:
+        assert running.stop() == 0
+    assert set(ready) == {503}
+    retries = [json.loads(line)["time"] for line in running.log.read_text().splitlines() if "retrying" in line]
+    gaps = [(datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() for a, b in itertools.pairwise(retries)]
+    assert 4 <= len(retries) <= 7 and gaps == sorted(gaps) and gaps[-1] >= 4, (retries, gaps)  # backoff 1, 2, 4, 8, 16 s: a few tries, not a storm
+    assert 'pg_backup_runs_total{result="success"} 1.0' in metrics and 'pg_backup_runs_total{result="failure"} 0.0' in metrics
+    print(f"database down 30 s: {len(retries)} retries, gaps {gaps}")

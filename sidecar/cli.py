@@ -213,6 +213,9 @@ PR_SET_PDEATHSIG = 1
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # once: a second SIGTERM must not cut short the clean-up the first one started (a killed daemon's
+    # parent-death signal comes again as each of its threads exits)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -117,7 +117,8 @@ def test_kill_9_of_the_daemon_mid_backup_takes_its_backup_with_it_and_a_restart_
     (directory / "backup_2099-01-01T00-00-00-000Z.dump.zst.partial").write_bytes(b"what a killed container leaves")
     restarted = Running(env, tmp_path / "restarted.log")
     try:
-        [backup] = restarted.wait_for(lambda: request(restarted.base, "/v1/backups")[1], "a backup after the restart", timeout=120)
+        restarted.wait_for(lambda: 'pg_backup_runs_total{result="success"} 1.0' in request(restarted.base, "/metrics")[1], "a backup after the restart", timeout=120)
+        [backup] = request(restarted.base, "/v1/backups")[1]
     finally:
         assert restarted.stop() == 0
     first = json.loads(restarted.log.read_text().splitlines()[0])  # cleaned at start-up, before anything else

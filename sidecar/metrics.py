@@ -25,17 +25,26 @@ def completed_at(entry: Entry) -> float:
     return _iso(meta.get("completedAt") or meta.get("timestamp")) or entry.timestamp.timestamp()
 
 
+FUTURE_TOLERANCE = 300.0
+
+
 class RepositoryCollector(Collector):
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
 
     def collect(self) -> Iterator[Metric]:
         entries = self.repo.entries()
-        newest = next((e for e in entries if e.good), None)
+        now = time.time()
+        # a backup stamped in the future (the clock was ahead, then corrected) would make the age
+        # negative for as long as the jump was, and PgBackupTooOld could not fire; it is counted instead
+        future_ids = {e.id for e in entries if completed_at(e) > now + FUTURE_TOLERANCE}
+        newest = next((e for e in entries if e.good and e.id not in future_ids), None)
         last = completed_at(newest) if newest else 0.0
         yield GaugeMetricFamily("pg_backup_last_success_timestamp_seconds", "End time of the newest good backup (0 if none).", value=last)
         yield GaugeMetricFamily("pg_backup_age_seconds", "Seconds since the newest good backup ended (+Inf if none).",
-                                value=time.time() - last if newest else math.inf)
+                                value=now - last if newest else math.inf)
+        yield GaugeMetricFamily("pg_backup_future_backups", "Backups stamped more than 5 minutes in the future: the clock jumped back.",
+                                value=len(future_ids))
         yield GaugeMetricFamily("pg_backup_last_size_bytes", "Size of the newest good backup.",
                                 value=float(newest.metadata["size"]) if newest and newest.metadata else 0.0)
         yield GaugeMetricFamily("pg_backup_repository_backups", "Backups on the volume.", value=len(entries))

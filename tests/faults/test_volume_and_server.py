@@ -104,3 +104,31 @@ def test_postgresql_down_at_schedule_time_and_back_after_30_s_is_retried_with_ba
     assert 4 <= len(retries) <= 7 and gaps == sorted(gaps) and gaps[-1] >= 4, (retries, gaps)  # backoff 1, 2, 4, 8, 16 s: a few tries, not a storm
     assert 'pg_backup_runs_total{result="failure"} 0.0' in metrics and len(backups) == 1
     print(f"database down 30 s: {len(retries)} retries, gaps {gaps}")
+
+
+def test_a_backup_stamped_in_the_future_neither_hides_the_backup_age_nor_gets_the_newest_pruned(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    from prometheus_client import generate_latest
+
+    from sidecar.metrics import Metrics
+    from sidecar.repository import Repository
+    from tests.test_daemon import sample
+
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    real = backup_id(env)
+    directory = Path(env["BACKUP_DIR"])
+    # what a clock one year ahead leaves behind once it is corrected: the same backup, stamped 2099
+    future = "backup_2099-06-01T00-00-00-000Z"
+    meta = json.loads((directory / f"{real}.metadata.json").read_text())
+    for item in meta["files"].values():
+        shutil.copy(directory / item["name"], directory / item["name"].replace(real, future))
+    meta = json.loads(json.dumps(meta).replace(real, future))
+    meta.update(timestamp="2099-06-01T00:00:00.000Z", completedAt="2099-06-01T00:00:05.000Z")
+    (directory / f"{future}.metadata.json").write_text(json.dumps(meta))
+
+    metrics = generate_latest(Metrics(Repository(directory)).registry).decode()
+    assert sample(metrics, "pg_backup_future_backups") == 1
+    assert 0 <= sample(metrics, "pg_backup_age_seconds") < 300  # the real backup's age, not minus 73 years
+    prune = cli({**env, "BACKUP_RETENTION_DAYS": "1"}, "prune")
+    assert prune.returncode == 0
+    assert [b["id"] for b in json.loads(cli(env, "list", "--json").stdout)] == [future, real]
+    assert cli(env, "verify", future, check=False).returncode == 0

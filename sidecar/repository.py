@@ -86,6 +86,12 @@ class Entry:
         return parse_id(self.id)
 
 
+# Parsed metadata by directory and id, with the (inode, mtime, size) it was read at: a daemon lists the
+# volume on every scrape and API call, and re-reading hundreds of JSON files each time made a listing
+# cost 28 ms at 720 backups (and grew the daemon's memory under load). Never mutate what it holds.
+_parsed: dict[str, dict[str, tuple[tuple[int, int, int], Any]]] = {}
+
+
 class Repository:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -106,31 +112,40 @@ class Repository:
     def metadata_path(self, backup_id: str) -> Path:
         return self.dir / (backup_id + METADATA_SUFFIX)
 
-    def _names(self) -> list[str]:
+    def _scan(self) -> dict[str, os.DirEntry[str]]:
         try:
-            return os.listdir(self.dir)
+            with os.scandir(self.dir) as listing:
+                return {item.name: item for item in listing}
         except FileNotFoundError:
-            return []
+            return {}
         except OSError as exc:
             raise SidecarError(f"cannot list backup directory {self.dir} ({exc.strerror})") from None
 
     def entries(self) -> list[Entry]:
         """Every backup on the volume, newest first; incomplete commits are not listed."""
-        names = set(self._names())
+        names = self._scan()
         ids: set[str] = set()
         for name in names:
             stem = name.split(".", 1)[0]
             if ID_PATTERN.fullmatch(stem) and not name.endswith((PARTIAL_SUFFIX, ".tmp")):
                 ids.add(stem)
-        entries = [e for e in (self._entry(i, names) for i in ids) if e is not None]
+        cache = _parsed.get(str(self.dir), {})
+        fresh: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        entries = [e for e in (self._entry(i, names, cache, fresh) for i in ids) if e is not None]
+        _parsed[str(self.dir)] = fresh  # only what is on the volume now
         return sorted(entries, key=lambda e: e.id, reverse=True)
 
-    def _entry(self, backup_id: str, names: set[str]) -> Entry | None:
+    def _entry(self, backup_id: str, names: dict[str, os.DirEntry[str]], cache: dict[str, tuple[tuple[int, int, int], Any]],
+               fresh: dict[str, tuple[tuple[int, int, int], Any]]) -> Entry | None:
         meta_name = backup_id + METADATA_SUFFIX
         if meta_name not in names:
             return Entry(backup_id, None, "missing-metadata", f"{meta_name} is missing")
         try:
-            metadata = json.loads(self.metadata_path(backup_id).read_text())
+            stat = names[meta_name].stat()
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # metadata is replaced by rename: a new inode
+            hit = cache.get(backup_id)
+            metadata = hit[1] if hit and hit[0] == key else json.loads(Path(names[meta_name].path).read_bytes())
+            fresh[backup_id] = (key, metadata)
             files = metadata["files"]
             if metadata.get("id") != backup_id:
                 return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {metadata.get('id')!r}, not this backup")
@@ -138,11 +153,12 @@ class Repository:
             return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} cannot be read ({exc})")
         for item in files.values():
             name = item["name"]
-            if name not in names:
+            try:
+                size = names[name].stat().st_size
+            except (KeyError, OSError):  # not listed, or deleted since (a prune running now)
                 if name + PARTIAL_SUFFIX in names:
                     return None  # a commit that was interrupted; cleaned up by the next backup
                 return Entry(backup_id, metadata, "missing-file", f"{name} is missing")
-            size = self.path(name).stat().st_size
             if size != item["size"]:
                 return Entry(backup_id, metadata, "size-mismatch", f"{name} is {size} bytes, metadata says {item['size']}")
         return Entry(backup_id, metadata, "ok")
@@ -177,7 +193,7 @@ class Repository:
 
     def cleanup(self) -> list[str]:
         """Remove leftovers of interrupted backups (call with the lock held). Returns what was removed."""
-        names = set(self._names())
+        names = set(self._scan())
         removed = []
         for name in sorted(names):
             stem = name.split(".", 1)[0]

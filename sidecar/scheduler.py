@@ -3,6 +3,7 @@ cancelled or crashed backup never takes the daemon down and SIGTERM reaches pg_d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,7 +25,7 @@ from sidecar.cli import DAEMON_PID_VARIABLE
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics, completed_at
-from sidecar.repository import Repository
+from sidecar.repository import Repository, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def needs_catch_up(newest_good: datetime | None, cron: str, tz: str, now: dateti
     return newest_good is None or now - newest_good > interval(cron, tz, now)
 
 
+RESTORES_DIR = ".restores"
+INTERRUPTED = ("the sidecar stopped during this restore; the live database is either the old or the restored one, never half-restored "
+               "(docs/reliability.md): check it, then send a new request_id to restore again")
 REMEMBERED = 1000  # finished runs and restores answered by /v1/runs and /v1/restores; older ones are forgotten
 
 
@@ -79,6 +84,7 @@ class Daemon:
         self.restores: dict[str, dict[str, Any]] = {}
         self.request_ids: dict[str, str] = {}
         self._requests_lock = threading.Lock()
+        self._load_restores()
 
     # --- operations: one at a time, each a child process -------------------------------------------
 
@@ -207,6 +213,8 @@ class Daemon:
             self.request_ids[request_id] = restore_id
             for forgotten in _forget_oldest(self.restores):
                 self.request_ids.pop(forgotten["request_id"], None)
+                self._restore_path(forgotten["request_id"]).unlink(missing_ok=True)
+            self._save_restore(record)
         threading.Thread(target=self._restore, args=(record,), name="restore", daemon=True).start()
         return 202, record
 
@@ -216,11 +224,48 @@ class Daemon:
             args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
             ok, result = self._cli(*args, record=record)
             record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result)
+            self._save_restore(record)
             self.metrics.restores.labels(result="success" if ok else "failure").inc()
             (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")
         finally:
             self.metrics.in_progress.labels(operation="restore").set(0)
             self._run_lock.release()
+
+    # restore records live on the volume too, so a Job retried after the sidecar restarted gets its
+    # restore back (never a second one)
+
+    def _restore_path(self, request_id: str) -> Path:
+        return self.repo.dir / RESTORES_DIR / (hashlib.sha256(request_id.encode()).hexdigest()[:40] + ".json")
+
+    def _save_restore(self, record: dict[str, Any]) -> None:
+        path = self._restore_path(record["request_id"])
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_atomically(path, json.dumps({k: v for k, v in record.items() if k != "progress"}).encode())
+        except OSError as exc:
+            log.warning("cannot record restore %s on the backup volume (%s): the same request after a restart would restore again",
+                        record["id"], exc.strerror)
+
+    def _load_restores(self) -> None:
+        try:
+            paths = sorted(((p.stat().st_mtime, p) for p in (self.repo.dir / RESTORES_DIR).glob("*.json")), key=lambda item: item[0])
+        except OSError:
+            return
+        for _, path in paths[:-REMEMBERED]:
+            path.unlink(missing_ok=True)
+        for _, path in paths[-REMEMBERED:]:
+            try:
+                record = json.loads(path.read_text())
+                restore_id, request_id = record["id"], record["request_id"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable restore record %s (%s)", path, exc)
+                continue
+            record["progress"] = None
+            if record.get("state") == "running":  # this daemon's predecessor stopped during it
+                record.update(state="failed", error=INTERRUPTED)
+                self._save_restore(record)
+            self.restores[restore_id] = record
+            self.request_ids[request_id] = restore_id
 
     def cancel(self, grace: float = 20.0) -> None:
         child = self._child

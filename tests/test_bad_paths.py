@@ -195,3 +195,27 @@ def test_leftovers_of_a_killed_backup_are_never_listed_and_are_cleaned(env: dict
     assert [b["id"] for b in json.loads(cli(env, "list", "--json").stdout)] == [bid]
     backup_id(env)
     assert not [p for p in directory.iterdir() if p.name.startswith("backup_2099")]
+
+
+def test_a_long_lived_listing_sees_every_change_to_the_volume(env: dict[str, str], backed_up: tuple[str, Path]) -> None:
+    # the daemon lists through one process for months, with parsed metadata cached by (inode, mtime, size)
+    from sidecar.repository import Repository
+
+    bid, directory = backed_up
+    repo = Repository(directory)
+    assert [(e.id, e.status, e.metadata and e.metadata["keep"]) for e in repo.entries()] == [(bid, "ok", False)]
+    cli(env, "pin", bid)
+    assert repo.entries()[0].metadata["keep"] is True  # type: ignore[index]
+    meta_path = directory / f"{bid}.metadata.json"
+    text = meta_path.read_text()
+    time.sleep(0.01)
+    with open(meta_path, "r+") as handle:  # edited in place: same inode, same size
+        handle.write(text.replace(f'"id": "{bid}"', '"id": "' + bid.replace("Z", "X") + '"'))
+    assert repo.entries()[0].status == "unreadable-metadata"
+    meta_path.write_text(text)
+    assert repo.entries()[0].status == "ok"
+    with open(dump_path(directory, bid), "r+b") as handle:
+        handle.truncate(10)
+    assert repo.entries()[0].status == "size-mismatch"
+    meta_path.unlink()
+    assert repo.entries()[0].status == "missing-metadata"

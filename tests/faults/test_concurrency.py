@@ -90,3 +90,34 @@ def test_two_restore_requests_at_once_start_exactly_one_restore(env: dict[str, s
         assert databases == f"{db}_copy{started['target_db'][-1]},{db}_same", databases
     finally:
         assert running.stop() == 0
+
+
+def test_a_restore_request_repeated_after_the_sidecar_restarted_gets_its_restore_back(env: dict[str, str], cluster: Cluster, db: str, tmp_path: Path) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000000) g", db)
+    env = {**env, "DRILL_AFTER_BACKUP": "false", "VALIDATION_ENABLED": "false"}
+    first = Running({**env, "BACKUP_ON_START": "true"}, tmp_path / "first.log")
+    try:
+        first.wait_for(lambda: 'pg_backup_runs_total{result="success"} 1.0' in request(first.base, "/metrics")[1], "the backup")
+        done = request(first.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-done", "target_db": f"{db}_done"}).encode())[1]
+        first.wait_for(lambda: request(first.base, f"/v1/restores/{done['id']}")[1]["state"] != "running", "the restore", timeout=120)
+        cluster.psql(f'DROP DATABASE "{db}_done"')  # a second restore would bring it back
+        status, killed = request(first.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-killed"}).encode())
+        assert status == 202
+        wait_until(lambda: cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_restore%'") == "1", "the restore to be loading")
+        cluster.psql("INSERT INTO t VALUES (0, 'written while the restore ran')", db)
+    finally:
+        first.proc.kill()  # the container dies during the second restore
+        first.proc.wait()
+    second = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 2 * * *"}, tmp_path / "second.log")
+    try:
+        status, again = request(second.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-done", "target_db": f"{db}_done"}).encode())
+        assert status == 200 and again["id"] == done["id"] and again["state"] == "succeeded"
+        status, interrupted = request(second.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-killed"}).encode())
+        assert status == 200 and interrupted["id"] == killed["id"] and interrupted["state"] == "failed" and "stopped during this restore" in interrupted["error"]
+        assert request(second.base, f"/v1/restores/{killed['id']}")[1]["state"] == "failed"
+        time.sleep(1)
+        assert 'pg_backup_restores_total{result="success"} 0.0' in request(second.base, "/metrics")[1]  # nothing restored again
+    finally:
+        assert second.stop() == 0
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{db}_done'") == "0"
+    assert cluster.psql("SELECT count(*) FROM t WHERE g = 0", db) == "1"  # the interrupted restore never replaced the live database

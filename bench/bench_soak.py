@@ -1,10 +1,12 @@
 """Soak: the daemon under ~300 requests/s (wrk, keep-alive, tests/faults/soak.lua) for a long time,
 with backups back to back, against the same backups with no load, in one run.
 
-    python bench/bench_soak.py --minutes 10 --rows 4000000
+    python bench/bench_soak.py --minutes 10 --rows 2000000 [--keep 20]
 
 Prints each backup's time (loaded and unloaded), the load's latency and errors, and the daemon's RSS
-over time (a leak shows as RSS that keeps rising)."""
+over time. Without --keep every backup stays on the volume (as with days of retention), so each listing
+grows; with --keep N the oldest are deleted after each backup and the volume stays the same size, so RSS
+that keeps rising is a leak."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sidecar.embedded import Cluster  # noqa: E402
+from sidecar.repository import Repository  # noqa: E402
 
 TOKEN = "bench-token"
 PORT = 19310
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--connections", type=int, default=6)
     parser.add_argument("--pause-ms", type=int, default=15)
+    parser.add_argument("--keep", type=int, default=0, help="delete all but the newest N backups after each one (0: keep all)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     os.chmod(work, 0o755)
@@ -85,6 +89,10 @@ def main() -> None:
             end = time.monotonic() + args.minutes * 60
             while time.monotonic() < end:
                 loaded.append(backup())
+                if args.keep:
+                    repo = Repository(work / "backups")
+                    for entry in repo.entries()[args.keep:]:
+                        repo.delete(entry)
                 rss.append(rss_kib(daemon.pid))
             wrk.send_signal(signal.SIGINT)
             report = json.loads(wrk.communicate(timeout=60)[0].strip().splitlines()[-1])
@@ -93,7 +101,8 @@ def main() -> None:
             daemon.terminate()
             daemon.wait()
     base = statistics.median(unloaded + after)
-    print(f"machine: {os.cpu_count()} cores; {args.rows} rows; {args.minutes} min of load")
+    print(f"machine: {os.cpu_count()} cores; {args.rows} rows; {args.minutes} min of load; "
+          f"{'the newest ' + str(args.keep) if args.keep else 'every'} backup kept")
     print(f"backups unloaded (before/after): {unloaded} / {after} s, median {base:.2f} s")
     print(f"backups under load: {len(loaded)}, median {statistics.median(loaded):.2f} s, ratio {statistics.median(loaded) / base:.3f}, "
           f"max {max(loaded):.2f} s")

@@ -78,6 +78,13 @@ def daemon(env: dict[str, str], tmp_path: Path) -> Iterator[Running]:
         running.proc.kill()
 
 
+def backup_run(running: Running) -> dict[str, Any]:
+    """POST /v1/backups once the daemon is idle; the run's record once it has ended."""
+    _, run = running.wait_for(lambda: (r := request(running.base, "/v1/backups", method="POST"))[0] == 202 and r, "the daemon to be idle")
+    running.wait_for(lambda: request(running.base, f"/v1/runs/{run['id']}")[1]["state"] != "running", "the backup to end", timeout=120)
+    return request(running.base, f"/v1/runs/{run['id']}")[1]  # type: ignore[no-any-return]
+
+
 def sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:

@@ -16,7 +16,7 @@ import pytest
 
 from sidecar.embedded import Cluster
 from tests.conftest import cli
-from tests.test_daemon import Running, request, sample
+from tests.test_daemon import Running, backup_run, request, sample
 
 
 @pytest.fixture
@@ -29,12 +29,6 @@ def small_volume(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def failed_run(running: Running) -> dict[str, Any]:
-    status, run = running.wait_for(lambda: (r := request(running.base, "/v1/backups", method="POST"))[0] == 202 and r, "the daemon to be idle")
-    running.wait_for(lambda: request(running.base, f"/v1/runs/{run['id']}")[1]["state"] != "running", "the backup to end", timeout=120)
-    return request(running.base, f"/v1/runs/{run['id']}")[1]  # type: ignore[no-any-return]
 
 
 def failure_shows(running: Running, message: str) -> str:
@@ -54,7 +48,7 @@ def test_a_full_volume_fails_the_backup_visibly_and_keeps_the_older_backups(clus
     try:
         [kept] = running.wait_for(lambda: request(running.base, "/v1/backups")[1], "the first backup")
         cluster.psql("INSERT INTO t SELECT g, md5(random()::text) FROM generate_series(1, 200000) g", db)  # ~7 MB that does not compress
-        run = failed_run(running)
+        run = backup_run(running)
         assert run["state"] == "failed" and "no space left" in run["error"], run
         metrics = failure_shows(running, "no space left")
         assert 2 * 2**20 < sample(metrics, "pg_backup_volume_free_bytes") < 3 * 2**20  # the partial was removed, the volume is not left full
@@ -81,7 +75,7 @@ def test_pg_dump_killed_under_the_daemon_fails_the_backup_visibly(cluster: Clust
 
         import threading
 
-        thread = threading.Thread(target=lambda: result.update(failed_run(running)))
+        thread = threading.Thread(target=lambda: result.update(backup_run(running)))
         thread.start()
         running.wait_for(kill_pg_dump, "pg_dump to start", timeout=60)
         thread.join()

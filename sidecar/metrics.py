@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,16 +16,13 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import CHECK_NAMES
-from sidecar.repository import Entry, Repository
+from sidecar.repository import FUTURE_TOLERANCE, Entry, Repository, newest_good
 
 
 def completed_at(entry: Entry) -> float:
     """When a backup ended (its metadata's completedAt), as a Unix time."""
     meta = entry.metadata or {}
     return _iso(meta.get("completedAt") or meta.get("timestamp")) or entry.timestamp.timestamp()
-
-
-FUTURE_TOLERANCE = 300.0
 
 
 class RepositoryCollector(Collector):
@@ -37,14 +34,15 @@ class RepositoryCollector(Collector):
         now = time.time()
         # a backup stamped in the future (the clock was ahead, then corrected) would make the age
         # negative for as long as the jump was, and PgBackupTooOld could not fire; it is counted instead
-        future_ids = {e.id for e in entries if completed_at(e) > now + FUTURE_TOLERANCE}
-        newest = next((e for e in entries if e.good and e.id not in future_ids), None)
+        moment = datetime.fromtimestamp(now, UTC)
+        future = sum(1 for e in entries if e.timestamp > moment + FUTURE_TOLERANCE)
+        newest = newest_good(entries, moment, include_future=False)
         last = completed_at(newest) if newest else 0.0
         yield GaugeMetricFamily("pg_backup_last_success_timestamp_seconds", "End time of the newest good backup (0 if none).", value=last)
         yield GaugeMetricFamily("pg_backup_age_seconds", "Seconds since the newest good backup ended (+Inf if none).",
                                 value=now - last if newest else math.inf)
         yield GaugeMetricFamily("pg_backup_future_backups", "Backups stamped more than 5 minutes in the future: the clock jumped back.",
-                                value=len(future_ids))
+                                value=future)
         yield GaugeMetricFamily("pg_backup_last_size_bytes", "Size of the newest good backup.",
                                 value=float(newest.metadata["size"]) if newest and newest.metadata else 0.0)
         yield GaugeMetricFamily("pg_backup_repository_backups", "Backups on the volume.", value=len(entries))

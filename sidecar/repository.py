@@ -86,6 +86,18 @@ class Entry:
         return parse_id(self.id)
 
 
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def newest_good(entries: list[Entry], now: datetime, include_future: bool = True) -> Entry | None:
+    """The newest good backup of `entries` (newest first). One stamped more than FUTURE_TOLERANCE ahead of
+    `now` was taken while the clock was ahead, so it is older than it says: it is the answer only if no
+    other backup is good, and never with include_future=False."""
+    good = [e for e in entries if e.good]
+    current = next((e for e in good if e.timestamp <= now + FUTURE_TOLERANCE), None)
+    return current or (good[0] if good and include_future else None)
+
+
 # Parsed metadata by directory and id, with the (inode, mtime, size) it was read at: a daemon lists the
 # volume on every scrape and API call, and re-reading hundreds of JSON files each time made a listing
 # cost 28 ms at 720 backups (and grew the daemon's memory under load). Never mutate what it holds.
@@ -166,9 +178,9 @@ class Repository:
     def get(self, ref: str) -> Entry:
         """Resolve an id or 'latest' (the newest good backup)."""
         if ref == "latest":
-            for entry in self.entries():
-                if entry.good:
-                    return entry
+            entry = newest_good(self.entries(), datetime.now(UTC))
+            if entry:
+                return entry
             raise NotFound(f"no good backup in {self.dir}; take one with 'pg-backup-sidecar backup'")
         parse_id(ref)
         for entry in self.entries():

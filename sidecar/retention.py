@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sidecar.repository import Entry
+from sidecar.repository import Entry, newest_good
 
 
 @dataclass(frozen=True)
@@ -18,13 +18,15 @@ class Decision:
 def classify(entries: list[Entry], retention_days: int, now: datetime) -> list[Decision]:
     """Keep everything younger than the retention period, the newest good backup, pinned backups and
     anything we cannot read; delete the rest. retention_days == 0 keeps everything."""
-    newest_good = max((e.id for e in entries if e.good), default=None)
+    ordered = sorted(entries, key=lambda e: e.id, reverse=True)
+    newest = newest_good(ordered, now)
+    newest_id = newest.id if newest else None
     cutoff = now - timedelta(days=retention_days)
     decisions = []
-    for entry in sorted(entries, key=lambda e: e.id, reverse=True):
+    for entry in ordered:
         if entry.metadata is None:
             decisions.append(Decision(entry, "report", f"{entry.status}: {entry.problem}; not deleted, check it by hand"))
-        elif entry.id == newest_good:
+        elif entry.id == newest_id:
             decisions.append(Decision(entry, "keep", "newest good backup"))
         elif entry.metadata.get("keep"):
             decisions.append(Decision(entry, "keep", "pinned (unpin to release)"))

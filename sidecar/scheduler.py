@@ -25,7 +25,7 @@ from sidecar.cli import DAEMON_PID_VARIABLE
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics, completed_at
-from sidecar.repository import Repository, write_atomically
+from sidecar.repository import Repository, newest_good, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class Daemon:
 
     def loop(self) -> None:
         cfg = self.config
-        newest = next((e for e in self.repo.entries() if e.good), None)
+        newest = newest_good(self.repo.entries(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:
             self.start_backup("run_on_start")

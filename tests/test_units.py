@@ -103,6 +103,14 @@ def test_retention_never_deletes_the_only_good_backup_however_old() -> None:
     assert [(d.action, d.reason) for d in decisions] == [("keep", "younger than 30 days"), ("keep", "newest good backup")]
 
 
+def test_after_a_clock_jump_back_retention_keeps_the_real_newest_backup() -> None:
+    # taken a year ago by a clock a year ahead, then nothing for 40 days: the 40-day-old one is the newest data
+    from_the_future, real = entry(NOW + timedelta(days=325)), entry(NOW - timedelta(days=40))
+    decisions = classify([from_the_future, real], 30, NOW)
+    assert [(d.entry.id, d.action, d.reason) for d in decisions] == [(from_the_future.id, "keep", "younger than 30 days"),
+                                                                      (real.id, "keep", "newest good backup")]
+
+
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.booleans(), st.booleans(), st.booleans()), max_size=30),
        st.integers(0, 100), st.integers(-5000, 20000))
 def test_retention_keeps_the_newest_good_backup_for_any_set_and_clock(spec: list[tuple[int, bool, bool, bool]], days: int, clock_offset: int) -> None:
@@ -113,6 +121,10 @@ def test_retention_keeps_the_newest_good_backup_for_any_set_and_clock(spec: list
     good = [e.id for e in entries if e.good]
     if good:
         assert max(good) not in deleted
+    now = base + timedelta(hours=clock_offset)
+    current = [e.id for e in entries if e.good and e.timestamp <= now + timedelta(minutes=5)]
+    if current:  # the newest backup the clock does not call future: the real newest after a clock jump back
+        assert max(current) not in deleted
     assert not any(e.id in deleted for e in entries if e.metadata is None or (e.metadata or {}).get("keep"))
 
 

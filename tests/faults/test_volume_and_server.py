@@ -128,6 +128,7 @@ def test_a_backup_stamped_in_the_future_neither_hides_the_backup_age_nor_gets_th
     metrics = generate_latest(Metrics(Repository(directory)).registry).decode()
     assert sample(metrics, "pg_backup_future_backups") == 1
     assert 0 <= sample(metrics, "pg_backup_age_seconds") < 300  # the real backup's age, not minus 73 years
+    assert real in cli(env, "verify", "latest").stdout  # latest is the real newest, not the one from the future
     prune = cli({**env, "BACKUP_RETENTION_DAYS": "1"}, "prune")
     assert prune.returncode == 0
     assert [b["id"] for b in json.loads(cli(env, "list", "--json").stdout)] == [future, real]

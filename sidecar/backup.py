@@ -175,7 +175,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             "rowCounts": counts,
             "sidecarVersion": __version__,
             "label": label,
-            "validation": checked.to_json() if checked else None,
+            "validation": checked.to_json(samples=not encrypted) if checked else None,
             "keep": keep,
             "files": {
                 "dump": {"name": dump_name, "size": dump_file.size, "checksum": checksums["dump"]},

@@ -132,6 +132,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"{drilled.backup_id}: restore drill {'PASSED' if drilled.ok else 'FAILED'} in {drilled.duration_seconds:.1f}s")
             for line in drilled.findings:
                 print(f"  {line}")
+            if drilled.preexisting_findings:
+                print(f"  already present when the backup was taken (not caused by the restore): {len(drilled.preexisting_findings)}")
+                for line in drilled.preexisting_findings:
+                    print(f"    {line}")
         return OK if drilled.ok else FOUND_PROBLEM
     if args.command == "validate":
         checked = api.validate_data_consistency(config)
@@ -171,10 +175,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.json:
             emit(asdict(result))
         else:
-            findings = len(result.validation["findings"]) if result.validation else 0
+            known = len(result.preexisting_findings)
+            findings = f"{len(result.new_findings)} new validation findings" + (f", {known} already present at backup time" if known else "")
             print(f"restored {result.backup_id} into {result.database} ({result.mode}, {result.duration_seconds:.1f}s, "
                   f"row counts of {result.tables_checked} tables {'checked' if not result.mismatches else 'DIFFER'}, "
-                  f"{'validation off' if result.validation is None else f'{findings} validation findings'})")
+                  f"{'validation off' if result.validation is None else findings})")
+            for line in result.new_findings:
+                print(f"  new: {line}")
+            for line in result.preexisting_findings:
+                print(f"  already present when the backup was taken (not caused by the restore): {line}")
             if result.previous_database:
                 print(f"the previous database is kept as {result.previous_database}")
         return OK

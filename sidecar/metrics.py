@@ -57,6 +57,11 @@ class RepositoryCollector(Collector):
         drills = [e for e in entries if e.metadata and (e.metadata.get("verified") or {}).get("ok")]
         yield GaugeMetricFamily("pg_backup_drill_last_success_timestamp_seconds", "Last restore drill that passed (0 if none).",
                                 value=max((_iso(e.metadata["verified"]["at"]) for e in drills if e.metadata), default=0.0))
+        last_drill = max(((_iso(e.metadata["verified"].get("at")), e.metadata["verified"]) for e in entries
+                          if e.metadata and isinstance(e.metadata.get("verified"), dict)), key=lambda item: item[0], default=None)
+        yield GaugeMetricFamily("pg_backup_drill_last_preexisting_findings",
+                                "Validation findings the last drill saw that were recorded already when its backup was taken (reported, not failed on).",
+                                value=len(last_drill[1].get("preexisting") or []) if last_drill else 0)
 
 
 def _iso(text: Any) -> float:

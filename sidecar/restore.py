@@ -21,7 +21,7 @@ from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
 from sidecar.streams import CHUNK_SIZE, Progress, decode_stages, file_sha256, read_chunks
-from sidecar.validation import ValidationResult, validate
+from sidecar.validation import Finding, ValidationResult, split_known, validate
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class RestoreReport:
     tables_checked: int
     mismatches: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+    new_findings: list[str] = field(default_factory=list)  # not recorded at backup time: they fail a restore
+    preexisting_findings: list[str] = field(default_factory=list)  # already in the database when it was backed up
 
 
 def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
@@ -167,16 +169,16 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 raise UsageError(f"--in-place: database {target!r} does not exist; leave out --in-place to create it")
             log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
             _load(config, repo, metadata, target, identities, clean=True)
-            mismatches, checked = _check_restored(config, target, metadata)
+            mismatches, checked, new, known = _check_restored(config, target, metadata)
             return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
-                                 checked.to_json() if checked else None)
+                                 checked.to_json() if checked else None, _lines(new), _lines(known))
 
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
         _create_database(admin, scratch, metadata)
         try:
             _load(config, repo, metadata, scratch, identities, clean=False)
-            mismatches, checked = _check_restored(config, scratch, metadata)
-            problems = mismatches + (checked.errors if checked else [])
+            mismatches, checked, new, known = _check_restored(config, scratch, metadata)
+            problems = mismatches + _lines(new)
             if problems and not force:
                 where = "the live database was not touched" if exists else f"{target} was dropped again"
                 raise SidecarError(f"restore of {entry.id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
@@ -191,8 +193,8 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 _drop_database(admin, previous)
                 previous = None
         log.info("restored %s into %s", entry.id, target)
-        return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database",
-                             round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None)
+        return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
+                             len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known))
     except psycopg.Error as exc:
         raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None
     finally:
@@ -325,10 +327,27 @@ def _pump(child: Child, path: Path, checksum: str, compression: str, identities:
     child.check(what)
 
 
-def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tuple[list[str], ValidationResult | None]:
-    """Row counts against the metadata (exact: taken in the dump's own snapshot), then the consistency checks."""
+def _lines(findings: list[Finding]) -> list[str]:
+    return [f"{f.check}: {f.message}" for f in findings]
+
+
+def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tuple[list[str], ValidationResult | None, list[Finding], list[Finding]]:
+    """Row counts against the metadata (exact: taken in the dump's own snapshot), then the consistency checks,
+    split into findings that are new (the round trip damaged something: they fail the restore) and findings
+    the validation at backup time recorded already (the database had them: reported, not failed on)."""
     mismatches = [f"row_counts: {m}" for m in _compare_counts(config, dbname, metadata)]
-    return mismatches, validate(config, dbname=dbname) if config.validation_enabled else None
+    if not config.validation_enabled:
+        return mismatches, None, [], []
+    checked = validate(config, dbname=dbname, quiet=True)
+    new, known = split_known(checked.findings, metadata.get("validation"))
+    for finding in known:
+        log.info("validation: %s: %s (already recorded when the backup was taken; not caused by the restore)", finding.check, finding.message)
+    for finding in new:
+        log.warning("validation: %s: %s (new: not recorded when the backup was taken)", finding.check, finding.message)
+    if new and metadata.get("validation") is None:
+        log.warning("backup %s recorded no validation to compare with (validation was off when it was taken): every finding counts as new",
+                    metadata["id"])
+    return mismatches, checked, new, known
 
 
 def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any]) -> list[str]:
@@ -351,6 +370,7 @@ class DrillReport:
     scratch_database: str
     duration_seconds: float
     findings: list[str] = field(default_factory=list)
+    preexisting_findings: list[str] = field(default_factory=list)  # recorded at backup time: reported, do not fail the drill
 
 
 def drill_backup(config: Config, ref: str) -> DrillReport:
@@ -365,6 +385,7 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         scratch = f"{config.database_name[:MAX_NAME - 24]}__drill_{stamp}"
         findings: list[str] = []
+        known: list[str] = []
         admin = _admin_connection(config, config.database_name)
         try:
             _drop_leftovers(admin, config.database_name)
@@ -372,7 +393,7 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
             admin.close()
         try:
             report = _restore(config, repo, entry.id, scratch, in_place=False, force=True)
-            findings = report.mismatches + [f"{f['check']}: {f['message']}" for f in (report.validation or {}).get("findings", [])]
+            findings, known = report.mismatches + report.new_findings, report.preexisting_findings
         except SidecarError as exc:
             findings = [str(exc)]
         finally:
@@ -382,9 +403,10 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
             finally:
                 admin.close()
         at = iso_timestamp(datetime.now(UTC))
-        result = DrillReport(entry.id, not findings, at, scratch, round(time.monotonic() - clock, 3), findings)
+        result = DrillReport(entry.id, not findings, at, scratch, round(time.monotonic() - clock, 3), findings, known)
         fresh = repo.get(entry.id)
         if fresh.metadata is not None:
-            repo.write_metadata({**fresh.metadata, "verified": {"at": at, "ok": result.ok, "findings": findings}})
-    (log.info if result.ok else log.error)("restore drill of %s: %s", entry.id, "passed" if result.ok else "; ".join(findings[:3]))
+            repo.write_metadata({**fresh.metadata, "verified": {"at": at, "ok": result.ok, "findings": findings, "preexisting": known}})
+    already = f" ({len(known)} findings already present when the backup was taken)" if known else ""
+    (log.info if result.ok else log.error)("restore drill of %s: %s%s", entry.id, "passed" if result.ok else "; ".join(findings[:3]), already)
     return result

@@ -55,9 +55,28 @@ class ValidationResult:
         """Findings per check (for pg_backup_validation_failures_total{check})."""
         return dict(Counter(f.check for f in self.findings))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.is_valid, "findings": [asdict(f) for f in self.findings],
+    def to_json(self, samples: bool = True) -> dict[str, Any]:
+        """samples=False leaves out row values (kept out of the plaintext metadata of an encrypted backup)."""
+        return {"ok": self.is_valid, "findings": [asdict(f) if samples else {**asdict(f), "sample": []} for f in self.findings],
                 "checkSeconds": {k: round(v, 3) for k, v in self.timings.items()}}
+
+
+def split_known(findings: list[Finding], recorded: dict[str, Any] | None) -> tuple[list[Finding], list[Finding]]:
+    """(new, known): a finding is known when the validation recorded at backup time has one of the same check,
+    object and kind with at least as many rows. The database had it before the backup, so the round trip did
+    not cause it. Without a recorded validation every finding is new."""
+    seen: dict[tuple[str, str, str], int | None] = {}
+    for item in (recorded or {}).get("findings") or []:
+        if isinstance(item, dict) and isinstance(item.get("check"), str) and isinstance(item.get("object"), str):
+            seen[(item["check"], item["object"], item.get("kind", "violation"))] = item.get("count")
+    new, known = [], []
+    for finding in findings:
+        key = (finding.check, finding.object, finding.kind)
+        if key in seen and (finding.count is None or seen[key] is None or finding.count <= (seen[key] or 0)):
+            known.append(finding)
+        else:
+            new.append(finding)
+    return new, known
 
 
 class Runner:
@@ -118,7 +137,7 @@ def _count_with_sample(run: Runner, check: str, obj: str, source: sql.Composable
     count = run.rows(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(source, where))[0][0]
     if not count:
         return []
-    sample = [r[0] for r in run.rows(sql.SQL("SELECT {} FROM {} WHERE {} LIMIT %s").format(key, source, where), (SAMPLE,))] if key else []
+    sample = [r[0] for r in run.rows(sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(key, source, where, sql.Literal(SAMPLE)))] if key else []
     return [Finding(check, obj, count, f"{count} {message}", sample)]
 
 
@@ -180,7 +199,13 @@ def check_constraints(run: Runner, config: Config) -> list[Finding]:
 
 
 INVALID_INDEXES = f"""
-SELECT format('%I.%I', n.nspname, c.relname), format('%I.%I', n.nspname, t.relname)
+SELECT format('%I.%I', n.nspname, c.relname), format('%I.%I', n.nspname, t.relname), c.relkind,
+       ARRAY(SELECT format('%I.%I', pn.nspname, p.relname)
+               FROM pg_inherits pi JOIN pg_class p ON p.oid = pi.inhrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE pi.inhparent = t.oid
+                AND NOT EXISTS (SELECT FROM pg_inherits ii JOIN pg_index x ON x.indexrelid = ii.inhrelid
+                                 WHERE ii.inhparent = c.oid AND x.indrelid = p.oid AND x.indisvalid)
+              ORDER BY 1)
   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid
   JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE NOT i.indisvalid AND {USER_TABLE}
@@ -189,17 +214,27 @@ SELECT format('%I.%I', n.nspname, c.relname), format('%I.%I', n.nspname, t.relna
 
 
 def check_invalid_indexes(run: Runner, config: Config) -> list[Finding]:
-    """Indexes left invalid, typically by a failed CREATE INDEX CONCURRENTLY."""
-    return [Finding("invalid_indexes", index, 1, f"index {index} on {table} is invalid (a failed CREATE INDEX CONCURRENTLY?); "
-                    f"REINDEX INDEX CONCURRENTLY {index} or drop it")
-            for index, table in run.rows(INVALID_INDEXES)]
+    """Indexes left invalid: a failed CREATE INDEX CONCURRENTLY (REINDEX fixes it), or a partitioned index
+    created ON ONLY the parent that some partitions have no valid index attached to (REINDEX does not help:
+    attach or create the partitions' indexes)."""
+    findings = []
+    for index, table, kind, unattached in run.rows(INVALID_INDEXES):
+        if kind == "I":
+            missing = ", ".join(unattached[:SAMPLE]) + (f" and {len(unattached) - SAMPLE} more" if len(unattached) > SAMPLE else "")
+            message = (f"partitioned index {index} on {table} is invalid: partitions without a valid index attached to it: {missing or 'none found'}; "
+                       f"ALTER INDEX {index} ATTACH PARTITION <an index on each of them> (create it first if needed)")
+            findings.append(Finding("invalid_indexes", index, 1, message, list(unattached[:SAMPLE])))
+        else:
+            findings.append(Finding("invalid_indexes", index, 1, f"index {index} on {table} is invalid (a failed CREATE INDEX CONCURRENTLY?); "
+                                    f"REINDEX INDEX CONCURRENTLY {index} or drop it"))
+    return findings
 
 
 BTREE_INDEXES = f"""
 SELECT c.oid, format('%I.%I', n.nspname, c.relname)
   FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
   JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE am.amname = 'btree' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't' AND {USER_TABLE}
+ WHERE am.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND i.indisready AND c.relpersistence <> 't' AND {USER_TABLE}
  ORDER BY 2
 """
 
@@ -233,7 +268,15 @@ SELECT sn.nspname, s.relname, n.nspname, t.relname, a.attname, q.seqincrement
   JOIN pg_sequence q ON q.seqrelid = s.oid
   JOIN pg_class t ON t.oid = d.refobjid AND t.relkind IN ('r', 'p') JOIN pg_namespace n ON n.oid = t.relnamespace
   JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
- WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND {USER_TABLE}
+ WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND {USER_TABLE}
+   -- the sequence still feeds the column: it is the column's identity sequence, or its default calls it
+   -- (an old serial sequence stays owned by its column after the column became an identity column)
+   AND ((d.deptype = 'i' AND a.attidentity <> '')
+        OR (d.deptype = 'a' AND a.attidentity = '' AND EXISTS (
+              SELECT FROM pg_attrdef ad JOIN pg_depend dd ON dd.classid = 'pg_attrdef'::regclass AND dd.objid = ad.oid
+               WHERE ad.adrelid = t.oid AND ad.adnum = a.attnum AND dd.refclassid = 'pg_class'::regclass AND dd.refobjid = s.oid)))
+   -- and a value it hands out can collide: a unique index (or primary key) on that column alone
+   AND EXISTS (SELECT FROM pg_index ui WHERE ui.indrelid = t.oid AND ui.indisunique AND ui.indnkeyatts = 1 AND ui.indkey[0] = a.attnum)
  ORDER BY 1, 2
 """
 
@@ -268,7 +311,8 @@ def check_user_queries(run: Runner, config: Config) -> list[Finding]:
         body = sql.SQL(query.strip().rstrip(";"))
 
         def one(name: str = name, body: sql.Composable = body) -> list[Finding]:
-            rows = run.rows(sql.SQL("SELECT q::text FROM ({}) q LIMIT %s").format(body), (USER_ROWS_CAP + 1,))
+            # no query parameters: a user's SQL may hold a literal % (LIKE 'a%'), which psycopg would take for a placeholder
+            rows = run.rows(sql.SQL("SELECT q::text FROM ({}) q LIMIT {}").format(body, sql.Literal(USER_ROWS_CAP + 1)))
             if not rows:
                 return []
             count = len(rows)
@@ -289,8 +333,8 @@ CHECKS: dict[str, Callable[[Runner, Config], list[Finding]]] = {
 }
 
 
-def validate(config: Config, dbname: str | None = None, only: Iterable[str] | None = None) -> ValidationResult:
-    """Run every enabled check against the database (or `dbname` on the same server)."""
+def validate(config: Config, dbname: str | None = None, only: Iterable[str] | None = None, quiet: bool = False) -> ValidationResult:
+    """Run every enabled check against the database (or `dbname` on the same server); quiet: the caller logs the findings."""
     conn = postgres.connect(config, dbname=dbname)
     result = ValidationResult()
     try:
@@ -305,6 +349,6 @@ def validate(config: Config, dbname: str | None = None, only: Iterable[str] | No
         raise SidecarError(f"validation could not run: {postgres.describe(exc)}") from None
     finally:
         conn.close()
-    for finding in result.findings:
+    for finding in [] if quiet else result.findings:
         log.warning("validation: %s: %s", finding.check, finding.message)
     return result

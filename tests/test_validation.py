@@ -134,7 +134,7 @@ def test_a_restore_that_fails_validation_does_not_replace_the_live_database(clus
 
 
 def test_the_python_api_returns_is_valid_and_errors(cluster: Cluster, db: str, env: dict[str, str]) -> None:
-    cluster.psql("CREATE TABLE t (id serial); INSERT INTO t (id) VALUES (5)", db)
+    cluster.psql("CREATE TABLE t (id serial PRIMARY KEY); INSERT INTO t (id) VALUES (5)", db)
     result = api.validate_data_consistency(load_config(None, env))
     assert not result.is_valid and result.errors[0].startswith("sequences:")
     assert result.counts_by_check() == {"sequences": 1}

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from sidecar import __version__, postgres, roles
+from sidecar import __version__, dbprops, postgres, roles
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.postgres import Child
@@ -106,6 +106,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         info = postgres.server_info(conn)
+        properties = dbprops.read(conn, info["database"])
         dump_version = postgres.check_dump_version(pg_dump, info["major"])
         snapshot_row = conn.execute("SELECT pg_export_snapshot()").fetchone()
         assert snapshot_row is not None
@@ -169,6 +170,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             "encoding": info["encoding"],
             "collate": info["collate"],
             "ctype": info["ctype"],
+            "databaseProperties": properties,
             "pgDumpVersion": dump_version,
             "completedAt": iso_timestamp(datetime.now(UTC)),
             "durationSeconds": round(time.monotonic() - clock, 3),

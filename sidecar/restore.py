@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from sidecar import age, postgres
+from sidecar import age, dbprops, postgres
 from sidecar.backup import count_rows
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
@@ -178,7 +178,9 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
         try:
             _load(config, repo, metadata, scratch, identities, clean=False)
             mismatches, checked, new, known = _check_restored(config, scratch, metadata)
-            problems = mismatches + _lines(new)
+            # owner, privileges, settings, comment, connection limit: before the swap, so the restored
+            # database is never open to a role the live one kept out
+            problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, metadata.get("databaseProperties"))
             if problems and not force:
                 where = "the live database was not touched" if exists else f"{target} was dropped again"
                 raise SidecarError(f"restore of {entry.id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")

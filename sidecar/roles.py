@@ -18,6 +18,8 @@ WITH RECURSIVE direct AS (
      WHERE s.refclassid = 'pg_authid'::regclass
        AND s.dbid IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
     UNION SELECT datdba FROM pg_database WHERE datname = current_database()
+    UNION SELECT setrole FROM pg_db_role_setting
+           WHERE setrole <> 0 AND setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
     UNION SELECT 10::oid
 ), closure AS (
     SELECT oid FROM direct

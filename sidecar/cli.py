@@ -241,6 +241,16 @@ def _die_with_the_daemon() -> None:
         raise SystemExit("error: the daemon that started this operation is gone")
 
 
+def _refuse_empty(args: argparse.Namespace) -> None:
+    """An empty value is never a default in disguise: `--target-db ""` must not mean the live database."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and not value.strip():
+            option = "ID" if name == "id" else "--" + name.replace("_", "-")
+            raise UsageError(f"{option} is empty; give a value or leave the option out")
+    if args.command == "restore" and not args.id and (args.target_db is not None or args.in_place or args.force):
+        raise UsageError("restore options need a backup id: pg-backup-sidecar restore ID|latest [--target-db NAME] (with no id, restore lists the backups)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: pg_dump's process group is terminated and the partial file removed
@@ -253,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     try:
+        _refuse_empty(args)
         if args.command == "restore-job":
             import yaml
 

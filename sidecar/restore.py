@@ -152,7 +152,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     problems = check_files(repo, entry)
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
-    target = target_db or config.database_name
+    target = config.database_name if target_db is None else target_db  # an empty name is refused below, never the live database
     if not target or len(target.encode()) > MAX_NAME:
         raise UsageError(f"target database name {target!r} is empty or longer than {MAX_NAME} bytes")
     if in_place and metadata["format"] != "custom":

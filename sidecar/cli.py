@@ -129,7 +129,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.json:
             emit(asdict(drilled))
         else:
-            print(f"{drilled.backup_id}: restore drill {'PASSED' if drilled.ok else 'FAILED'} in {drilled.duration_seconds:.1f}s")
+            verdict = "FAILED" if not drilled.ok else "SKIPPED" if drilled.skipped else "PASSED"
+            print(f"{drilled.backup_id}: restore drill {verdict} in {drilled.duration_seconds:.1f}s" + (f": {drilled.skipped}" if drilled.skipped else ""))
             for line in drilled.findings:
                 print(f"  {line}")
             if drilled.preexisting_findings:

@@ -194,8 +194,9 @@ class Daemon:
         self.metrics.in_progress.labels(operation="drill").set(1)
         try:
             ok, result = self._cli("drill", backup_id)
-            self.metrics.drills.labels(result="success" if ok else "failure").inc()
-            (log.info if ok else log.error)("restore drill of %s %s", backup_id, "passed" if ok else f"failed: {result}")
+            skipped = ok and isinstance(result, dict) and result.get("skipped")
+            self.metrics.drills.labels(result="skipped" if skipped else "success" if ok else "failure").inc()
+            (log.info if ok else log.error)("restore drill of %s %s", backup_id, f"skipped: {skipped}" if skipped else "passed" if ok else f"failed: {result}")
         finally:
             self.metrics.in_progress.labels(operation="drill").set(0)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from sidecar import api
@@ -30,3 +34,25 @@ def test_restore_options_without_an_id_are_a_usage_error_and_a_bare_restore_list
         assert out.returncode == 2 and "need a backup id" in out.stderr, out
     bare = cli(env, "restore")
     assert bare.returncode == 0 and "no backups yet" in bare.stdout
+
+
+def test_a_drill_of_an_encrypted_backup_without_the_secret_key_verifies_checksums_and_says_so(cluster: Cluster, db: str, env: dict[str, str],
+                                                                                              tmp_path: Path) -> None:
+    key = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True).stdout.strip()
+    sealed = {**env, "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public}  # the secret key lives elsewhere
+    cluster.psql("CREATE TABLE t (v int); INSERT INTO t VALUES (1)", db)
+    bid = backup_id(sealed)
+    out = cli(sealed, "drill", bid, check=False)
+    assert out.returncode == 0 and "SKIPPED" in out.stdout and "checksums were verified" in out.stdout
+    verified = json.loads((Path(env["BACKUP_DIR"]) / f"{bid}.metadata.json").read_text())["verified"]
+    assert verified["ok"] is None and verified["skipped"] and verified["findings"] == []
+    dump = next(p for p in Path(env["BACKUP_DIR"]).iterdir() if p.name.startswith(bid) and ".dump" in p.name)
+    with open(dump, "r+b") as handle:  # a flipped byte is still found without the key
+        handle.seek(200)
+        byte = handle.read(1)
+        handle.seek(200)
+        handle.write(bytes([byte[0] ^ 1]))
+    bad = cli(sealed, "drill", bid, check=False)
+    assert bad.returncode == 1 and "FAILED" in bad.stdout and "sha256" in bad.stdout

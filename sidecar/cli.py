@@ -185,6 +185,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"  new: {line}")
             for line in result.preexisting_findings:
                 print(f"  already present when the backup was taken (not caused by the restore): {line}")
+            if result.ended_sessions:
+                from sidecar.restore import _summary
+
+                print(f"ended {len(result.ended_sessions)} sessions on {result.database} to swap: {_summary(result.ended_sessions)}")
             if result.previous_database:
                 print(f"the previous database is kept as {result.previous_database}")
         return OK

@@ -134,6 +134,7 @@ class RestoreReport:
     validation: dict[str, Any] | None = None
     new_findings: list[str] = field(default_factory=list)  # not recorded at backup time: they fail a restore
     preexisting_findings: list[str] = field(default_factory=list)  # already in the database when it was backed up
+    ended_sessions: list[str] = field(default_factory=list)  # "application (user)" of each session the swap ended
 
 
 def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
@@ -188,15 +189,16 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
             _drop_database(admin, scratch)
             raise
         previous = None
+        ended: list[str] = []
         if exists:
             previous = f"{target[:MAX_NAME - 28]}__pre_restore_{stamp}"
-            _swap(admin, target, scratch, previous)
+            ended = _swap(admin, target, scratch, previous)
             if not config.keep_previous_database:
                 _drop_database(admin, previous)
                 previous = None
         log.info("restored %s into %s", entry.id, target)
         return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
-                             len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known))
+                             len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known), ended)
     except psycopg.Error as exc:
         raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None
     finally:
@@ -253,22 +255,37 @@ def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
         log.error("could not drop %s: %s; drop it by hand", name, postgres.describe(exc))
 
 
-def _swap(conn: psycopg.Connection[Any], live: str, restored: str, previous: str) -> None:
-    """Rename live -> previous and restored -> live in one transaction, after ending sessions on both."""
+def _swap(conn: psycopg.Connection[Any], live: str, restored: str, previous: str) -> list[str]:
+    """Rename live -> previous and restored -> live in one transaction, after ending sessions on both.
+    Returns the sessions it ended ("application (user)" each), which are logged."""
+    ended: list[str] = []
     for attempt in range(20):
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname IN (%s, %s) AND pid <> pg_backend_pid()",
+        rows = conn.execute(
+            "SELECT coalesce(nullif(application_name, ''), 'unnamed') || ' (' || coalesce(usename, '?') || ')', pg_terminate_backend(pid)"
+            "  FROM pg_stat_activity WHERE datname IN (%s, %s) AND pid <> pg_backend_pid() ORDER BY 1",
             (live, restored),
-        )
+        ).fetchall()
+        if rows:
+            ended += [row[0] for row in rows]
+            log.warning("ending %d sessions on %s to swap in the restored database: %s", len(rows), live, _summary([row[0] for row in rows]))
         time.sleep(0.1 * (attempt + 1) if attempt else 0.05)
         try:
             with conn.transaction():
                 conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(previous)))
                 conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(live)))
-            return
+            return ended
         except psycopg.errors.ObjectInUse:
             continue
-    raise SidecarError(f"could not swap in the restored database: sessions keep reconnecting to {live}; stop the application and retry")
+    raise SidecarError(f"could not swap in the restored database: sessions keep reconnecting to {live} ({_summary(ended)}); "
+                       "stop the application and retry")
+
+
+def _summary(sessions: list[str]) -> str:
+    """'3 x app (alice), 1 x psql (bob)'"""
+    counts: dict[str, int] = {}
+    for session in sessions:
+        counts[session] = counts.get(session, 0) + 1
+    return ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))) or "none"
 
 
 def _run_globals(config: Config, repo: Repository, metadata: dict[str, Any], admin_db: str | None, identities: age.Identities | None) -> None:

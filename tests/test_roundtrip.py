@@ -134,14 +134,17 @@ def test_restore_ends_sessions_on_the_live_database_and_swaps(cluster: Cluster, 
     bid = backup_id(env)
     cluster.psql("DELETE FROM t", db)
     session = subprocess.Popen([find_tool("psql"), "-X", "-d", cluster.url(db), "-c", "SELECT pg_sleep(60)"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "PGAPPNAME": "billing-worker"})
     try:
         for _ in range(100):
             if cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND query LIKE '%pg_sleep%'") != "0":
                 break
-        cli(env, "restore", bid)
+        out = cli(env, "restore", bid)
         _, stderr = session.communicate(timeout=30)
         assert "terminat" in stderr
+        # the operator is told how many sessions were ended and whose
+        assert "ended 1 sessions on" in out.stdout and "1 x billing-worker (postgres)" in out.stdout
+        assert "ending 1 sessions on" in out.stderr and "billing-worker" in out.stderr
     finally:
         session.kill()
     assert cluster.psql("SELECT count(*) FROM t", db) == "100"

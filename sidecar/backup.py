@@ -107,6 +107,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         info = postgres.server_info(conn)
         properties = dbprops.read(conn, info["database"])
+        size_row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
         dump_version = postgres.check_dump_version(pg_dump, info["major"])
         snapshot_row = conn.execute("SELECT pg_export_snapshot()").fetchone()
         assert snapshot_row is not None
@@ -171,6 +172,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             "collate": info["collate"],
             "ctype": info["ctype"],
             "databaseProperties": properties,
+            "databaseSize": int(size_row[0]) if size_row else None,  # on disk: what a restore needs on the server
             "pgDumpVersion": dump_version,
             "completedAt": iso_timestamp(datetime.now(UTC)),
             "durationSeconds": round(time.monotonic() - clock, 3),

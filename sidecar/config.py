@@ -46,6 +46,10 @@ class Config:
     drill_cron: str | None = None
     retry_seconds: int = 120
     password_file: Path | None = None
+    drill_database_url: str | None = None
+    keep_previous_count: int = 2
+    keep_previous_days: int = 7
+    data_dir: Path | None = None
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -85,7 +89,15 @@ class Config:
             "drill.cron": self.drill_cron,
             "schedule.retry_seconds": self.retry_seconds,
             "database.password_file": str(self.password_file) if self.password_file else None,
+            "drill.database_url": mask_url(self.drill_database_url) if self.drill_database_url else None,
+            "restore.keep_previous_count": self.keep_previous_count,
+            "restore.keep_previous_days": self.keep_previous_days,
+            "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
         }
+
+    def drill_server(self) -> Config:
+        """Where drills restore: the server of drill.database_url, else the live database's own server."""
+        return replace(self, database_url=self.drill_database_url, password_file=None, data_dir=None) if self.drill_database_url else self
 
     def with_database(self, dbname: str) -> Config:
         params = self.conninfo()
@@ -265,6 +277,10 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "drill.cron": ("DRILL_SCHEDULE", _cron),
     "schedule.retry_seconds": ("BACKUP_RETRY_SECONDS", _int_at_least(0, 86400)),
     "database.password_file": ("DATABASE_PASSWORD_FILE", _readable_file),
+    "drill.database_url": ("DRILL_DATABASE_URL", _url),
+    "restore.keep_previous_count": ("RESTORE_KEEP_PREVIOUS_COUNT", _int_at_least(0)),
+    "restore.keep_previous_days": ("RESTORE_KEEP_PREVIOUS_DAYS", _int_at_least(0)),
+    "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
 }
 
 
@@ -308,7 +324,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         try:
             values[key] = KEYS[key][1](value)
         except ValueError as exc:
-            shown = "****" if key == "database.url" else repr(value)
+            shown = "****" if key in ("database.url", "drill.database_url") else repr(value)
             problems.append(f"{where}={shown}: {exc}")
 
     if "database.url" not in values and "database.url" not in raw:
@@ -350,4 +366,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         drill_cron=values.get("drill.cron"),
         retry_seconds=values.get("schedule.retry_seconds", 120),
         password_file=values.get("database.password_file"),
+        drill_database_url=values.get("drill.database_url"),
+        keep_previous_count=values.get("restore.keep_previous_count", 2),
+        keep_previous_days=values.get("restore.keep_previous_days", 7),
+        data_dir=values.get("postgres.data_dir"),
     )

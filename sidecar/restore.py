@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,7 @@ class RestoreReport:
     new_findings: list[str] = field(default_factory=list)  # not recorded at backup time: they fail a restore
     preexisting_findings: list[str] = field(default_factory=list)  # already in the database when it was backed up
     ended_sessions: list[str] = field(default_factory=list)  # "application (user)" of each session the swap ended
+    dropped_previous: list[str] = field(default_factory=list)  # older <db>__pre_restore_* copies dropped by restore.keep_previous_*
 
 
 def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
@@ -175,6 +178,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                                  checked.to_json() if checked else None, _lines(new), _lines(known))
 
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
+        _check_space(config, admin, metadata, entry.id)
         _create_database(admin, scratch, metadata)
         try:
             _load(config, repo, metadata, scratch, identities, clean=False)
@@ -190,15 +194,17 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
             raise
         previous = None
         ended: list[str] = []
+        dropped: list[str] = []
         if exists:
-            previous = f"{target[:MAX_NAME - 28]}__pre_restore_{stamp}"
+            previous = _free_previous_name(admin, target, datetime.now(UTC))
             ended = _swap(admin, target, scratch, previous)
             if not config.keep_previous_database:
                 _drop_database(admin, previous)
                 previous = None
+            dropped = _prune_previous(config, admin, target)
         log.info("restored %s into %s", entry.id, target)
         return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
-                             len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known), ended)
+                             len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known), ended, dropped)
     except psycopg.Error as exc:
         raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None
     finally:
@@ -246,6 +252,80 @@ def _create_database(conn: psycopg.Connection[Any], name: str, metadata: dict[st
     except psycopg.errors.InvalidParameterValue as exc:
         log.warning("creating %s with the server's default locale: %s", name, postgres.describe(exc))
         conn.execute(base)
+
+
+PREVIOUS = re.compile(r"__pre_restore_(\d{14})$")
+
+
+def previous_to_drop(previous: list[tuple[str, datetime]], keep_count: int, keep_days: int, now: datetime) -> list[str]:
+    """Which kept previous databases (name, when it was replaced) go: beyond the newest keep_count, or replaced
+    more than keep_days ago (0 = no limit of that kind). Pure."""
+    ordered = sorted(previous, key=lambda item: item[1], reverse=True)
+    cutoff = now - timedelta(days=keep_days)
+    return [name for i, (name, at) in enumerate(ordered) if (keep_count and i >= keep_count) or (keep_days and at < cutoff)]
+
+
+def previous_databases(conn: psycopg.Connection[Any], target: str) -> list[tuple[str, datetime, int]]:
+    """The `<target>__pre_restore_<time>` databases kept by earlier restores: (name, replaced at, size in bytes)."""
+    prefix = target[:MAX_NAME - 28].replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+    out = []
+    for name, size in conn.execute("SELECT datname, pg_database_size(oid) FROM pg_database WHERE datname LIKE %s ORDER BY 1",
+                                   (prefix + "\\_\\_pre\\_restore\\_%",)).fetchall():
+        match = PREVIOUS.search(name)
+        if match:
+            out.append((name, datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC), int(size)))
+    return out
+
+
+def _free_previous_name(conn: psycopg.Connection[Any], target: str, now: datetime) -> str:
+    """`<target>__pre_restore_<time>`, a second later while that name is taken (two restores in one second)."""
+    while _database_exists(conn, name := f"{target[:MAX_NAME - 28]}__pre_restore_{now.strftime('%Y%m%d%H%M%S')}"):
+        now += timedelta(seconds=1)
+    return name
+
+
+def _prune_previous(config: Config, conn: psycopg.Connection[Any], target: str) -> list[str]:
+    kept = previous_databases(conn, target)
+    drop = previous_to_drop([(name, at) for name, at, _ in kept], config.keep_previous_count, config.keep_previous_days, datetime.now(UTC))
+    for name in drop:
+        log.info("dropping %s: beyond restore.keep_previous_count=%d / keep_previous_days=%d", name, config.keep_previous_count,
+                 config.keep_previous_days)
+        _drop_database(conn, name)
+    return drop
+
+
+HEADROOM = 1.2  # the restored copy's indexes are rebuilt, and the load writes WAL
+
+
+def _data_dir(config: Config, conn: psycopg.Connection[Any]) -> Path | None:
+    """A local path on the database server's data file system: postgres.data_dir, or the server's own data
+    directory when this process can see it (same machine, or the data volume mounted into the sidecar)."""
+    if config.data_dir:
+        return config.data_dir
+    try:
+        row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'").fetchone()
+    except psycopg.Error:
+        return None
+    path = Path(row[0]) if row and row[0] else None
+    return path if path and path.is_dir() else None
+
+
+def _check_space(config: Config, conn: psycopg.Connection[Any], metadata: dict[str, Any], backup_id: str) -> None:
+    """Refuse, before anything is created, a restore that cannot fit on the database server's disk."""
+    size = metadata.get("databaseSize")
+    where = _data_dir(config, conn)
+    if not size or where is None:
+        log.debug("no free-space check before restoring %s (database size %s, data directory %s)", backup_id, size, where)
+        return
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return
+    free, needed = stat.f_bavail * stat.f_frsize, int(size * HEADROOM)
+    if free < needed:
+        raise SidecarError(f"restore of {backup_id} refused, nothing was changed: it needs about {needed >> 20} MiB on the database server "
+                           f"(the database was {size >> 20} MiB) but {where} has {free >> 20} MiB free; free space there, drop old "
+                           "<db>__pre_restore_* copies, or restore onto another server (drills: DRILL_DATABASE_URL)")
 
 
 def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
@@ -416,18 +496,21 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
         scratch = f"{config.database_name[:MAX_NAME - 24]}__drill_{stamp}"
         findings: list[str] = []
         known: list[str] = []
-        admin = _admin_connection(config, config.database_name)
+        server = config.drill_server()  # a separate server (drill.database_url), or the live database's own
+        if not config.drill_database_url:
+            log.info("restore drill into %s on the live database's server (set DRILL_DATABASE_URL to drill on another one)", scratch)
+        admin = _admin_connection(server, config.database_name)
         try:
             _drop_leftovers(admin, config.database_name)
         finally:
             admin.close()
         try:
-            report = _restore(config, repo, entry.id, scratch, in_place=False, force=True)
+            report = _restore(server, repo, entry.id, scratch, in_place=False, force=True)
             findings, known = report.mismatches + report.new_findings, report.preexisting_findings
         except SidecarError as exc:
             findings = [str(exc)]
         finally:
-            admin = _admin_connection(config, scratch)
+            admin = _admin_connection(server, scratch)
             try:
                 _drop_database(admin, scratch)
             finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from sidecar import api
 from sidecar.config import load_config
 from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
+from sidecar.restore import previous_to_drop
 from tests.conftest import backup_id, cli
 
 
@@ -56,3 +59,57 @@ def test_a_drill_of_an_encrypted_backup_without_the_secret_key_verifies_checksum
         handle.write(bytes([byte[0] ^ 1]))
     bad = cli(sealed, "drill", bid, check=False)
     assert bad.returncode == 1 and "FAILED" in bad.stdout and "sha256" in bad.stdout
+
+
+def test_kept_previous_databases_are_pruned_by_count_and_age() -> None:
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    kept = [(f"db__pre_restore_{i}", now - timedelta(days=i)) for i in (0, 1, 3, 9)]
+    assert previous_to_drop(kept, 2, 0, now) == ["db__pre_restore_3", "db__pre_restore_9"]
+    assert previous_to_drop(kept, 0, 7, now) == ["db__pre_restore_9"]
+    assert previous_to_drop(kept, 3, 2, now) == ["db__pre_restore_3", "db__pre_restore_9"]
+    assert previous_to_drop(kept, 0, 0, now) == []
+    assert previous_to_drop(list(reversed(kept)), 1, 0, now) == ["db__pre_restore_1", "db__pre_restore_3", "db__pre_restore_9"]
+
+
+def test_restores_keep_only_the_newest_previous_databases(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t (v int)", db)
+    backup_id(env)
+    dropped = []
+    for _ in range(3):
+        dropped += json.loads(cli({**env, "RESTORE_KEEP_PREVIOUS_COUNT": "2"}, "restore", "latest", "--json").stdout)["dropped_previous"]
+    left = cluster.psql(f"SELECT datname FROM pg_database WHERE datname LIKE '{db}\\_\\_pre\\_restore\\_%' ORDER BY 1").splitlines()
+    assert len(left) == 2 and len(dropped) == 1 and dropped[0] < left[0]  # the oldest went, even for restores within one second
+
+
+@pytest.fixture
+def full_server_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MB file system (tmpfs) standing for the database server's data disk (postgres.data_dir). CI runs as root."""
+    mount = tmp_path / "pgdata-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_restore_or_drill_that_cannot_fit_on_the_server_is_refused_and_a_drill_server_takes_it(
+        cluster: Cluster, fresh_cluster: Cluster, db: str, env: dict[str, str], full_server_disk: Path) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g", db)
+    if cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'drill_probe'") == "0":
+        cluster.psql("CREATE ROLE drill_probe")
+    cluster.psql("ALTER TABLE t OWNER TO drill_probe", db)
+    bid = backup_id(env)
+    full = {**env, "POSTGRES_DATA_DIR": str(full_server_disk)}
+    out = cli(full, "restore", bid, check=False)
+    assert out.returncode == 3 and "refused, nothing was changed" in out.stderr and "MiB free" in out.stderr, out.stderr
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_%'") == "0"
+    drill = cli(full, "drill", bid, check=False)
+    assert drill.returncode == 1 and "refused" in drill.stdout
+    # the same drill on a separate server: passes there, and nothing is created on the live server
+    before = cluster.psql("SELECT count(*) FROM pg_database")
+    elsewhere = cli({**full, "DRILL_DATABASE_URL": fresh_cluster.url("postgres")}, "drill", bid)
+    assert "PASSED" in elsewhere.stdout
+    assert cluster.psql("SELECT count(*) FROM pg_database") == before
+    assert fresh_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}%'") == "0"  # its scratch database is gone too
+    assert fresh_cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'drill_probe'") == "1"  # the restore ran there

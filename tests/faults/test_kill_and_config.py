@@ -73,6 +73,10 @@ BAD_VALUES = {
     "drill.cron": "61 * * * *",
     "schedule.retry_seconds": "forever",
     "database.password_file": "/nonexistent/password",
+    "drill.database_url": "postgresql://u:secret@h",
+    "restore.keep_previous_count": "many",
+    "restore.keep_previous_days": "-3",
+    "postgres.data_dir": "",
 }
 
 

@@ -45,6 +45,54 @@ def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
+LOCK_WAITS = """
+SELECT w.pid, left(w.query, 120), extract(epoch FROM now() - w.query_start)::int, b.pid, coalesce(nullif(b.application_name, ''), 'unnamed'),
+       coalesce(b.usename, '?'), coalesce(b.state, '?'), extract(epoch FROM now() - coalesce(b.xact_start, b.query_start))::int, left(b.query, 120)
+  FROM pg_stat_activity w CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocking(pid) JOIN pg_stat_activity b ON b.pid = blocking.pid
+ WHERE w.datname = current_database() AND w.wait_event_type = 'Lock' AND w.application_name = 'pg-backup-sidecar' AND w.pid <> pg_backend_pid()
+ ORDER BY 1, 4
+"""
+
+
+class LockWatch:
+    """While a backup runs, says in the log when pg_dump (or our row count) waits for a lock and who holds it:
+    without it, a backup stuck behind a long transaction or a migration looks like a hang for the 5 minutes of
+    --lock-wait-timeout. Checks every `every` seconds on its own connection; a repeat of the same wait is
+    logged again only after `repeat` seconds."""
+
+    def __init__(self, config: Config, every: float = 2.0, repeat: float = 30.0) -> None:
+        self._stop = threading.Event()
+        self._config, self._every, self._repeat = config, every, repeat
+        self._thread = threading.Thread(target=self._run, name="lock-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        said: dict[tuple[int, int], float] = {}
+        try:
+            conn = postgres.connect(self._config)
+        except SidecarError:
+            return
+        try:
+            while not self._stop.wait(self._every):
+                for waiter, what, waited, holder, app, user, state, held, query in conn.execute(LOCK_WAITS).fetchall():
+                    now = time.monotonic()
+                    if now - said.get((waiter, holder), -self._repeat) < self._repeat:
+                        continue
+                    said[(waiter, holder)] = now
+                    limit = "; pg_dump gives up after 5 minutes (--lock-wait-timeout)" if what.startswith("LOCK TABLE") else ""
+                    log.warning("backup waiting %ds for a lock (%s): held by pid %d, application %r, user %s, %s for %ds (%s)%s", waited, what,
+                                holder, app, user, state, held, query, limit,
+                                extra={"event": "lock_wait", "blocker": f"{app} ({user}, pid {holder})", "duration_seconds": waited})
+        except psycopg.Error:
+            pass  # only a diagnosis: the backup itself reports what failed
+        finally:
+            conn.close()
+
+
 def dump_format(config: Config) -> str:
     """gzip keeps the spec's `.sql.gz` layout (gunzip | psql); otherwise pg_dump's custom format."""
     return "plain" if config.compression == "gzip" else "custom"
@@ -88,7 +136,11 @@ def create_backup(config: Config, label: str | None = None, keep: bool = False) 
         removed = repo.cleanup()
         if removed:
             log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
-        metadata = _create(config, repo, label, keep)
+        watch = LockWatch(config)  # validation, the row counts and pg_dump all read every table
+        try:
+            metadata = _create(config, repo, label, keep)
+        finally:
+            watch.stop()
     return metadata
 
 
@@ -187,7 +239,8 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             },
         }
         repo.commit(metadata)
-        log.info("backup %s complete: %d bytes in %.1fs", backup_id, dump_file.size, metadata["durationSeconds"])
+        log.info("backup %s complete: %d bytes in %.1fs", backup_id, dump_file.size, metadata["durationSeconds"],
+                 extra={"event": "backup_completed", "backup_id": backup_id, "duration_seconds": metadata["durationSeconds"], "size_bytes": dump_file.size})
         return metadata
     except psycopg.Error as exc:
         raise SidecarError(f"backup failed: {postgres.describe(exc)}") from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sidecar import __version__, api
+from sidecar import __version__, api, logs
 from sidecar.config import Config, load_config
 from sidecar.errors import ConfigError, SidecarError, UsageError
 
@@ -211,17 +210,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for the container's log collector."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 DAEMON_PID_VARIABLE = "SIDECAR_DAEMON_PID"
 PR_SET_PDEATHSIG = 1
 
@@ -257,16 +245,26 @@ def _refuse_empty(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    try:
+        sys.stdout.flush()  # inside the guard: a closed pipe (`list | head`) is no error
+    except BrokenPipeError:
+        _quiet_stdout()
+    return code
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (`list | head`): it has what it wanted. Point stdout at /dev/null so
+    the interpreter's own flush at exit stays quiet too."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: pg_dump's process group is terminated and the partial file removed
     signal.signal(signal.SIGTERM, _interrupt)
     _die_with_the_daemon()
-    handler = logging.StreamHandler(sys.stderr)
-    if args.command == "run" or os.environ.get("SIDECAR_LOG_FORMAT") == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
+    logs.setup(json_lines=args.command == "run" or os.environ.get("SIDECAR_LOG_FORMAT") == "json", debug=args.debug)
     try:
         _refuse_empty(args)
         if args.command == "restore-job":
@@ -284,25 +282,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         return run(args, config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return USAGE
+        return _fail(args, USAGE, [f"config error: {problem}" for problem in exc.problems])
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE
+        return _fail(args, USAGE, [f"error: {exc}"])
     except SidecarError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return FAILED
+        return _fail(args, FAILED, [f"error: {exc}"])
+    except BrokenPipeError:
+        _quiet_stdout()
+        return OK
     except OSError as exc:
         if args.debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}; check the backup volume and its permissions", file=sys.stderr)
-        return FAILED
+        return _fail(args, FAILED, [f"error: {exc.strerror or exc}{where}; check the backup volume and its permissions"])
     except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written is listed, the next backup cleans up", file=sys.stderr)
-        return FAILED
+        return _fail(args, FAILED, ["error: interrupted; nothing half-written is listed, the next backup cleans up"])
+
+
+def _fail(args: argparse.Namespace, code: int, lines: list[str]) -> int:
+    """One line per problem on stderr; with --json also a JSON object on stdout, so a script parsing stdout
+    gets JSON whatever happened."""
+    for line in lines:
+        print(line, file=sys.stderr)
+    if getattr(args, "json", False):
+        try:
+            emit({"ok": False, "exitCode": code, "error": "; ".join(line.split(": ", 1)[1] for line in lines)})
+        except BrokenPipeError:
+            pass
+    return code

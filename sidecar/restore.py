@@ -202,7 +202,8 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 _drop_database(admin, previous)
                 previous = None
             dropped = _prune_previous(config, admin, target)
-        log.info("restored %s into %s", entry.id, target)
+        log.info("restored %s into %s", entry.id, target, extra={"event": "restore_completed", "backup_id": entry.id,
+                                                                "duration_seconds": round(time.monotonic() - clock, 3), "sessions": len(ended)})
         return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
                              len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known), ended, dropped)
     except psycopg.Error as exc:
@@ -490,7 +491,8 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
             problems = check_files(repo, entry)
             at = iso_timestamp(datetime.now(UTC))
             repo.write_metadata({**entry.metadata, "verified": {"at": at, "ok": False if problems else None, "skipped": NO_IDENTITY, "findings": problems}})
-            (log.error if problems else log.warning)("restore drill of %s: %s", entry.id, "; ".join(problems) if problems else f"skipped: {NO_IDENTITY}")
+            (log.error if problems else log.warning)("restore drill of %s: %s", entry.id, "; ".join(problems) if problems else f"skipped: {NO_IDENTITY}",
+                                                     extra={"event": "drill_failed" if problems else "drill_skipped", "backup_id": entry.id})
             return DrillReport(entry.id, not problems, at, "", round(time.monotonic() - clock, 3), problems, skipped=NO_IDENTITY)
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         scratch = f"{config.database_name[:MAX_NAME - 24]}__drill_{stamp}"
@@ -521,5 +523,7 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
         if fresh.metadata is not None:
             repo.write_metadata({**fresh.metadata, "verified": {"at": at, "ok": result.ok, "findings": findings, "preexisting": known}})
     already = f" ({len(known)} findings already present when the backup was taken)" if known else ""
-    (log.info if result.ok else log.error)("restore drill of %s: %s%s", entry.id, "passed" if result.ok else "; ".join(findings[:3]), already)
+    (log.info if result.ok else log.error)("restore drill of %s: %s%s", entry.id, "passed" if result.ok else "; ".join(findings[:3]), already,
+                                           extra={"event": "drill_passed" if result.ok else "drill_failed", "backup_id": entry.id,
+                                                  "duration_seconds": result.duration_seconds})
     return result

@@ -127,7 +127,11 @@ class Daemon:
         """Retry the connection with exponential backoff for up to schedule.retry_seconds; None when reachable."""
         retrying = Retrying(stop=stop_after_delay(self.config.retry_seconds) | stop_after_attempt(50),
                             wait=wait_exponential(multiplier=1, min=1, max=30), retry=retry_if_exception_type(SidecarError),
-                            before_sleep=lambda state: log.warning("database unreachable, retrying: %s", state.outcome.exception() if state.outcome else ""),
+                            before_sleep=lambda state: log.warning(
+                                "database unreachable (attempt %d), next try in %.0fs: %s", state.attempt_number,
+                                state.next_action.sleep if state.next_action else 0, state.outcome.exception() if state.outcome else "",
+                                extra={"event": "retry", "attempt": state.attempt_number,
+                                       "next_try_seconds": round(state.next_action.sleep, 1) if state.next_action else None}),
                             reraise=True)
         try:
             for attempt in retrying:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ from sidecar import api
 from sidecar.config import load_config
 from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
+from sidecar.postgres import find_tool
 from sidecar.restore import previous_to_drop
 from tests.conftest import backup_id, cli
 
@@ -113,3 +115,32 @@ def test_a_restore_or_drill_that_cannot_fit_on_the_server_is_refused_and_a_drill
     assert cluster.psql("SELECT count(*) FROM pg_database") == before
     assert fresh_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}%'") == "0"  # its scratch database is gone too
     assert fresh_cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'drill_probe'") == "1"  # the restore ran there
+
+
+def test_a_backup_waiting_for_a_lock_names_the_session_holding_it(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t (v int); INSERT INTO t VALUES (1)", db)
+    holder = subprocess.Popen([find_tool("psql"), "-X", "-q", "-d", cluster.url(db), "-c",
+                               "BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(5); COMMIT;"],
+                              env={**env, "PGAPPNAME": "nightly-migration"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # until it holds the lock
+            if cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND application_name = 'nightly-migration' "
+                            "AND query LIKE '%pg_sleep%'") == "1":
+                break
+        out = cli(env, "backup")
+    finally:
+        holder.wait(timeout=30)
+    waits = [line for line in out.stderr.splitlines() if "waiting" in line and "for a lock" in line]
+    assert waits and "'nightly-migration'" in waits[0] and "user postgres" in waits[0] and "pg_sleep" in waits[0], out.stderr
+
+
+def test_json_errors_are_json_and_a_closed_pipe_is_quiet(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    out = cli(env, "verify", "backup_2020-01-01T00-00-00-000Z", "--json", check=False)
+    assert out.returncode == 2 and json.loads(out.stdout)["exitCode"] == 2 and "no backup" in json.loads(out.stdout)["error"]
+    assert out.stderr.startswith("error: no backup")
+    for _ in range(3):
+        backup_id(env)
+    # a reader that goes away at once (like head after its lines): no "Broken pipe" error, exit 0
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m sidecar list --json | true"], env=env, capture_output=True, text=True,
+                           check=False)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr

@@ -41,7 +41,11 @@ def test_a_restore_during_a_backup_and_a_backup_or_restore_during_a_restore_are_
     second = out.strip().splitlines()[-1]
     assert cli(env, "verify", second, check=False).returncode == 0
 
-    restore = subprocess.Popen([sys.executable, "-m", "sidecar", "restore", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a user check that sleeps keeps the restore busy (validating its copy) for at least 5 s, whatever the machine's load
+    slow_check = directory.parent / "slow-check.yaml"
+    slow_check.write_text("validation:\n  checks:\n    slow: SELECT x FROM (SELECT pg_sleep(5)::text AS x) s WHERE x = 'never'\n")
+    restore = subprocess.Popen([sys.executable, "-m", "sidecar", "restore", first], env={**env, "SIDECAR_CONFIG": str(slow_check)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_restore%'") == "1", "the restore to be loading")
     for command in (("backup",), ("restore", second)):
         during = cli(env, *command, check=False)

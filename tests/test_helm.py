@@ -24,19 +24,23 @@ MATRIX: dict[str, dict[str, Any]] = {
                           "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
     "everything on": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
                       "networkPolicy": {"enabled": True, "allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
-                      "restore": {"enabled": True, "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
+                      "restore": {"enabled": True, "requestId": "orders-fix", "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
                       "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}, "compression": "gzip"},
                       "validation": {"checks": {"orders_have_lines": "SELECT 1"}},
                       "nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "db", "operator": "Exists"}]},
 }
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+def render_files(values: dict[str, Any], revision: int = 1) -> dict[str, str]:
     chart = helm_python.Chart.load(CHART)
     try:
-        out = chart.render(values, name="rel", namespace="db", is_install=True)
+        return chart.render(values, name="rel", namespace="db", revision=revision, is_install=revision == 1, is_upgrade=revision > 1)
     finally:
         chart.close()
+
+
+def render(values: dict[str, Any], revision: int = 1) -> list[dict[str, Any]]:
+    out = render_files(values, revision)
     return [doc for name, text in sorted(out.items()) if not name.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -91,7 +95,9 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
 
 
 @pytest.mark.parametrize("values", [{"backup": {"compression": "lz4"}}, {"backup": {"retentionDays": -1}}, {"restore": {"backup": "../../x"}},
-                                    {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}}])
+                                    {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}},
+                                    {"restore": {"enabled": True}}, {"restore": {"enabled": True, "requestId": ""}},
+                                    {"restore": {"enabled": True, "requestId": "Orders_Fix"}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -101,11 +107,26 @@ def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
         chart.close()
 
 
-def test_a_restore_job_asks_the_sidecar_with_a_stable_request_id() -> None:
-    [job] = [d for d in render({"restore": {"enabled": True}}) if d["kind"] == "Job"]
+def restore_jobs(values: dict[str, Any], revision: int) -> list[tuple[str, str]]:
+    """(Job name, request id) of every restore Job the release renders at this revision."""
+    return [(d["metadata"]["name"], {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}["RESTORE_REQUEST_ID"])
+            for d in render(values, revision) if d["kind"] == "Job"]
+
+
+def test_a_routine_upgrade_with_reused_values_never_starts_a_second_restore() -> None:
+    # helm upgrade --set restore.enabled=true,... at revision 4, then routine upgrades (--reuse-values, an image bump)
+    values = {"restore": {"enabled": True, "requestId": "orders-fix", "backup": "latest"}}
+    first = restore_jobs(values, 4)
+    assert first == [("rel-pg-backup-sidecar-restore-orders-fix", "orders-fix")]
+    assert restore_jobs(values, 5) == first
+    assert restore_jobs({**values, "image": {"tag": "0.2.0"}}, 6) == first
+
+
+def test_a_restore_job_asks_the_sidecar_with_the_request_id_it_was_given() -> None:
+    [job] = [d for d in render({"restore": {"enabled": True, "requestId": "r1"}}) if d["kind"] == "Job"]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["restore-request", "latest"] and "--wait" in container["args"]
-    assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "rel-1-latest"
+    assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "r1"
     assert job["spec"]["backoffLimit"] == 3 and "volumes" in job["spec"]["template"]["spec"]
     assert not any(v.get("persistentVolumeClaim") for v in job["spec"]["template"]["spec"]["volumes"])
 
@@ -152,9 +173,24 @@ def test_restore_job_prints_a_valid_job_equivalent_to_the_charts() -> None:
     job = yaml.safe_load(out.stdout)
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(job, version, strict=True)
-    [charts] = [d for d in render({"restore": {"enabled": True, "targetDb": "app_copy"}}) if d["kind"] == "Job"]
+    request_id = job["metadata"]["annotations"]["pg-backup-sidecar/request-id"]
+    [charts] = [d for d in render({"restore": {"enabled": True, "requestId": request_id, "targetDb": "app_copy"}}) if d["kind"] == "Job"]
     ours, theirs = job["spec"]["template"]["spec"], charts["spec"]["template"]["spec"]
-    assert ours["containers"][0]["args"] == theirs["containers"][0]["args"]
+    assert job["metadata"]["name"] == charts["metadata"]["name"] == f"rel-pg-backup-sidecar-restore-{request_id}"
+    assert ours["containers"][0]["args"] == theirs["containers"][0]["args"] and ours["containers"][0]["env"] == theirs["containers"][0]["env"]
     assert ours["volumes"] == theirs["volumes"] and ours["containers"][0]["securityContext"] == theirs["containers"][0]["securityContext"]
     bad = cli({"PATH": "/usr/bin:/bin"}, "restore-job", "../../etc/passwd", check=False)
     assert bad.returncode == 2 and "not a backup id" in bad.stderr
+
+
+def test_a_printed_restore_job_is_named_after_its_request_id_only() -> None:
+    from sidecar.errors import UsageError
+    from sidecar.jobs import restore_job
+
+    job = restore_job("latest", "rel", "db", request_id="orders-fix")
+    assert job == restore_job("latest", "rel", "db", request_id="orders-fix")  # the same request prints the same Job
+    assert job["metadata"]["name"] == "rel-pg-backup-sidecar-restore-orders-fix"
+    assert job["spec"]["template"]["spec"]["containers"][0]["env"][0] == {"name": "RESTORE_REQUEST_ID", "value": "orders-fix"}
+    for bad in ("Orders_Fix", "", "x" * 40):
+        with pytest.raises(UsageError, match="request id"):
+            restore_job("latest", "rel", "db", request_id=bad)

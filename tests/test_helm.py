@@ -194,3 +194,63 @@ def test_a_printed_restore_job_is_named_after_its_request_id_only() -> None:
     for bad in ("Orders_Fix", "", "x" * 40):
         with pytest.raises(UsageError, match="request id"):
             restore_job("latest", "rel", "db", request_id=bad)
+
+
+def sidecar_container(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [workload] = [d for d in docs if d["kind"] == kind]
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "backup-sidecar")
+
+
+def test_the_sidecar_can_never_make_the_database_pod_not_ready(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import password_user
+    from tests.test_daemon import Running, request
+
+    beside_postgres = sidecar_container(render({}), "StatefulSet")
+    alone = sidecar_container(render(MATRIX["external database"]), "Deployment")
+    assert "readinessProbe" not in beside_postgres and "startupProbe" not in beside_postgres
+    probes = [c[p]["httpGet"]["path"] for c in (beside_postgres, alone) for p in ("livenessProbe", "readinessProbe", "startupProbe") if p in c]
+    assert probes and "/readyz" not in probes
+    # the sidecar as the rendered pod runs it, with a password the database refuses (say, rotated on one side only)
+    password_user(cluster)
+    running = Running({**env, "DATABASE_URL": cluster.url(db, user="pwuser", password="not-the-password")}, tmp_path / "d.log")
+    try:
+        assert request(running.base, "/readyz")[0] == 503  # the database really is unreachable for the sidecar
+        assert all(request(running.base, path)[0] == 200 for path in probes)
+    finally:
+        assert running.stop() == 0
+
+
+def test_the_alerts_use_only_metrics_the_daemon_exports(env: dict[str, str], tmp_path: Path) -> None:
+    import re
+
+    from tests.test_daemon import Running, idle
+
+    alerts = (CHART / "files" / "alerts.yaml").read_text()
+    used = set(re.findall(r"\bpg_backup_[a-z_]+", alerts))
+    running = Running({**env, "BACKUP_ON_START": "true"}, tmp_path / "d.log")
+    try:
+        exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(running), flags=re.M))
+    finally:
+        assert running.stop() == 0
+    assert "pg_backup_database_up" in used and used <= exported, used - exported
+
+
+def test_alerts_and_dashboard_key_on_namespace_and_job_never_on_the_pod_ip(tmp_path: Path) -> None:
+    import json
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is required"
+    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+    alerts = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    panels = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    variables = [v.get("query", "") for v in dashboard["templating"]["list"]]
+    for text in alerts + panels + variables + [t["legendFormat"] for panel in dashboard["panels"] for t in panel["targets"]]:
+        assert "instance" not in text and "pod" not in text, text
+    assert all('namespace="db",job="rel-pg-backup-sidecar"' in e and ("by (namespace, job" in e or e.startswith("absent(")) for e in alerts)
+    assert all("by (namespace, job" in e and 'job=~"$job"' in e for e in panels)
+    # the dashboard's queries are valid PromQL
+    records = [{"record": f"dashboard:panel_{i}", "expr": e.replace("$namespace", ".*").replace("$job", ".*")} for i, e in enumerate(panels)]
+    (tmp_path / "dashboard_rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dashboard_rules.yaml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -75,9 +75,17 @@ seccompProfile:
   livenessProbe:
     httpGet: {path: /healthz, port: http}
     {{- toYaml .Values.probes.liveness | nindent 4 }}
+  {{- /*
+  Readiness never depends on the database (/readyz does): beside PostgreSQL in one pod, a failing sidecar
+  readiness would take PostgreSQL out of its Service for the sidecar's own trouble, so there is none there;
+  alone (a Deployment) it is ready while its loop ticks. Database reachability is pg_backup_database_up and
+  the PgBackupDatabaseUnreachable alert.
+  */}}
+  {{- if not .Values.postgresql.enabled }}
   readinessProbe:
-    httpGet: {path: /readyz, port: http}
+    httpGet: {path: /healthz, port: http}
     {{- toYaml .Values.probes.readiness | nindent 4 }}
+  {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   volumeMounts:

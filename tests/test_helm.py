@@ -16,7 +16,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
-_, RECIPIENT = __import__("sidecar.age", fromlist=["generate_identity"]).generate_identity()
+IDENTITY, RECIPIENT = __import__("sidecar.age", fromlist=["generate_identity"]).generate_identity()
 
 MATRIX: dict[str, dict[str, Any]] = {
     "default": {},
@@ -25,9 +25,10 @@ MATRIX: dict[str, dict[str, Any]] = {
     "everything on": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
                       "networkPolicy": {"enabled": True, "allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
                       "restore": {"enabled": True, "requestId": "orders-fix", "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
-                      "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}, "compression": "gzip"},
+                      "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT], "identity": {"existingSecret": "age-key"}}, "compression": "gzip"},
                       "validation": {"checks": {"orders_have_lines": "SELECT 1"}},
                       "nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "db", "operator": "Exists"}]},
+    "encryption, key in the cluster": {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT], "identity": {"value": IDENTITY}}}},
 }
 
 
@@ -97,7 +98,10 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
 @pytest.mark.parametrize("values", [{"backup": {"compression": "lz4"}}, {"backup": {"retentionDays": -1}}, {"restore": {"backup": "../../x"}},
                                     {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}},
                                     {"restore": {"enabled": True}}, {"restore": {"enabled": True, "requestId": ""}},
-                                    {"restore": {"enabled": True, "requestId": "Orders_Fix"}}], ids=str)
+                                    {"restore": {"enabled": True, "requestId": "Orders_Fix"}},
+                                    {"backup": {"encryption": {"enabled": True}}}, {"backup": {"encryption": {"enabled": True, "recipients": []}}},
+                                    {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}, "restore": {"enabled": True, "requestId": "r1"}},
+                                    {"backup": {"encryption": {"identity": {"value": "not-a-key"}}}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -254,3 +258,52 @@ def test_alerts_and_dashboard_key_on_namespace_and_job_never_on_the_pod_ip(tmp_p
     (tmp_path / "dashboard_rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dashboard_rules.yaml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_an_encrypted_release_with_its_key_in_a_secret_drills_and_restores_as_its_pod_would(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    import base64
+
+    from tests.conftest import cli
+
+    docs = render(MATRIX["encryption, key in the cluster"])
+    sidecar = sidecar_container(docs, "StatefulSet")
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    # what the kubelet would do: the Secret's key becomes the file the environment points at
+    identity_file = {e["name"]: e.get("value") for e in sidecar["env"]}["BACKUP_ENCRYPTION_IDENTITY_FILE"]
+    mount = next(m for m in sidecar["volumeMounts"] if identity_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secretName"]]
+    [item] = [i for i in volume["items"] if identity_file == f"{mount['mountPath']}/{i['path']}"]
+    key_file = tmp_path / "age" / item["path"]
+    key_file.parent.mkdir()
+    key_file.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    pod_env = {**env, "SIDECAR_CONFIG": str(tmp_path / "config.yaml"), "BACKUP_ENCRYPTION_IDENTITY_FILE": str(key_file)}
+
+    cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 100) AS x", db)
+    cli(pod_env, "backup")
+    assert cli(pod_env, "list", "--json").stdout.count('"encrypted": true') == 1
+    drill = cli(pod_env, "drill", "latest", check=False)
+    assert drill.returncode == 0, drill.stderr
+    cluster.psql("DELETE FROM t", db)
+    cli(pod_env, "restore", "latest")
+    assert cluster.psql("SELECT count(*) FROM t", db) == "100"
+
+
+def test_without_the_key_in_the_cluster_the_notes_say_how_to_restore_and_that_recipe_works(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    values = {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}}
+    sidecar = sidecar_container(render(values), "StatefulSet")
+    assert "BACKUP_ENCRYPTION_IDENTITY_FILE" not in {e["name"] for e in sidecar["env"]}
+    notes = render_files(values)["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "not in the cluster" in notes and "checksums only" in notes
+    assert "env BACKUP_ENCRYPTION_IDENTITY_FILE=/dev/stdin pg-backup-sidecar restore latest < key.txt" in notes
+    # the recipe, as kubectl exec -i runs it in the sidecar container: the key arrives on stdin and is never stored
+    pod_env = {**env, "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": RECIPIENT}
+    cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 10) AS x", db)
+    cli(pod_env, "backup")
+    cluster.psql("DELETE FROM t", db)
+    cli({**pod_env, "BACKUP_ENCRYPTION_IDENTITY_FILE": "/dev/stdin"}, "restore", "latest", input=IDENTITY + "\n")
+    assert cluster.psql("SELECT count(*) FROM t", db) == "10"

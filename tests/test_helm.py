@@ -101,7 +101,9 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"restore": {"enabled": True, "requestId": "Orders_Fix"}},
                                     {"backup": {"encryption": {"enabled": True}}}, {"backup": {"encryption": {"enabled": True, "recipients": []}}},
                                     {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}, "restore": {"enabled": True, "requestId": "r1"}},
-                                    {"backup": {"encryption": {"identity": {"value": "not-a-key"}}}}], ids=str)
+                                    {"backup": {"encryption": {"identity": {"value": "not-a-key"}}}},
+                                    {"backup": {"persistence": {"size": "20 GB"}}}, {"postgresql": {"podDisruptionBudget": {"maxUnavailable": -1}}},
+                                    {"postgresql": {"probes": {"liveness": {"failureThreshold": 0}}}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -307,3 +309,35 @@ def test_without_the_key_in_the_cluster_the_notes_say_how_to_restore_and_that_re
     cluster.psql("DELETE FROM t", db)
     cli({**pod_env, "BACKUP_ENCRYPTION_IDENTITY_FILE": "/dev/stdin"}, "restore", "latest", input=IDENTITY + "\n")
     assert cluster.psql("SELECT count(*) FROM t", db) == "10"
+
+
+def test_the_backups_volume_grows_with_helm_upgrade() -> None:
+    for case in ("default", "external database"):
+        before = render({**MATRIX[case], "backup": {"persistence": {"size": "20Gi"}}}, revision=1)
+        after = render({**MATRIX[case], "backup": {"persistence": {"size": "50Gi"}}}, revision=2)
+        [claim] = [d for d in after if d["kind"] == "PersistentVolumeClaim"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # backups outlive the release
+        for old, new in zip((d for d in before if d["kind"] in ("StatefulSet", "Deployment")), (d for d in after if d["kind"] in ("StatefulSet", "Deployment"))):
+            # a StatefulSet's volumeClaimTemplates can never change: the upgrade must leave them (and the selector) alone
+            assert old["spec"].get("volumeClaimTemplates") == new["spec"].get("volumeClaimTemplates")
+            assert "backups" not in [t["metadata"]["name"] for t in new["spec"].get("volumeClaimTemplates", [])]
+            assert {"name": "backups", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in new["spec"]["template"]["spec"]["volumes"]
+    [sts] = [d for d in render({"backup": {"persistence": {"existingClaim": "backups-rel-pg-backup-sidecar-0"}}}) if d["kind"] == "StatefulSet"]
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups-rel-pg-backup-sidecar-0"}} in sts["spec"]["template"]["spec"]["volumes"]
+
+
+def test_the_bundled_postgres_has_resources_probes_and_a_disruption_budget() -> None:
+    docs = render(MATRIX["everything on"])
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    assert postgres["resources"]["requests"]["memory"] and postgres["resources"]["limits"]["memory"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert postgres[probe]["exec"]["command"][0] == "pg_isready" and postgres[probe]["timeoutSeconds"] >= 1
+    assert postgres["startupProbe"]["periodSeconds"] * postgres["startupProbe"]["failureThreshold"] >= 600  # crash recovery has time
+    [pdb] = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 0
+    selected = [d["metadata"]["name"] for d in docs if d["kind"] in ("StatefulSet", "Job", "Pod")
+                if pdb["spec"]["selector"]["matchLabels"].items() <= (d["metadata"]["labels"] if d["kind"] == "Pod" else d["spec"]["template"]["metadata"]["labels"]).items()]
+    assert selected == [sts["metadata"]["name"]]  # the database's pod only, not a restore Job's or helm test's
+    assert not [d for d in render(MATRIX["external database"]) if d["kind"] == "PodDisruptionBudget"]

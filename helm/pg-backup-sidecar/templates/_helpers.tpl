@@ -41,6 +41,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $id.existingSecret -}}{{ $id.existingSecret }}{{- else if $id.value -}}{{ printf "%s-age-identity" (include "sidecar.fullname" .) }}{{- end -}}
 {{- end -}}
 
+{{- define "sidecar.backupsClaim" -}}
+{{ .Values.backup.persistence.existingClaim | default (printf "%s-backups" (include "sidecar.fullname" .)) }}
+{{- end -}}
+
 {{- define "sidecar.databaseUrl" -}}
 {{- if .Values.postgresql.enabled -}}
 postgresql://{{ .Values.postgresql.username }}@127.0.0.1:5432/{{ .Values.postgresql.database }}

@@ -46,6 +46,8 @@ def restore_job(ref: str, release: str, namespace: str, target_db: str | None = 
                      "annotations": {"pg-backup-sidecar/request-id": request_id}},
         "spec": {
             "backoffLimit": 3,
+            # unlike the chart's Job (removed by restore.enabled=false), nothing else deletes this one; re-applied
+            # after that, it gets the existing restore's outcome from the sidecar
             "ttlSecondsAfterFinished": 604800,
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/instance": release, "app.kubernetes.io/component": "restore"}},

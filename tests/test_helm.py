@@ -126,6 +126,10 @@ def test_a_routine_upgrade_with_reused_values_never_starts_a_second_restore() ->
     assert first == [("rel-pg-backup-sidecar-restore-orders-fix", "orders-fix")]
     assert restore_jobs(values, 5) == first
     assert restore_jobs({**values, "image": {"tag": "0.2.0"}}, 6) == first
+    [job] = [d for d in render(values, 5) if d["kind"] == "Job"]
+    assert "ttlSecondsAfterFinished" not in job["spec"]  # the finished Job stays, so Kubernetes never runs it again
+    notes = render_files(values, 5)["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "restore.requestId=<id>" in notes and "--set restore.enabled=false" in notes
 
 
 def test_a_restore_job_asks_the_sidecar_with_the_request_id_it_was_given() -> None:
@@ -318,11 +322,12 @@ def test_the_backups_volume_grows_with_helm_upgrade() -> None:
         [claim] = [d for d in after if d["kind"] == "PersistentVolumeClaim"]
         assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
         assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # backups outlive the release
-        for old, new in zip((d for d in before if d["kind"] in ("StatefulSet", "Deployment")), (d for d in after if d["kind"] in ("StatefulSet", "Deployment"))):
-            # a StatefulSet's volumeClaimTemplates can never change: the upgrade must leave them (and the selector) alone
-            assert old["spec"].get("volumeClaimTemplates") == new["spec"].get("volumeClaimTemplates")
-            assert "backups" not in [t["metadata"]["name"] for t in new["spec"].get("volumeClaimTemplates", [])]
-            assert {"name": "backups", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in new["spec"]["template"]["spec"]["volumes"]
+        [old] = [d for d in before if d["kind"] in ("StatefulSet", "Deployment")]
+        [new] = [d for d in after if d["kind"] in ("StatefulSet", "Deployment")]
+        # a StatefulSet's volumeClaimTemplates can never change: the upgrade must leave them alone
+        assert old["spec"].get("volumeClaimTemplates") == new["spec"].get("volumeClaimTemplates")
+        assert "backups" not in [t["metadata"]["name"] for t in new["spec"].get("volumeClaimTemplates", [])]
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in new["spec"]["template"]["spec"]["volumes"]
     [sts] = [d for d in render({"backup": {"persistence": {"existingClaim": "backups-rel-pg-backup-sidecar-0"}}}) if d["kind"] == "StatefulSet"]
     assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups-rel-pg-backup-sidecar-0"}} in sts["spec"]["template"]["spec"]["volumes"]
 

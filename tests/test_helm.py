@@ -346,3 +346,32 @@ def test_the_bundled_postgres_has_resources_probes_and_a_disruption_budget() -> 
                 if pdb["spec"]["selector"]["matchLabels"].items() <= (d["metadata"]["labels"] if d["kind"] == "Pod" else d["spec"]["template"]["metadata"]["labels"]).items()]
     assert selected == [sts["metadata"]["name"]]  # the database's pod only, not a restore Job's or helm test's
     assert not [d for d in render(MATRIX["external database"]) if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_the_restore_job_of_a_later_upgrade_never_restores_over_the_live_database_again(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import backup_id, cli
+    from tests.test_daemon import TOKEN, Running, request
+
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    backup_id(env)
+    (tmp_path / "api-token").write_text(TOKEN)
+    running = Running(env, tmp_path / "d.log")
+
+    def run_job(revision: int) -> None:
+        """The restore Job's container as revision N of `helm upgrade --reuse-values` renders it, against the real daemon."""
+        [job] = [d for d in render({"restore": {"enabled": True, "requestId": "orders-fix"}}, revision) if d["kind"] == "Job"]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        args = [running.base if a.startswith("http://") else a for a in container["args"]]
+        job_env = {e["name"]: e["value"] for e in container["env"]}
+        job_env["SIDECAR_API_TOKEN_FILE"] = str(tmp_path / "api-token")
+        cli({**env, **job_env}, *args)
+
+    try:
+        run_job(4)  # the restore the operator asked for
+        cluster.psql("INSERT INTO t VALUES (2)", db)  # the application writes on
+        run_job(5)  # a routine upgrade (or a retried pod) with the same values
+        run_job(6)
+        assert cluster.psql("SELECT count(*) FROM t", db) == "2"  # nothing was restored over the live data
+        assert 'pg_backup_restores_total{result="success"} 1.0' in request(running.base, "/metrics")[1]
+    finally:
+        assert running.stop() == 0

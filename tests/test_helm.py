@@ -297,6 +297,17 @@ def test_an_encrypted_release_with_its_key_in_a_secret_drills_and_restores_as_it
     assert cluster.psql("SELECT count(*) FROM t", db) == "100"
 
 
+def test_without_the_key_in_the_cluster_no_alert_waits_for_a_drill_that_cannot_decrypt() -> None:
+    def alerts(values: dict[str, Any]) -> set[str]:
+        [rule] = [d for d in render({**values, "metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+        return {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+    keyless = {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}}
+    assert "PgBackupDrillTooOld" not in alerts(keyless)  # such drills verify checksums only: they never pass
+    assert "PgBackupDrillFailing" in alerts(keyless)
+    assert "PgBackupDrillTooOld" in alerts(MATRIX["encryption, key in the cluster"]) and "PgBackupDrillTooOld" in alerts({})
+
+
 def test_without_the_key_in_the_cluster_the_notes_say_how_to_restore_and_that_recipe_works(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
     from tests.conftest import cli
 

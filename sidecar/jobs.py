@@ -1,4 +1,7 @@
-"""Kubernetes restore Job manifests (the same Job the Helm chart renders with restore.enabled=true)."""
+"""Kubernetes restore Job manifests (the same Job the Helm chart renders with restore.enabled=true).
+
+A Job is one restore request: its name and the sidecar's idempotency key both come from the request id
+only, so applying the same manifest again (or a retried pod) never restores twice."""
 
 from __future__ import annotations
 
@@ -13,24 +16,38 @@ from sidecar.repository import parse_id
 CHART = "pg-backup-sidecar"
 
 
+KUBE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
 def restore_job(ref: str, release: str, namespace: str, target_db: str | None = None,
-                image: str = f"ghcr.io/example/pg-backup-sidecar:{__version__}", port: int = 9188) -> dict[str, Any]:
+                image: str = f"ghcr.io/example/pg-backup-sidecar:{__version__}", port: int = 9188,
+                request_id: str | None = None) -> dict[str, Any]:
+    """The restore Job for one request; without request_id, a new one named after the current UTC time."""
     if ref != "latest":
         parse_id(ref)
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", release) or len(release) > 40:
+    if not KUBE_NAME.fullmatch(release) or len(release) > 40:
         raise UsageError(f"release {release!r} is not a valid Helm release name (lowercase letters, digits and '-')")
     fullname = f"{release}-{CHART}"[:63].rstrip("-")
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    request_id = request_id if request_id is not None else time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if not KUBE_NAME.fullmatch(request_id):
+        raise UsageError(f"request id {request_id!r} must be lowercase letters, digits and '-' (a Kubernetes name), e.g. 2026-11-26-orders")
+    name = f"{fullname}-restore-{request_id}"
+    if len(name) > 63:
+        raise UsageError(f"request id {request_id!r} makes the Job name {name!r} longer than 63 characters: "
+                         f"use at most {63 - len(name) + len(request_id)} characters")
     args = ["restore-request", ref, "--server", f"http://{fullname}:{port}", "--wait"] + (["--target-db", target_db] if target_db else [])
     security = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": f"{fullname}-restore-{stamp}"[:63].rstrip("-"), "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": CHART, "app.kubernetes.io/instance": release, "app.kubernetes.io/component": "restore"}},
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": CHART, "app.kubernetes.io/instance": release, "app.kubernetes.io/component": "restore"},
+                     "annotations": {"pg-backup-sidecar/request-id": request_id}},
         "spec": {
             "backoffLimit": 3,
+            # unlike the chart's Job (removed by restore.enabled=false), nothing else deletes this one; re-applied
+            # after that, it gets the existing restore's outcome from the sidecar
             "ttlSecondsAfterFinished": 604800,
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/instance": release, "app.kubernetes.io/component": "restore"}},
@@ -39,7 +56,7 @@ def restore_job(ref: str, release: str, namespace: str, target_db: str | None = 
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{
                         "name": "restore", "image": image, "args": args,
-                        "env": [{"name": "RESTORE_REQUEST_ID", "value": f"{release}-{stamp}-{ref}"},
+                        "env": [{"name": "RESTORE_REQUEST_ID", "value": request_id},
                                 {"name": "SIDECAR_API_TOKEN_FILE", "value": "/etc/pg-backup-sidecar/api/api-token"}],
                         "securityContext": security,
                         "volumeMounts": [{"name": "api-secret", "mountPath": "/etc/pg-backup-sidecar/api", "readOnly": True}],

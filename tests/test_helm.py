@@ -16,7 +16,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
-_, RECIPIENT = __import__("sidecar.age", fromlist=["generate_identity"]).generate_identity()
+IDENTITY, RECIPIENT = __import__("sidecar.age", fromlist=["generate_identity"]).generate_identity()
 
 MATRIX: dict[str, dict[str, Any]] = {
     "default": {},
@@ -24,19 +24,24 @@ MATRIX: dict[str, dict[str, Any]] = {
                           "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
     "everything on": {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
                       "networkPolicy": {"enabled": True, "allowFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
-                      "restore": {"enabled": True, "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
-                      "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}, "compression": "gzip"},
+                      "restore": {"enabled": True, "requestId": "orders-fix", "backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
+                      "backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT], "identity": {"existingSecret": "age-key"}}, "compression": "gzip"},
                       "validation": {"checks": {"orders_have_lines": "SELECT 1"}},
                       "nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "db", "operator": "Exists"}]},
+    "encryption, key in the cluster": {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT], "identity": {"value": IDENTITY}}}},
 }
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+def render_files(values: dict[str, Any], revision: int = 1) -> dict[str, str]:
     chart = helm_python.Chart.load(CHART)
     try:
-        out = chart.render(values, name="rel", namespace="db", is_install=True)
+        return chart.render(values, name="rel", namespace="db", revision=revision, is_install=revision == 1, is_upgrade=revision > 1)
     finally:
         chart.close()
+
+
+def render(values: dict[str, Any], revision: int = 1) -> list[dict[str, Any]]:
+    out = render_files(values, revision)
     return [doc for name, text in sorted(out.items()) if not name.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -91,7 +96,14 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
 
 
 @pytest.mark.parametrize("values", [{"backup": {"compression": "lz4"}}, {"backup": {"retentionDays": -1}}, {"restore": {"backup": "../../x"}},
-                                    {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}}])
+                                    {"backup": {"encryption": {"recipients": ["not-a-key"]}}}, {"backup": {"schedule": "daily"}},
+                                    {"restore": {"enabled": True}}, {"restore": {"enabled": True, "requestId": ""}},
+                                    {"restore": {"enabled": True, "requestId": "Orders_Fix"}},
+                                    {"backup": {"encryption": {"enabled": True}}}, {"backup": {"encryption": {"enabled": True, "recipients": []}}},
+                                    {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}, "restore": {"enabled": True, "requestId": "r1"}},
+                                    {"backup": {"encryption": {"identity": {"value": "not-a-key"}}}},
+                                    {"backup": {"persistence": {"size": "20 GB"}}}, {"postgresql": {"podDisruptionBudget": {"maxUnavailable": -1}}},
+                                    {"postgresql": {"probes": {"liveness": {"failureThreshold": 0}}}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -101,11 +113,30 @@ def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
         chart.close()
 
 
-def test_a_restore_job_asks_the_sidecar_with_a_stable_request_id() -> None:
-    [job] = [d for d in render({"restore": {"enabled": True}}) if d["kind"] == "Job"]
+def restore_jobs(values: dict[str, Any], revision: int) -> list[tuple[str, str]]:
+    """(Job name, request id) of every restore Job the release renders at this revision."""
+    return [(d["metadata"]["name"], {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}["RESTORE_REQUEST_ID"])
+            for d in render(values, revision) if d["kind"] == "Job"]
+
+
+def test_a_routine_upgrade_with_reused_values_never_starts_a_second_restore() -> None:
+    # helm upgrade --set restore.enabled=true,... at revision 4, then routine upgrades (--reuse-values, an image bump)
+    values = {"restore": {"enabled": True, "requestId": "orders-fix", "backup": "latest"}}
+    first = restore_jobs(values, 4)
+    assert first == [("rel-pg-backup-sidecar-restore-orders-fix", "orders-fix")]
+    assert restore_jobs(values, 5) == first
+    assert restore_jobs({**values, "image": {"tag": "0.2.0"}}, 6) == first
+    [job] = [d for d in render(values, 5) if d["kind"] == "Job"]
+    assert "ttlSecondsAfterFinished" not in job["spec"]  # the finished Job stays, so Kubernetes never runs it again
+    notes = render_files(values, 5)["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "restore.requestId=<id>" in notes and "--set restore.enabled=false" in notes
+
+
+def test_a_restore_job_asks_the_sidecar_with_the_request_id_it_was_given() -> None:
+    [job] = [d for d in render({"restore": {"enabled": True, "requestId": "r1"}}) if d["kind"] == "Job"]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["restore-request", "latest"] and "--wait" in container["args"]
-    assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "rel-1-latest"
+    assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "r1"
     assert job["spec"]["backoffLimit"] == 3 and "volumes" in job["spec"]["template"]["spec"]
     assert not any(v.get("persistentVolumeClaim") for v in job["spec"]["template"]["spec"]["volumes"])
 
@@ -152,9 +183,206 @@ def test_restore_job_prints_a_valid_job_equivalent_to_the_charts() -> None:
     job = yaml.safe_load(out.stdout)
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(job, version, strict=True)
-    [charts] = [d for d in render({"restore": {"enabled": True, "targetDb": "app_copy"}}) if d["kind"] == "Job"]
+    request_id = job["metadata"]["annotations"]["pg-backup-sidecar/request-id"]
+    [charts] = [d for d in render({"restore": {"enabled": True, "requestId": request_id, "targetDb": "app_copy"}}) if d["kind"] == "Job"]
     ours, theirs = job["spec"]["template"]["spec"], charts["spec"]["template"]["spec"]
-    assert ours["containers"][0]["args"] == theirs["containers"][0]["args"]
+    assert job["metadata"]["name"] == charts["metadata"]["name"] == f"rel-pg-backup-sidecar-restore-{request_id}"
+    assert ours["containers"][0]["args"] == theirs["containers"][0]["args"] and ours["containers"][0]["env"] == theirs["containers"][0]["env"]
     assert ours["volumes"] == theirs["volumes"] and ours["containers"][0]["securityContext"] == theirs["containers"][0]["securityContext"]
     bad = cli({"PATH": "/usr/bin:/bin"}, "restore-job", "../../etc/passwd", check=False)
     assert bad.returncode == 2 and "not a backup id" in bad.stderr
+
+
+def test_a_printed_restore_job_is_named_after_its_request_id_only() -> None:
+    from sidecar.errors import UsageError
+    from sidecar.jobs import restore_job
+
+    job = restore_job("latest", "rel", "db", request_id="orders-fix")
+    assert job == restore_job("latest", "rel", "db", request_id="orders-fix")  # the same request prints the same Job
+    assert job["metadata"]["name"] == "rel-pg-backup-sidecar-restore-orders-fix"
+    assert job["spec"]["template"]["spec"]["containers"][0]["env"][0] == {"name": "RESTORE_REQUEST_ID", "value": "orders-fix"}
+    for bad in ("Orders_Fix", "", "x" * 40):
+        with pytest.raises(UsageError, match="request id"):
+            restore_job("latest", "rel", "db", request_id=bad)
+
+
+def sidecar_container(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [workload] = [d for d in docs if d["kind"] == kind]
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "backup-sidecar")
+
+
+def test_the_sidecar_can_never_make_the_database_pod_not_ready(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import password_user
+    from tests.test_daemon import Running, request
+
+    beside_postgres = sidecar_container(render({}), "StatefulSet")
+    alone = sidecar_container(render(MATRIX["external database"]), "Deployment")
+    assert "readinessProbe" not in beside_postgres and "startupProbe" not in beside_postgres
+    probes = [c[p]["httpGet"]["path"] for c in (beside_postgres, alone) for p in ("livenessProbe", "readinessProbe", "startupProbe") if p in c]
+    assert probes and "/readyz" not in probes
+    # the sidecar as the rendered pod runs it, with a password the database refuses (say, rotated on one side only)
+    password_user(cluster)
+    running = Running({**env, "DATABASE_URL": cluster.url(db, user="pwuser", password="not-the-password")}, tmp_path / "d.log")
+    try:
+        assert request(running.base, "/readyz")[0] == 503  # the database really is unreachable for the sidecar
+        assert all(request(running.base, path)[0] == 200 for path in probes)
+    finally:
+        assert running.stop() == 0
+
+
+def test_the_alerts_use_only_metrics_the_daemon_exports(env: dict[str, str], tmp_path: Path) -> None:
+    import re
+
+    from tests.test_daemon import Running, idle
+
+    alerts = (CHART / "files" / "alerts.yaml").read_text()
+    used = set(re.findall(r"\bpg_backup_[a-z_]+", alerts))
+    running = Running({**env, "BACKUP_ON_START": "true"}, tmp_path / "d.log")
+    try:
+        exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(running), flags=re.M))
+    finally:
+        assert running.stop() == 0
+    assert "pg_backup_database_up" in used and used <= exported, used - exported
+
+
+def test_alerts_and_dashboard_key_on_namespace_and_job_never_on_the_pod_ip(tmp_path: Path) -> None:
+    import json
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is required"
+    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+    alerts = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    panels = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    variables = [v.get("query", "") for v in dashboard["templating"]["list"]]
+    for text in alerts + panels + variables + [t["legendFormat"] for panel in dashboard["panels"] for t in panel["targets"]]:
+        assert "instance" not in text and "pod" not in text, text
+    assert all('namespace="db",job="rel-pg-backup-sidecar"' in e and ("by (namespace, job" in e or e.startswith("absent(")) for e in alerts)
+    assert all("by (namespace, job" in e and 'job=~"$job"' in e for e in panels)
+    # the dashboard's queries are valid PromQL
+    records = [{"record": f"dashboard:panel_{i}", "expr": e.replace("$namespace", ".*").replace("$job", ".*")} for i, e in enumerate(panels)]
+    (tmp_path / "dashboard_rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    check = subprocess.run([promtool, "check", "rules", str(tmp_path / "dashboard_rules.yaml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_an_encrypted_release_with_its_key_in_a_secret_drills_and_restores_as_its_pod_would(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    import base64
+
+    from tests.conftest import cli
+
+    docs = render(MATRIX["encryption, key in the cluster"])
+    sidecar = sidecar_container(docs, "StatefulSet")
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    # what the kubelet would do: the Secret's key becomes the file the environment points at
+    identity_file = {e["name"]: e.get("value") for e in sidecar["env"]}["BACKUP_ENCRYPTION_IDENTITY_FILE"]
+    mount = next(m for m in sidecar["volumeMounts"] if identity_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secretName"]]
+    [item] = [i for i in volume["items"] if identity_file == f"{mount['mountPath']}/{i['path']}"]
+    key_file = tmp_path / "age" / item["path"]
+    key_file.parent.mkdir()
+    key_file.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    pod_env = {**env, "SIDECAR_CONFIG": str(tmp_path / "config.yaml"), "BACKUP_ENCRYPTION_IDENTITY_FILE": str(key_file)}
+
+    cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 100) AS x", db)
+    cli(pod_env, "backup")
+    assert cli(pod_env, "list", "--json").stdout.count('"encrypted": true') == 1
+    drill = cli(pod_env, "drill", "latest", check=False)
+    assert drill.returncode == 0, drill.stderr
+    cluster.psql("DELETE FROM t", db)
+    cli(pod_env, "restore", "latest")
+    assert cluster.psql("SELECT count(*) FROM t", db) == "100"
+
+
+def test_without_the_key_in_the_cluster_no_alert_waits_for_a_drill_that_cannot_decrypt() -> None:
+    def alerts(values: dict[str, Any]) -> set[str]:
+        [rule] = [d for d in render({**values, "metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+        return {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+    keyless = {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}}
+    assert "PgBackupDrillTooOld" not in alerts(keyless)  # such drills verify checksums only: they never pass
+    assert "PgBackupDrillFailing" in alerts(keyless)
+    assert "PgBackupDrillTooOld" in alerts(MATRIX["encryption, key in the cluster"]) and "PgBackupDrillTooOld" in alerts({})
+
+
+def test_without_the_key_in_the_cluster_the_notes_say_how_to_restore_and_that_recipe_works(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    values = {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}}
+    sidecar = sidecar_container(render(values), "StatefulSet")
+    assert "BACKUP_ENCRYPTION_IDENTITY_FILE" not in {e["name"] for e in sidecar["env"]}
+    notes = render_files(values)["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "not in the cluster" in notes and "checksums only" in notes
+    assert "env BACKUP_ENCRYPTION_IDENTITY_FILE=/dev/stdin pg-backup-sidecar restore latest < key.txt" in notes
+    # the recipe, as kubectl exec -i runs it in the sidecar container: the key arrives on stdin and is never stored
+    pod_env = {**env, "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": RECIPIENT}
+    cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 10) AS x", db)
+    cli(pod_env, "backup")
+    cluster.psql("DELETE FROM t", db)
+    cli({**pod_env, "BACKUP_ENCRYPTION_IDENTITY_FILE": "/dev/stdin"}, "restore", "latest", input=IDENTITY + "\n")
+    assert cluster.psql("SELECT count(*) FROM t", db) == "10"
+
+
+def test_the_backups_volume_grows_with_helm_upgrade() -> None:
+    for case in ("default", "external database"):
+        before = render({**MATRIX[case], "backup": {"persistence": {"size": "20Gi"}}}, revision=1)
+        after = render({**MATRIX[case], "backup": {"persistence": {"size": "50Gi"}}}, revision=2)
+        [claim] = [d for d in after if d["kind"] == "PersistentVolumeClaim"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # backups outlive the release
+        [old] = [d for d in before if d["kind"] in ("StatefulSet", "Deployment")]
+        [new] = [d for d in after if d["kind"] in ("StatefulSet", "Deployment")]
+        # a StatefulSet's volumeClaimTemplates can never change: the upgrade must leave them alone
+        assert old["spec"].get("volumeClaimTemplates") == new["spec"].get("volumeClaimTemplates")
+        assert "backups" not in [t["metadata"]["name"] for t in new["spec"].get("volumeClaimTemplates", [])]
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in new["spec"]["template"]["spec"]["volumes"]
+    [sts] = [d for d in render({"backup": {"persistence": {"existingClaim": "backups-rel-pg-backup-sidecar-0"}}}) if d["kind"] == "StatefulSet"]
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups-rel-pg-backup-sidecar-0"}} in sts["spec"]["template"]["spec"]["volumes"]
+
+
+def test_the_bundled_postgres_has_resources_probes_and_a_disruption_budget() -> None:
+    docs = render(MATRIX["everything on"])
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    assert postgres["resources"]["requests"]["memory"] and postgres["resources"]["limits"]["memory"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert postgres[probe]["exec"]["command"][0] == "pg_isready" and postgres[probe]["timeoutSeconds"] >= 1
+    assert postgres["startupProbe"]["periodSeconds"] * postgres["startupProbe"]["failureThreshold"] >= 600  # crash recovery has time
+    [pdb] = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 0
+    selected = [d["metadata"]["name"] for d in docs if d["kind"] in ("StatefulSet", "Job", "Pod")
+                if pdb["spec"]["selector"]["matchLabels"].items() <= (d["metadata"]["labels"] if d["kind"] == "Pod" else d["spec"]["template"]["metadata"]["labels"]).items()]
+    assert selected == [sts["metadata"]["name"]]  # the database's pod only, not a restore Job's or helm test's
+    assert not [d for d in render(MATRIX["external database"]) if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_the_restore_job_of_a_later_upgrade_never_restores_over_the_live_database_again(cluster: Any, db: str, env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import backup_id, cli
+    from tests.test_daemon import TOKEN, Running, request
+
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    backup_id(env)
+    (tmp_path / "api-token").write_text(TOKEN)
+    running = Running(env, tmp_path / "d.log")
+
+    def run_job(revision: int) -> None:
+        """The restore Job's container as revision N of `helm upgrade --reuse-values` renders it, against the real daemon."""
+        [job] = [d for d in render({"restore": {"enabled": True, "requestId": "orders-fix"}}, revision) if d["kind"] == "Job"]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        args = [running.base if a.startswith("http://") else a for a in container["args"]]
+        job_env = {e["name"]: e["value"] for e in container["env"]}
+        job_env["SIDECAR_API_TOKEN_FILE"] = str(tmp_path / "api-token")
+        cli({**env, **job_env}, *args)
+
+    try:
+        run_job(4)  # the restore the operator asked for
+        cluster.psql("INSERT INTO t VALUES (2)", db)  # the application writes on
+        run_job(5)  # a routine upgrade (or a retried pod) with the same values
+        run_job(6)
+        assert cluster.psql("SELECT count(*) FROM t", db) == "2"  # nothing was restored over the live data
+        assert 'pg_backup_restores_total{result="success"} 1.0' in request(running.base, "/metrics")[1]
+    finally:
+        assert running.stop() == 0

@@ -35,6 +35,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.api.existingSecret | default (printf "%s-api" (include "sidecar.fullname" .)) }}
 {{- end -}}
 
+{{/* The Secret holding the age identity, or "" when the key is not in the cluster */}}
+{{- define "sidecar.identitySecret" -}}
+{{- $id := .Values.backup.encryption.identity -}}
+{{- if $id.existingSecret -}}{{ $id.existingSecret }}{{- else if $id.value -}}{{ printf "%s-age-identity" (include "sidecar.fullname" .) }}{{- end -}}
+{{- end -}}
+
+{{- define "sidecar.backupsClaim" -}}
+{{ .Values.backup.persistence.existingClaim | default (printf "%s-backups" (include "sidecar.fullname" .)) }}
+{{- end -}}
+
 {{- define "sidecar.databaseUrl" -}}
 {{- if .Values.postgresql.enabled -}}
 postgresql://{{ .Values.postgresql.username }}@127.0.0.1:5432/{{ .Values.postgresql.database }}
@@ -70,14 +80,25 @@ seccompProfile:
     - {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
     - {name: BACKUP_DIR, value: /backups}
     - {name: TMPDIR, value: /tmp}
+    {{- if include "sidecar.identitySecret" . }}
+    - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
+    {{- end }}
   securityContext:
     {{- include "sidecar.containerSecurity" . | nindent 4 }}
   livenessProbe:
     httpGet: {path: /healthz, port: http}
     {{- toYaml .Values.probes.liveness | nindent 4 }}
+  {{- /*
+  Readiness never depends on the database (/readyz does): beside PostgreSQL in one pod, a failing sidecar
+  readiness would take PostgreSQL out of its Service for the sidecar's own trouble, so there is none there;
+  alone (a Deployment) it is ready while its loop ticks. Database reachability is pg_backup_database_up and
+  the PgBackupDatabaseUnreachable alert.
+  */}}
+  {{- if not .Values.postgresql.enabled }}
   readinessProbe:
-    httpGet: {path: /readyz, port: http}
+    httpGet: {path: /healthz, port: http}
     {{- toYaml .Values.probes.readiness | nindent 4 }}
+  {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   volumeMounts:
@@ -86,6 +107,9 @@ seccompProfile:
     - {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
     - {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
     - {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
+    {{- if include "sidecar.identitySecret" . }}
+    - {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
+    {{- end }}
 {{- end -}}
 
 {{- define "sidecar.volumes" -}}
@@ -102,4 +126,11 @@ seccompProfile:
   secret:
     secretName: {{ include "sidecar.apiSecret" . }}
     items: [{key: api-token, path: api-token}]
+{{- with include "sidecar.identitySecret" . }}
+- name: age-identity
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items: [{key: {{ $.Values.backup.encryption.identity.key | default "identity.txt" }}, path: identity.txt}]
+{{- end }}
 {{- end -}}

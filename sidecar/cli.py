@@ -103,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
     rj.add_argument("--release", default="pg-backup-sidecar", help="the Helm release name")
     rj.add_argument("--target-db")
     rj.add_argument("--image", default=None, help="the sidecar image (default: this version's)")
+    rj.add_argument("--request-id", help="names the Job and is its idempotency key (default: the current UTC time); the same id never restores twice")
 
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
@@ -272,7 +273,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
             from sidecar.jobs import restore_job
 
-            extra = {"image": args.image} if args.image else {}
+            extra: dict[str, Any] = {"image": args.image} if args.image else {}
+            if args.request_id:
+                extra["request_id"] = args.request_id
             print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
             return OK
         if args.command == "restore-request":

@@ -144,3 +144,13 @@ def test_json_errors_are_json_and_a_closed_pipe_is_quiet(cluster: Cluster, db: s
     piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m sidecar list --json | true"], env=env, capture_output=True, text=True,
                            check=False)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+
+
+def test_restore_job_takes_the_request_id_that_names_it(env: dict[str, str]) -> None:
+    import yaml
+
+    job = yaml.safe_load(cli(env, "restore-job", "latest", "--release", "rel", "--request-id", "orders-fix").stdout)
+    assert job["metadata"]["name"] == "rel-pg-backup-sidecar-restore-orders-fix"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "RESTORE_REQUEST_ID", "value": "orders-fix"} in container["env"]
+    assert cli(env, "restore-job", "latest", "--request-id", "Bad_Id", check=False).returncode == 2

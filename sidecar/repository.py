@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})
 METADATA_SUFFIX = ".metadata.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 
 # --- ids (pure) -----------------------------------------------------------------------------------
@@ -66,6 +71,44 @@ def globals_extension(compression: str, encrypted: bool) -> str:
     return ".globals.sql" + EXTENSIONS[compression] + (".age" if encrypted else "")
 
 
+# --- file names (pure) ----------------------------------------------------------------------------
+
+def shown(name: object) -> str:
+    """A name as it can be printed on one line: control characters escaped, long names cut."""
+    return name[:80].encode("unicode_escape").decode() if isinstance(name, str) else repr(name)[:80]
+
+
+def is_plain_name(name: object) -> bool:
+    """A name that stays inside the directory it is joined to: no separator, no NUL, not . or .."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def is_own_file_name(backup_id: str, name: object) -> bool:
+    """A data file of `backup_id`: `<id>.<extension>`, plain, not the metadata file, not a leftover."""
+    return (isinstance(name, str) and name.isascii() and re.fullmatch(re.escape(backup_id) + r"\.[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
+            and not name.endswith((METADATA_SUFFIX, PARTIAL_SUFFIX, ".tmp")))
+
+
+def file_names(backup_id: str, metadata: object) -> list[str]:
+    """The names of a backup's files from its metadata, each checked to be a file of that backup and
+    nothing else (never a path, never another backup's file); ValueError naming what is wrong."""
+    files = metadata.get("files") if isinstance(metadata, dict) else None
+    if not isinstance(files, dict) or not isinstance(files.get("dump"), dict):
+        raise ValueError("has no files.dump entry")
+    names: list[str] = []
+    for kind, item in files.items():
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not is_own_file_name(backup_id, name):
+            raise ValueError(f"files.{shown(kind)} names '{shown(name)}', which is not a file of this backup ({backup_id}.<extension>)")
+        size, checksum = item.get("size"), item.get("checksum")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"files.{shown(kind)}.size is {shown(size)}, not a byte count")
+        if not isinstance(checksum, str) or not SHA256_PATTERN.fullmatch(checksum):
+            raise ValueError(f"files.{shown(kind)}.checksum is '{shown(checksum)}', not a sha256")
+        names.append(name)
+    return names
+
+
 # --- listing --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -102,6 +145,8 @@ def newest_good(entries: list[Entry], now: datetime, include_future: bool = True
 # volume on every scrape and API call, and re-reading hundreds of JSON files each time made a listing
 # cost 28 ms at 720 backups (and grew the daemon's memory under load). Never mutate what it holds.
 _parsed: dict[str, dict[str, tuple[tuple[int, int, int], Any]]] = {}
+# (directory, problem) of entries whose metadata names a file that is not theirs, logged once per process
+_warned: set[tuple[str, str]] = set()
 
 
 class Repository:
@@ -119,6 +164,9 @@ class Repository:
             raise SidecarError(f"backup directory {self.dir} is not writable by this user; fix its permissions or set BACKUP_DIR")
 
     def path(self, name: str) -> Path:
+        """A file in the backup directory; a name that could lead outside it is refused."""
+        if not is_plain_name(name):
+            raise SidecarError(f"refusing the file name '{shown(name)}': not a plain file name inside {self.dir}")
         return self.dir / name
 
     def metadata_path(self, backup_id: str) -> Path:
@@ -153,26 +201,39 @@ class Repository:
         if meta_name not in names:
             return Entry(backup_id, None, "missing-metadata", f"{meta_name} is missing")
         try:
-            stat = names[meta_name].stat()
-            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # metadata is replaced by rename: a new inode
+            info = names[meta_name].stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} is not a regular file (a link or a directory); check it by hand")
+            key = (info.st_ino, info.st_mtime_ns, info.st_size)  # metadata is replaced by rename: a new inode
             hit = cache.get(backup_id)
             metadata = hit[1] if hit and hit[0] == key else json.loads(Path(names[meta_name].path).read_bytes())
             fresh[backup_id] = (key, metadata)
-            files = metadata["files"]
-            if metadata.get("id") != backup_id:
-                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {metadata.get('id')!r}, not this backup")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(metadata, dict) or metadata.get("id") != backup_id:
+                described = metadata.get("id") if isinstance(metadata, dict) else type(metadata).__name__
+                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {described!r}, not this backup")
+        except (OSError, ValueError) as exc:
             return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} cannot be read ({exc})")
-        for item in files.values():
-            name = item["name"]
+        try:
+            files = file_names(backup_id, metadata)
+        except ValueError as exc:
+            # a file name that is not this backup's own (a path, another backup's file): such an entry is
+            # never read nor deleted, only reported
+            problem = f"{meta_name} {exc}; nothing of this backup is read or deleted, check it by hand"
+            if (str(self.dir), problem) not in _warned:
+                _warned.add((str(self.dir), problem))
+                log.warning("%s", problem)
+            return Entry(backup_id, None, "unreadable-metadata", problem)
+        for name, item in zip(files, metadata["files"].values(), strict=True):
             try:
-                size = names[name].stat().st_size
+                info = names[name].stat(follow_symlinks=False)
             except (KeyError, OSError):  # not listed, or deleted since (a prune running now)
                 if name + PARTIAL_SUFFIX in names:
                     return None  # a commit that was interrupted; cleaned up by the next backup
                 return Entry(backup_id, metadata, "missing-file", f"{name} is missing")
-            if size != item["size"]:
-                return Entry(backup_id, metadata, "size-mismatch", f"{name} is {size} bytes, metadata says {item['size']}")
+            if not stat.S_ISREG(info.st_mode):
+                return Entry(backup_id, metadata, "missing-file", f"{name} is not a regular file (a link or a directory); it is never read")
+            if info.st_size != item["size"]:
+                return Entry(backup_id, metadata, "size-mismatch", f"{name} is {info.st_size} bytes, metadata says {item['size']}")
         return Entry(backup_id, metadata, "ok")
 
     def get(self, ref: str) -> Entry:
@@ -220,12 +281,20 @@ class Repository:
             fsync_dir(self.dir)
         return removed
 
-    def delete(self, entry: Entry) -> None:
-        files = entry.metadata["files"].values() if entry.metadata else []
-        for item in files:
-            remove_quietly(self.path(item["name"]))
+    def delete(self, entry: Entry) -> bool:
+        """Remove a backup's files and metadata. Only names that are this backup's own files are removed;
+        an entry whose metadata names anything else is left alone (logged, False returned)."""
+        try:
+            parse_id(entry.id)
+            names = file_names(entry.id, entry.metadata)
+        except (NotFound, ValueError) as exc:
+            log.warning("not deleting %s: its metadata %s; check it by hand", shown(entry.id), exc if isinstance(exc, ValueError) else "has no valid id")
+            return False
+        for name in names:
+            remove_quietly(self.path(name))
         remove_quietly(self.metadata_path(entry.id))
         fsync_dir(self.dir)
+        return True
 
     @contextmanager
     def lock(self, operation: str) -> Iterator[None]:

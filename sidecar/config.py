@@ -46,6 +46,7 @@ class Config:
     drill_cron: str | None = None
     retry_seconds: int = 120
     password_file: Path | None = None
+    group_readable: bool = False
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -85,6 +86,7 @@ class Config:
             "drill.cron": self.drill_cron,
             "schedule.retry_seconds": self.retry_seconds,
             "database.password_file": str(self.password_file) if self.password_file else None,
+            "backup.group_readable": self.group_readable,
         }
 
     def with_database(self, dbname: str) -> Config:
@@ -265,6 +267,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "drill.cron": ("DRILL_SCHEDULE", _cron),
     "schedule.retry_seconds": ("BACKUP_RETRY_SECONDS", _int_at_least(0, 86400)),
     "database.password_file": ("DATABASE_PASSWORD_FILE", _readable_file),
+    "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
 }
 
 
@@ -350,4 +353,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         drill_cron=values.get("drill.cron"),
         retry_seconds=values.get("schedule.retry_seconds", 120),
         password_file=values.get("database.password_file"),
+        group_readable=values.get("backup.group_readable", False),
     )

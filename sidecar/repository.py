@@ -150,18 +150,33 @@ _warned: set[tuple[str, str]] = set()
 
 
 class Repository:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, group_readable: bool = False) -> None:
+        """`group_readable`: files 0640 and directories 0750 (a group such as Kubernetes' fsGroup must read
+        the volume) instead of 0600 and 0700. Modes are set explicitly, so the umask does not matter."""
         self.dir = directory
+        self.file_mode = 0o640 if group_readable else 0o600
+        self.dir_mode = 0o750 if group_readable else 0o700
 
     def ensure(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True)
+        except FileExistsError:
+            if not self.dir.is_dir():
+                raise SidecarError(f"cannot create backup directory {self.dir} (File exists); set BACKUP_DIR to a writable directory") from None
         except OSError as exc:
             raise SidecarError(f"cannot create backup directory {self.dir} ({exc.strerror}); set BACKUP_DIR to a writable directory") from None
+        else:
+            os.chmod(self.dir, self.dir_mode)  # only a directory we created: a mounted volume keeps its own mode
         if os.statvfs(self.dir).f_flag & os.ST_RDONLY:
             raise SidecarError(f"backup directory {self.dir} is on a read-only file system; mount the backup volume read-write")
         if not os.access(self.dir, os.W_OK | os.X_OK):
             raise SidecarError(f"backup directory {self.dir} is not writable by this user; fix its permissions or set BACKUP_DIR")
+
+    def make_dir(self, path: Path) -> None:
+        """A directory of ours inside the volume (`.restores/`), with the volume's directory mode."""
+        path.mkdir(exist_ok=True)
+        if stat.S_IMODE(path.stat().st_mode) != self.dir_mode:
+            os.chmod(path, self.dir_mode)
 
     def path(self, name: str) -> Path:
         """A file in the backup directory; a name that could lead outside it is refused."""
@@ -252,7 +267,7 @@ class Repository:
     # --- writing ----------------------------------------------------------------------------------
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
-        write_atomically(self.metadata_path(metadata["id"]), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n")
+        write_atomically(self.metadata_path(metadata["id"]), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n", self.file_mode)
 
     def commit(self, metadata: dict[str, Any]) -> None:
         """Metadata first, then each `.partial` renamed to its final name, then the directory fsynced.
@@ -261,7 +276,9 @@ class Repository:
         self.write_metadata(metadata)
         for item in metadata["files"].values():
             final = self.path(item["name"])
-            os.rename(final.with_name(final.name + PARTIAL_SUFFIX), final)
+            partial = final.with_name(final.name + PARTIAL_SUFFIX)
+            os.chmod(partial, self.file_mode)
+            os.rename(partial, final)
         fsync_dir(self.dir)
 
     def cleanup(self) -> list[str]:
@@ -301,8 +318,13 @@ class Repository:
         """Only one backup or restore at a time on one volume."""
         self.ensure()
         path = self.path(LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, self.file_mode)
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != self.file_mode:
+                try:
+                    os.fchmod(fd, self.file_mode)
+                except PermissionError:
+                    pass  # another user's lock file: it still locks
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -323,10 +345,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write to a temporary name, fsync, rename, fsync the directory. `mode` (whatever the umask): by
+    default 0600, 0640 if the directory is readable by its group (a `Repository.make_dir` directory)."""
+    if mode is None:
+        try:
+            mode = 0o600 | (path.parent.stat().st_mode & 0o040)
+        except OSError as exc:
+            raise disk_error(exc, path) from None
     tmp = path.with_name("." + path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "wb") as handle:
+            os.fchmod(fd, mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -73,6 +73,7 @@ BAD_VALUES = {
     "drill.cron": "61 * * * *",
     "schedule.retry_seconds": "forever",
     "database.password_file": "/nonexistent/password",
+    "backup.group_readable": "for the group",
 }
 
 

@@ -95,13 +95,19 @@ class Config:
         return replace(self, database_url=make_conninfo(**params))
 
 
+# libpq's secret connection parameters (those PQconndefaults() marks "*", and the SCRAM keys it marks
+# for debugging only): never printed, logged, or put in a child's argv
+SECRET_PARAMETERS = ("password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key")
+
+
 def mask_url(url: str) -> str:
     try:
         params = conninfo_to_dict(url)
     except Exception:
         return "<unparseable>"
-    if params.get("password"):
-        params["password"] = "****"
+    for key in SECRET_PARAMETERS:
+        if params.get(key):
+            params[key] = "****"
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 

@@ -22,6 +22,7 @@ ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})
 METADATA_SUFFIX = ".metadata.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
+RESTORES_DIR = ".restores"  # the daemon's restore records (sidecar/scheduler.py)
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,36 @@ class Repository:
                     removed.append(meta)
         if removed:
             fsync_dir(self.dir)
+        changed = self.fix_modes(names)
+        if changed:
+            log.info("set the mode of %d files and directories on the backup volume to %o/%o", changed, self.file_mode, self.dir_mode)
         return removed
+
+    def fix_modes(self, names: set[str]) -> int:
+        """Bring what an older version (or the other BACKUP_GROUP_READABLE) left on the volume to the
+        configured modes: backup files, metadata, the lock, restore records. Links are never followed."""
+        files = [self.dir / n for n in names if ID_PATTERN.fullmatch(n.split(".", 1)[0]) or n == LOCK_NAME]
+        directories = []
+        restores = self.dir / RESTORES_DIR
+        if restores.is_dir() and not restores.is_symlink():
+            directories.append(restores)
+            files += list(restores.iterdir())
+        changed = 0
+        for path, mode, kind in [*((f, self.file_mode, stat.S_ISREG) for f in files), *((d, self.dir_mode, stat.S_ISDIR) for d in directories)]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link is not followed: ELOOP
+            except OSError:
+                continue  # gone since, a link, or not ours to read
+            try:
+                info = os.fstat(fd)
+                if kind(info.st_mode) and stat.S_IMODE(info.st_mode) != mode:
+                    os.fchmod(fd, mode)
+                    changed += 1
+            except OSError:
+                pass  # another user's: not ours to change
+            finally:
+                os.close(fd)
+        return changed
 
     def delete(self, entry: Entry) -> bool:
         """Remove a backup's files and metadata. Only names that are this backup's own files are removed;

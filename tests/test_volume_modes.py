@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.embedded import Cluster
+from tests.conftest import cli
 from tests.test_daemon import Running, idle, request
 
 
@@ -51,3 +52,26 @@ def test_every_file_and_directory_the_sidecar_writes_on_the_volume_has_the_confi
     expected = {name: (f"dir {oct(dir_mode)}" if (volume / name).is_dir() and name != "." else oct(file_mode)) for name in found}
     expected["."] = oct(dir_mode)
     assert found == expected
+
+
+def test_a_backup_brings_what_an_older_version_left_readable_to_the_configured_mode_and_follows_no_link(cluster: Cluster, db: str, env: dict[str, str],
+                                                                                                        tmp_path: Path) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 100) AS id", db)
+    cli(env, "backup")
+    volume = Path(env["BACKUP_DIR"])
+    (volume / ".restores").mkdir(mode=0o755)
+    (volume / ".restores" / "old.json").write_text("{}")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not ours")
+    outside.chmod(0o644)
+    (volume / "backup_2020-01-01T00-00-00-000Z.dump.zst").symlink_to(outside)
+    for path in [*volume.iterdir(), *(volume / ".restores").iterdir()]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)  # as the previous version wrote them
+
+    cli({**env, "BACKUP_GROUP_READABLE": "true"}, "backup")
+
+    found = modes(volume)
+    del found["."], found["backup_2020-01-01T00-00-00-000Z.dump.zst"]  # the volume's root keeps its own mode; a link is a link
+    assert found == {name: ("dir 0o750" if name == ".restores" else "0o640") for name in found}
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644

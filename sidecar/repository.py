@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -176,7 +177,10 @@ class Repository:
     def make_dir(self, path: Path) -> None:
         """A directory of ours inside the volume (`.restores/`), with the volume's directory mode."""
         path.mkdir(exist_ok=True)
-        if stat.S_IMODE(path.stat().st_mode) != self.dir_mode:
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode):  # a link is not followed out of the volume
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory (a link?); remove it", str(path))
+        if stat.S_IMODE(info.st_mode) != self.dir_mode:
             os.chmod(path, self.dir_mode)
 
     def path(self, name: str) -> Path:

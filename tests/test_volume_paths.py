@@ -16,6 +16,7 @@ import pytest
 from sidecar.embedded import Cluster
 from sidecar.repository import Entry, Repository
 from tests.conftest import backup_id, cli
+from tests.test_daemon import Running, request
 
 OLD = "backup_2020-01-01T00-00-00-000Z"  # older than any retention period: prune wants it gone
 
@@ -135,3 +136,20 @@ def test_a_dump_that_is_a_symlink_out_of_the_volume_is_never_read_and_prune_remo
     assert listed[OLD]["status"] == "missing-file" and verify.returncode == 1 and "not a regular file" in verify.stdout
     assert restore.returncode == 3 and cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{db}_linked'") == "0"
     assert outside.exists() and not (directory / own).is_symlink()
+
+
+def test_restore_records_are_never_written_through_a_link_out_of_the_volume(env: dict[str, str], volume: tuple[str, Path, Path], db: str,
+                                                                           tmp_path: Path) -> None:
+    _, directory, _ = volume
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (directory / ".restores").symlink_to(elsewhere)
+    daemon = Running(env, tmp_path / "daemon.log")
+    try:
+        status, restore = request(daemon.base, "/v1/restores", method="POST",
+                                  body=json.dumps({"backup": "latest", "request_id": "linked", "target_db": db + "_linked"}).encode())
+        assert status == 202, restore
+        daemon.wait_for(lambda: request(daemon.base, f"/v1/restores/{restore['id']}")[1]["state"] == "succeeded", "the restore")
+    finally:
+        assert daemon.stop() == 0
+    assert list(elsewhere.iterdir()) == [] and "cannot record restore" in daemon.log.read_text()

@@ -1,6 +1,6 @@
 """Backup and restore speed and memory, side by side with plain pg_dump baselines, in one run.
 
-    python bench/bench_backup.py --rows 4000000 --rounds 2      (about 1 GB of ../shared/datasets/realistic.sql)
+    python bench/bench_backup.py --rows 4000000 --rounds 2      (about 1 GB of tests/data/realistic.sql)
 
 Prints a table and ratios; results are recorded by hand in bench/RESULTS.md with the machine."""
 
@@ -22,7 +22,7 @@ from sidecar.age import generate_identity  # noqa: E402
 from sidecar.embedded import Cluster  # noqa: E402
 from sidecar.postgres import find_tool  # noqa: E402
 
-DATASET = ROOT.parent / "shared" / "datasets" / "realistic.sql"
+DATASET = ROOT / "tests" / "data" / "realistic.sql"
 
 
 def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:

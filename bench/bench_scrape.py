@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 from sidecar.embedded import Cluster  # noqa: E402
 from sidecar.postgres import find_tool  # noqa: E402
 
+DATASET = ROOT / "tests" / "data" / "realistic.sql"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -30,7 +32,7 @@ def main() -> None:
     os.chmod(work, 0o755)
     with Cluster(base=work, port=54420) as cluster:
         cluster.psql("CREATE DATABASE b")
-        subprocess.run([find_tool("psql"), "-X", "-q", "-v", f"rows={args.rows}", "-f", str(ROOT.parent / "shared" / "datasets" / "realistic.sql"),
+        subprocess.run([find_tool("psql"), "-X", "-q", "-v", f"rows={args.rows}", "-f", str(DATASET),
                         "-d", cluster.url("b")], check=True, capture_output=True)
         env = {**os.environ, "DATABASE_URL": cluster.url("b"), "BACKUP_DIR": str(work / "backups"), "BACKUP_ON_START": "true",
                "SIDECAR_LISTEN": "127.0.0.1:19299", "DRILL_AFTER_BACKUP": "false"}

@@ -110,7 +110,7 @@ def restore_backup(ref: str, config: Config | None = None, target_db: str | None
 
 def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
     cfg = _config(config)
-    repo = Repository(cfg.backup_dir)
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
     with repo.lock("prune"):
         decisions = classify(repo.entries(), cfg.retention_days, now or datetime.now(UTC))
         report = PruneReport([], [], [], dry_run)
@@ -131,7 +131,7 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
 def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
     """Pin a backup (retention never deletes it) or release it."""
     cfg = _config(config)
-    repo = Repository(cfg.backup_dir)
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
     with repo.lock("pin"):
         entry = repo.get(ref)
         if entry.metadata is None:

@@ -131,7 +131,7 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFi
 
 def create_backup(config: Config, label: str | None = None, keep: bool = False) -> dict[str, Any]:
     """Take one backup; returns its metadata. Nothing is listed unless it is complete."""
-    repo = Repository(config.backup_dir)
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("backup"):
         removed = repo.cleanup()
         if removed:

@@ -50,6 +50,7 @@ class Config:
     keep_previous_count: int = 2
     keep_previous_days: int = 7
     data_dir: Path | None = None
+    group_readable: bool = False
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -93,6 +94,7 @@ class Config:
             "restore.keep_previous_count": self.keep_previous_count,
             "restore.keep_previous_days": self.keep_previous_days,
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
+            "backup.group_readable": self.group_readable,
         }
 
     def drill_server(self) -> Config:
@@ -105,13 +107,19 @@ class Config:
         return replace(self, database_url=make_conninfo(**params))
 
 
+# libpq's secret connection parameters (those PQconndefaults() marks "*", and the SCRAM keys it marks
+# for debugging only): never printed, logged, or put in a child's argv
+SECRET_PARAMETERS = ("password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key")
+
+
 def mask_url(url: str) -> str:
     try:
         params = conninfo_to_dict(url)
     except Exception:
         return "<unparseable>"
-    if params.get("password"):
-        params["password"] = "****"
+    for key in SECRET_PARAMETERS:
+        if params.get(key):
+            params[key] = "****"
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
@@ -281,6 +289,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "restore.keep_previous_count": ("RESTORE_KEEP_PREVIOUS_COUNT", _int_at_least(0)),
     "restore.keep_previous_days": ("RESTORE_KEEP_PREVIOUS_DAYS", _int_at_least(0)),
     "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
+    "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
 }
 
 
@@ -370,4 +379,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         keep_previous_count=values.get("restore.keep_previous_count", 2),
         keep_previous_days=values.get("restore.keep_previous_days", 7),
         data_dir=values.get("postgres.data_dir"),
+        group_readable=values.get("backup.group_readable", False),
     )

@@ -31,7 +31,7 @@ def _clean_leftovers(repo: Repository) -> None:
 
 
 def run_daemon(config: Config, config_path: str | None) -> int:
-    repo = Repository(config.backup_dir)
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
     repo.ensure()
     _clean_leftovers(repo)
     daemon = Daemon(config, Metrics(repo), config_path)

@@ -17,7 +17,7 @@ from typing import IO, Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from sidecar.config import Config
+from sidecar.config import SECRET_PARAMETERS, Config
 from sidecar.errors import SidecarError
 
 SEARCH_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
@@ -40,22 +40,76 @@ def find_tool(name: str, bin_dir: Path | None = None) -> str:
 @cache
 def tool_version(path: str) -> tuple[int, str]:
     """(major, full text) of a pg tool's --version."""
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False, env=base_env()).stdout.strip()
     match = re.search(r"\(PostgreSQL\) (\d+)(\.\d+)?", out)
     if not match:
         raise SidecarError(f"cannot tell the version of {path} ('{out}')")
     return int(match.group(1)), match.group(0).replace("(PostgreSQL) ", "").strip()
 
 
+# What a pg tool sees of our environment (an allow-list): where programs and home are, locale and time
+# zone, and libpq's own non-secret variables. Never DATABASE_URL, DATABASE_PASSWORD(_FILE), the API
+# token, cloud credentials or anything else the sidecar was given.
+PASSED_VARIABLES = frozenset({
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "KRB5CCNAME", "KRB5_CONFIG",
+    "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS",
+    "PGCONNECT_TIMEOUT", "PGCLIENTENCODING", "PGCHANNELBINDING", "PGREQUIREAUTH", "PGREQUIREPEER", "PGTARGETSESSIONATTRS",
+    "PGLOADBALANCEHOSTS", "PGSSLMODE", "PGSSLNEGOTIATION", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE",
+    "PGSSLROOTCERT", "PGSSLCRL", "PGSSLCRLDIR", "PGSSLSNI", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+    "PGMINPROTOCOLVERSION", "PGMAXPROTOCOLVERSION", "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB", "PGGSSDELEGATION",
+    "PGSYSCONFDIR", "PGLOCALEDIR", "PGTZ", "PGDATESTYLE", "PGGEQO",
+})
+SERVICE_NAME = "pg-backup-sidecar"
+
+
+def base_env() -> dict[str, str]:
+    """The allow-listed part of our environment, for any pg tool."""
+    return {k: v for k, v in os.environ.items() if k in PASSED_VARIABLES or k.startswith("LC_")}
+
+
 def child_env(config: Config) -> tuple[str, dict[str, str]]:
-    """(conninfo without password, environment with PGPASSWORD): passwords never go into argv."""
+    """(conninfo for --dbname=, environment) for a pg tool: secrets never go into argv.
+
+    The password goes in PGPASSWORD. libpq has no environment variable for the other secret parameters
+    (sslpassword, oauth_client_secret, SCRAM keys): they go in a libpq service file that exists only in
+    memory (a memfd, readable through /proc/self/fd by the child that inherits it, by no one else, and
+    gone with the processes), named by PGSERVICEFILE and PGSERVICE."""
     params = config.conninfo()
-    password = params.pop("password", None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k in ("PGSSLROOTCERT",)}
+    secrets = {key: params.pop(key) for key in SECRET_PARAMETERS if params.get(key)}
+    env = base_env()
     env["PGAPPNAME"] = "pg-backup-sidecar"
-    if password:
-        env["PGPASSWORD"] = password
+    if "password" in secrets:
+        env["PGPASSWORD"] = secrets.pop("password")
+    if secrets:
+        if params.get("service") or env.get("PGSERVICE"):
+            raise SidecarError(f"{', '.join(secrets)} in DATABASE_URL cannot be combined with a libpq service (service=, PGSERVICE); "
+                               "put it in the service file instead")
+        env["PGSERVICEFILE"] = _service_file(secrets)
+        env["PGSERVICE"] = SERVICE_NAME
     return make_conninfo(**params), env
+
+
+# service files by content, each an open memfd kept for the life of this process (a few per operation)
+_service_files: dict[str, int] = {}
+
+
+def _service_file(secrets: dict[str, str]) -> str:
+    """A libpq service file holding `secrets`, in memory only; its path for PGSERVICEFILE."""
+    for key, value in secrets.items():
+        if value != value.strip() or "\n" in value or "\r" in value:
+            raise SidecarError(f"{key} in DATABASE_URL has leading or trailing blanks or a line break, which libpq cannot read from a service file")
+    content = f"[{SERVICE_NAME}]\n" + "".join(f"{key}={value}\n" for key, value in sorted(secrets.items()))
+    if content not in _service_files:
+        fd = os.memfd_create(SERVICE_NAME, os.MFD_CLOEXEC)
+        os.write(fd, content.encode())
+        _service_files[content] = fd
+    return f"/proc/self/fd/{_service_files[content]}"
+
+
+def _inherited_fds(env: dict[str, str]) -> tuple[int, ...]:
+    """The memfd a child's PGSERVICEFILE names, which it must inherit."""
+    path = env.get("PGSERVICEFILE", "")
+    return tuple(fd for fd in _service_files.values() if path == f"/proc/self/fd/{fd}")
 
 
 def connect(config: Config, dbname: str | None = None, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -70,10 +124,13 @@ def connect(config: Config, dbname: str | None = None, autocommit: bool = True) 
         raise SidecarError(f"cannot connect to database {params.get('dbname')!r}: {describe(exc)}; check DATABASE_URL and that the server is up") from None
 
 
+SECRET_IN_TEXT = re.compile(r"\b(" + "|".join(SECRET_PARAMETERS) + r")(\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
 def describe(exc: BaseException) -> str:
-    """A one-line description of a database error that never contains the password."""
+    """A one-line description of a database error that never contains a secret connection parameter."""
     text = " ".join(str(exc).split())
-    return re.sub(r"password=\S+", "password=****", text)[:400]
+    return SECRET_IN_TEXT.sub(r"\1\2****", text)[:400]
 
 
 PIPE_SIZE = 1 << 20
@@ -95,7 +152,8 @@ class Child:
                  stdout: int | IO[bytes] | None = subprocess.PIPE) -> None:
         self.name = Path(argv[0]).name
         try:
-            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                         pass_fds=_inherited_fds(env))
         except OSError as exc:
             raise SidecarError(f"cannot run {argv[0]} ({exc.strerror})") from None
         for pipe in (self.proc.stdout, self.proc.stdin):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +23,10 @@ ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})
 METADATA_SUFFIX = ".metadata.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
+RESTORES_DIR = ".restores"  # the daemon's restore records (sidecar/scheduler.py)
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 
 # --- ids (pure) -----------------------------------------------------------------------------------
@@ -66,6 +73,44 @@ def globals_extension(compression: str, encrypted: bool) -> str:
     return ".globals.sql" + EXTENSIONS[compression] + (".age" if encrypted else "")
 
 
+# --- file names (pure) ----------------------------------------------------------------------------
+
+def shown(name: object) -> str:
+    """A name as it can be printed on one line: control characters escaped, long names cut."""
+    return name[:80].encode("unicode_escape").decode() if isinstance(name, str) else repr(name)[:80]
+
+
+def is_plain_name(name: object) -> bool:
+    """A name that stays inside the directory it is joined to: no separator, no NUL, not . or .."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def is_own_file_name(backup_id: str, name: object) -> bool:
+    """A data file of `backup_id`: `<id>.<extension>`, plain, not the metadata file, not a leftover."""
+    return (isinstance(name, str) and name.isascii() and re.fullmatch(re.escape(backup_id) + r"\.[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
+            and not name.endswith((METADATA_SUFFIX, PARTIAL_SUFFIX, ".tmp")))
+
+
+def file_names(backup_id: str, metadata: object) -> list[str]:
+    """The names of a backup's files from its metadata, each checked to be a file of that backup and
+    nothing else (never a path, never another backup's file); ValueError naming what is wrong."""
+    files = metadata.get("files") if isinstance(metadata, dict) else None
+    if not isinstance(files, dict) or not isinstance(files.get("dump"), dict):
+        raise ValueError("has no files.dump entry")
+    names: list[str] = []
+    for kind, item in files.items():
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not is_own_file_name(backup_id, name):
+            raise ValueError(f"files.{shown(kind)} names '{shown(name)}', which is not a file of this backup ({backup_id}.<extension>)")
+        size, checksum = item.get("size"), item.get("checksum")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"files.{shown(kind)}.size is {shown(size)}, not a byte count")
+        if not isinstance(checksum, str) or not SHA256_PATTERN.fullmatch(checksum):
+            raise ValueError(f"files.{shown(kind)}.checksum is '{shown(checksum)}', not a sha256")
+        names.append(name)
+    return names
+
+
 # --- listing --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -102,23 +147,46 @@ def newest_good(entries: list[Entry], now: datetime, include_future: bool = True
 # volume on every scrape and API call, and re-reading hundreds of JSON files each time made a listing
 # cost 28 ms at 720 backups (and grew the daemon's memory under load). Never mutate what it holds.
 _parsed: dict[str, dict[str, tuple[tuple[int, int, int], Any]]] = {}
+# (directory, problem) of entries whose metadata names a file that is not theirs, logged once per process
+_warned: set[tuple[str, str]] = set()
 
 
 class Repository:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, group_readable: bool = False) -> None:
+        """`group_readable`: files 0640 and directories 0750 (a group such as Kubernetes' fsGroup must read
+        the volume) instead of 0600 and 0700. Modes are set explicitly, so the umask does not matter."""
         self.dir = directory
+        self.file_mode = 0o640 if group_readable else 0o600
+        self.dir_mode = 0o750 if group_readable else 0o700
 
     def ensure(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True)
+        except FileExistsError:
+            if not self.dir.is_dir():
+                raise SidecarError(f"cannot create backup directory {self.dir} (File exists); set BACKUP_DIR to a writable directory") from None
         except OSError as exc:
             raise SidecarError(f"cannot create backup directory {self.dir} ({exc.strerror}); set BACKUP_DIR to a writable directory") from None
+        else:
+            os.chmod(self.dir, self.dir_mode)  # only a directory we created: a mounted volume keeps its own mode
         if os.statvfs(self.dir).f_flag & os.ST_RDONLY:
             raise SidecarError(f"backup directory {self.dir} is on a read-only file system; mount the backup volume read-write")
         if not os.access(self.dir, os.W_OK | os.X_OK):
             raise SidecarError(f"backup directory {self.dir} is not writable by this user; fix its permissions or set BACKUP_DIR")
 
+    def make_dir(self, path: Path) -> None:
+        """A directory of ours inside the volume (`.restores/`), with the volume's directory mode."""
+        path.mkdir(exist_ok=True)
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode):  # a link is not followed out of the volume
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory (a link?); remove it", str(path))
+        if stat.S_IMODE(info.st_mode) != self.dir_mode:
+            os.chmod(path, self.dir_mode)
+
     def path(self, name: str) -> Path:
+        """A file in the backup directory; a name that could lead outside it is refused."""
+        if not is_plain_name(name):
+            raise SidecarError(f"refusing the file name '{shown(name)}': not a plain file name inside {self.dir}")
         return self.dir / name
 
     def metadata_path(self, backup_id: str) -> Path:
@@ -153,26 +221,39 @@ class Repository:
         if meta_name not in names:
             return Entry(backup_id, None, "missing-metadata", f"{meta_name} is missing")
         try:
-            stat = names[meta_name].stat()
-            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # metadata is replaced by rename: a new inode
+            info = names[meta_name].stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} is not a regular file (a link or a directory); check it by hand")
+            key = (info.st_ino, info.st_mtime_ns, info.st_size)  # metadata is replaced by rename: a new inode
             hit = cache.get(backup_id)
             metadata = hit[1] if hit and hit[0] == key else json.loads(Path(names[meta_name].path).read_bytes())
             fresh[backup_id] = (key, metadata)
-            files = metadata["files"]
-            if metadata.get("id") != backup_id:
-                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {metadata.get('id')!r}, not this backup")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(metadata, dict) or metadata.get("id") != backup_id:
+                described = metadata.get("id") if isinstance(metadata, dict) else type(metadata).__name__
+                return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} describes {described!r}, not this backup")
+        except (OSError, ValueError) as exc:
             return Entry(backup_id, None, "unreadable-metadata", f"{meta_name} cannot be read ({exc})")
-        for item in files.values():
-            name = item["name"]
+        try:
+            files = file_names(backup_id, metadata)
+        except ValueError as exc:
+            # a file name that is not this backup's own (a path, another backup's file): such an entry is
+            # never read nor deleted, only reported
+            problem = f"{meta_name} {exc}; nothing of this backup is read or deleted, check it by hand"
+            if (str(self.dir), problem) not in _warned:
+                _warned.add((str(self.dir), problem))
+                log.warning("%s", problem)
+            return Entry(backup_id, None, "unreadable-metadata", problem)
+        for name, item in zip(files, metadata["files"].values(), strict=True):
             try:
-                size = names[name].stat().st_size
+                info = names[name].stat(follow_symlinks=False)
             except (KeyError, OSError):  # not listed, or deleted since (a prune running now)
                 if name + PARTIAL_SUFFIX in names:
                     return None  # a commit that was interrupted; cleaned up by the next backup
                 return Entry(backup_id, metadata, "missing-file", f"{name} is missing")
-            if size != item["size"]:
-                return Entry(backup_id, metadata, "size-mismatch", f"{name} is {size} bytes, metadata says {item['size']}")
+            if not stat.S_ISREG(info.st_mode):
+                return Entry(backup_id, metadata, "missing-file", f"{name} is not a regular file (a link or a directory); it is never read")
+            if info.st_size != item["size"]:
+                return Entry(backup_id, metadata, "size-mismatch", f"{name} is {info.st_size} bytes, metadata says {item['size']}")
         return Entry(backup_id, metadata, "ok")
 
     def get(self, ref: str) -> Entry:
@@ -191,7 +272,7 @@ class Repository:
     # --- writing ----------------------------------------------------------------------------------
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
-        write_atomically(self.metadata_path(metadata["id"]), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n")
+        write_atomically(self.metadata_path(metadata["id"]), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n", self.file_mode)
 
     def commit(self, metadata: dict[str, Any]) -> None:
         """Metadata first, then each `.partial` renamed to its final name, then the directory fsynced.
@@ -200,7 +281,9 @@ class Repository:
         self.write_metadata(metadata)
         for item in metadata["files"].values():
             final = self.path(item["name"])
-            os.rename(final.with_name(final.name + PARTIAL_SUFFIX), final)
+            partial = final.with_name(final.name + PARTIAL_SUFFIX)
+            os.chmod(partial, self.file_mode)
+            os.rename(partial, final)
         fsync_dir(self.dir)
 
     def cleanup(self) -> list[str]:
@@ -218,22 +301,64 @@ class Repository:
                     removed.append(meta)
         if removed:
             fsync_dir(self.dir)
+        changed = self.fix_modes(names)
+        if changed:
+            log.info("set the mode of %d files and directories on the backup volume to %o/%o", changed, self.file_mode, self.dir_mode)
         return removed
 
-    def delete(self, entry: Entry) -> None:
-        files = entry.metadata["files"].values() if entry.metadata else []
-        for item in files:
-            remove_quietly(self.path(item["name"]))
+    def fix_modes(self, names: set[str]) -> int:
+        """Bring what an older version (or the other BACKUP_GROUP_READABLE) left on the volume to the
+        configured modes: backup files, metadata, the lock, restore records. Links are never followed."""
+        files = [self.dir / n for n in names if ID_PATTERN.fullmatch(n.split(".", 1)[0]) or n == LOCK_NAME]
+        directories = []
+        restores = self.dir / RESTORES_DIR
+        if restores.is_dir() and not restores.is_symlink():
+            directories.append(restores)
+            files += list(restores.iterdir())
+        changed = 0
+        for path, mode, kind in [*((f, self.file_mode, stat.S_ISREG) for f in files), *((d, self.dir_mode, stat.S_ISDIR) for d in directories)]:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link is not followed: ELOOP
+            except OSError:
+                continue  # gone since, a link, or not ours to read
+            try:
+                info = os.fstat(fd)
+                if kind(info.st_mode) and stat.S_IMODE(info.st_mode) != mode:
+                    os.fchmod(fd, mode)
+                    changed += 1
+            except OSError:
+                pass  # another user's: not ours to change
+            finally:
+                os.close(fd)
+        return changed
+
+    def delete(self, entry: Entry) -> bool:
+        """Remove a backup's files and metadata. Only names that are this backup's own files are removed;
+        an entry whose metadata names anything else is left alone (logged, False returned)."""
+        try:
+            parse_id(entry.id)
+            names = file_names(entry.id, entry.metadata)
+        except (NotFound, ValueError) as exc:
+            log.warning("not deleting %s: its metadata %s; check it by hand", shown(entry.id), exc if isinstance(exc, ValueError) else "has no valid id")
+            return False
+        for name in names:
+            remove_quietly(self.path(name))
         remove_quietly(self.metadata_path(entry.id))
         fsync_dir(self.dir)
+        return True
 
     @contextmanager
     def lock(self, operation: str) -> Iterator[None]:
         """Only one backup or restore at a time on one volume."""
         self.ensure()
         path = self.path(LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, self.file_mode)
         try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != self.file_mode:
+                try:
+                    os.fchmod(fd, self.file_mode)
+                except PermissionError:
+                    pass  # another user's lock file: it still locks
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -254,10 +379,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write to a temporary name, fsync, rename, fsync the directory. `mode` (whatever the umask): by
+    default 0600, 0640 if the directory is readable by its group (a `Repository.make_dir` directory)."""
+    if mode is None:
+        try:
+            mode = 0o600 | (path.parent.stat().st_mode & 0o040)
+        except OSError as exc:
+            raise disk_error(exc, path) from None
     tmp = path.with_name("." + path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "wb") as handle:
+            os.fchmod(fd, mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -141,7 +141,7 @@ class RestoreReport:
 
 
 def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
-    repo = Repository(config.backup_dir)
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("restore"):
         return _restore(config, repo, ref, target_db, in_place, force)
 
@@ -483,7 +483,7 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
     drop the scratch database, and record the outcome in the backup's metadata (`verified`)."""
     from sidecar.repository import iso_timestamp
 
-    repo = Repository(config.backup_dir)
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
     clock = time.monotonic()
     with repo.lock("drill"):
         entry = repo.get(ref)

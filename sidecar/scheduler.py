@@ -75,7 +75,7 @@ class Daemon:
         self.config = config
         self.metrics = metrics
         self.config_path = config_path
-        self.repo = Repository(config.backup_dir)
+        self.repo = Repository(config.backup_dir, group_readable=config.group_readable)
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()
         self._run_lock = threading.Lock()
@@ -245,7 +245,7 @@ class Daemon:
     def _save_restore(self, record: dict[str, Any]) -> None:
         path = self._restore_path(record["request_id"])
         try:
-            path.parent.mkdir(exist_ok=True)
+            self.repo.make_dir(path.parent)
             write_atomically(path, json.dumps({k: v for k, v in record.items() if k != "progress"}).encode())
         except OSError as exc:
             log.warning("cannot record restore %s on the backup volume (%s): the same request after a restart would restore again",

@@ -15,7 +15,7 @@ import pytest
 from sidecar.embedded import Cluster
 from sidecar.postgres import find_tool
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parent / "data"  # sample databases, each with its licence file, inside the repository
 _names = itertools.count()
 
 

@@ -6,11 +6,14 @@ reachable, so the Debian base image is made locally with debootstrap and cached 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from sidecar.embedded import Cluster
 from tests.test_daemon import free_port
@@ -30,13 +33,46 @@ def podman(*args: str, check: bool = True, timeout: float = 900, **kwargs: objec
     return result  # type: ignore[no-any-return]
 
 
-def mirror() -> str:
-    for path in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+def apt_sources(etc: Path = Path("/etc/apt")) -> list[tuple[list[str], list[str]]]:
+    """(types, URIs) of every enabled entry of apt's sources: the one-line format of sources.list and
+    sources.list.d/*.list, and the deb822 format of sources.list.d/*.sources (other files apt ignores)."""
+    entries: list[tuple[list[str], list[str]]] = []
+    for path in [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]:
         for line in path.read_text().splitlines() if path.is_file() else []:
-            for word in line.replace("URIs:", " ").split():
-                if word.startswith("http") and word.rstrip("/").endswith("/debian"):
-                    return word
-    return "http://deb.debian.org/debian"
+            words = line.split("#", 1)[0].split()
+            if words and words[0] in ("deb", "deb-src"):
+                rest = words[1:]
+                if rest and rest[0].startswith("["):  # options: [arch=amd64 signed-by=...]
+                    while rest and not rest[0].endswith("]"):
+                        rest = rest[1:]
+                    rest = rest[1:]
+                entries.append(([words[0]], rest[:1]))
+    for path in sorted((etc / "sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", path.read_text()):
+            fields: dict[str, str] = {}
+            key = ""
+            for line in stanza.splitlines():
+                if line.startswith("#"):
+                    continue
+                if line[:1].isspace() and key:
+                    fields[key] += " " + line.strip()
+                elif ":" in line:
+                    key, value = (part.strip() for part in line.split(":", 1))
+                    fields[key.lower()] = value
+                    key = key.lower()
+            if fields.get("enabled", "yes").lower() != "no" and "uris" in fields:
+                entries.append((fields.get("types", "").split(), fields["uris"].split()))
+    return entries
+
+
+def mirror(etc: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror apt uses here (debootstrap needs one; registries are not reachable)."""
+    for types, uris in apt_sources(etc):
+        for uri in uris:
+            if "deb" in types and uri.startswith(("http://", "https://")) and uri.rstrip("/").endswith("/debian"):
+                return uri
+    raise AssertionError(f"no Debian mirror in apt's sources ({etc}/sources.list, {etc}/sources.list.d/*.list or *.sources): "
+                         "add an http(s) URI ending in /debian, e.g. 'deb http://deb.debian.org/debian trixie main'")
 
 
 def build_image() -> None:
@@ -83,3 +119,32 @@ def test_the_image_backs_up_serves_metrics_and_stops_cleanly_as_non_root_with_a_
         assert podman("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:
         podman("rm", "-f", name, check=False)
+
+
+def apt(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_the_mirror_comes_from_deb822_sources_skipping_comments_disabled_entries_and_other_archives(tmp_path: Path) -> None:
+    etc = apt(tmp_path, {
+        "sources.list.d/debian.sources": "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\nURIs: http://mirror.example/debian-security\n"
+                                         "Suites: trixie-security\n\nTypes: deb\nURIs: http://off.example/debian\nEnabled: no\n\n"
+                                         "Types: deb deb-src\nURIs:\n http://mirror.example/debian/\nSuites: trixie\nComponents: main\n",
+        "sources.list.d/old.list.disabled": "deb http://stale.example/debian trixie main\n",
+    })
+    assert mirror(etc) == "http://mirror.example/debian/"
+
+
+def test_the_mirror_comes_from_a_one_line_sources_list_with_options(tmp_path: Path) -> None:
+    etc = apt(tmp_path, {"sources.list": "# deb http://commented.example/debian trixie main\n"
+                                         "deb [ arch=amd64 signed-by=/k.gpg ] https://mirror.example/debian trixie main\n"})
+    assert mirror(etc) == "https://mirror.example/debian"
+
+
+def test_no_mirror_in_apts_sources_is_a_clear_failure_not_a_guess(tmp_path: Path) -> None:
+    etc = apt(tmp_path, {"sources.list.d/nodesource.sources": "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n"})
+    with pytest.raises(AssertionError, match="no Debian mirror in apt's sources"):
+        mirror(etc)

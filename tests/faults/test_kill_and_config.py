@@ -77,6 +77,7 @@ BAD_VALUES = {
     "restore.keep_previous_count": "many",
     "restore.keep_previous_days": "-3",
     "postgres.data_dir": "",
+    "backup.group_readable": "for the group",
 }
 
 

@@ -36,8 +36,10 @@ class CheckReport:
         return self.connected and not self.problems
 
     def lines(self) -> list[str]:
+        summary = (f"{len(self.problems)} problem{'s' if len(self.problems) > 1 else ''} found" if self.problems
+                   else f"all {len(self.checked)} checks passed")
         return ([f"ok: {line}" for line in self.checked] + [f"note: {line}" for line in self.notes]
-                + [f"problem: {line}" for line in self.problems])
+                + [f"problem: {line}" for line in self.problems] + [summary])
 
 
 def _names(names: list[str]) -> str:
@@ -119,7 +121,8 @@ def _check_reading(conn: psycopg.Connection[Any], report: CheckReport, role: str
                                f"will fail: {_names(unreadable)}; GRANT SELECT on them (and USAGE on their schemas), "
                                f"or GRANT pg_read_all_data TO {role}")
     if policed:
-        report.problems.append(f"{len(policed)} tables have row-level security and {role} neither owns them nor has BYPASSRLS, "
+        report.problems.append(f"{len(policed)} table{'s have' if len(policed) > 1 else ' has'} row-level security and {role} "
+                               "neither owns it nor has BYPASSRLS, "
                                f"so pg_dump will refuse them: {_names(policed)}; ALTER ROLE {role} BYPASSRLS")
     if not unreadable and not policed:
         report.checked.append(f"{role} can read all {len(rows)} tables and sequences")

@@ -394,7 +394,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(env):
         if not name.startswith(OUR_PREFIXES) or name in known or _service_link(name, env[name]):
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         hint = f"did you mean {close[0]}?" if close else "see the README's configuration table"
         warnings.append(f"{name} is not a pg-backup-sidecar setting and is ignored; {hint}")
     return warnings

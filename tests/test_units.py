@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.age import generate_identity
@@ -243,11 +243,14 @@ def test_a_tier_keeps_the_newest_backup_of_its_day_that_has_not_failed_a_drill()
     assert decisions[3].reason == "newest backup whose restore drill passed"
 
 
+MOSTLY_TRUE, MOSTLY_FALSE = st.sampled_from([True, True, True, False]), st.sampled_from([False, False, False, True])
 ZONES = st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Pacific/Kiritimati"])
 
 
 # backups within 100 days (several a day, weeks and months apart), every rule, several time zones and clocks
-@given(st.lists(st.tuples(st.integers(0, 24 * 100), st.booleans(), st.booleans(), st.booleans(), DRILLS), max_size=40),
+@settings(max_examples=200)
+@example([(0, True, False, True, True), (50, True, False, True, False), (60, True, False, True, None)], (0, 0, 2, 0, 0), "UTC", 0)
+@given(st.lists(st.tuples(st.integers(0, 24 * 100), MOSTLY_TRUE, MOSTLY_FALSE, MOSTLY_TRUE, DRILLS), max_size=40),
        st.tuples(st.integers(0, 60), st.integers(0, 5), st.integers(0, 10), st.integers(0, 6), st.integers(0, 4)), ZONES,
        st.integers(-500, 24 * 60))
 def test_retention_with_tiers_keeps_exactly_what_the_rules_keep_and_is_idempotent(

@@ -7,6 +7,7 @@ one-byte file written to and removed from the backup volume."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -160,8 +161,12 @@ def _check_volume(config: Config, report: CheckReport) -> None:
             os.fsync(probe.fileno())
         stat = os.statvfs(existing)
     except OSError as exc:
-        report.problems.append(f"backup directory {directory} is not writable ({exc.strerror}); mount the backup volume "
-                               "read-write and give this user write access, or set BACKUP_DIR")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            report.problems.append(f"backup directory {directory} is full ({exc.strerror}): no backup can be written; grow the "
+                                   "volume or lower the retention")
+        else:
+            report.problems.append(f"backup directory {directory} is not writable ({exc.strerror}); mount the backup volume "
+                                   "read-write and give this user write access, or set BACKUP_DIR")
         return
     free = stat.f_bavail * stat.f_frsize
     where = f"backup directory {directory}" + ("" if existing == directory else f" (does not exist yet; {existing} is writable)")

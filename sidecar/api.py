@@ -72,11 +72,10 @@ class Backup:
 
     def to_json(self) -> dict[str, Any]:
         """The metadata with `status`, `drillStatus` and `validationStatus` (the metadata's own `verified`
-        and `validation` hold the details)."""
-        status = {"status": self.status, "drillStatus": self.drill, "validationStatus": self.validation}
+        and `validation` hold the details); without readable metadata, what is known."""
         if self.metadata:
-            return {**self.metadata, **status}
-        return {"id": self.id, "timestamp": self.timestamp, "problem": self.problem, **status}
+            return {**self.metadata, "status": self.status, "drillStatus": self.drill, "validationStatus": self.validation}
+        return {"id": self.id, "timestamp": self.timestamp, "status": self.status, "problem": self.problem}
 
 
 @dataclass

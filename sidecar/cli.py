@@ -40,7 +40,8 @@ def print_table(backups: list[api.Backup]) -> None:
     for b in backups:
         status = b.status + (" (pinned)" if b.keep else "") + (f": {b.problem}" if b.problem else "")
         rows.append((b.id, b.timestamp, human_size(b.size), b.compression or "-",
-                     "-" if b.encrypted is None else ("yes" if b.encrypted else "no"), b.drill, b.validation, status))
+                     "-" if b.encrypted is None else ("yes" if b.encrypted else "no"),
+                     b.drill if b.metadata else "-", b.validation if b.metadata else "-", status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])

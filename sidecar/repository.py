@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ class Entry:
     def good(self) -> bool:
         return self.status == "ok"
 
-    @property
-    def timestamp(self) -> datetime:
+    @cached_property
+    def timestamp(self) -> datetime:  # parsed once: retention and 'latest' look at it many times per backup
         return parse_id(self.id)
 
     @property
@@ -123,9 +124,13 @@ def _by_preference(entries: list[Entry], now: datetime, include_future: bool = T
     """The good backups of `entries` (newest first), newest first, except that those stamped more than
     FUTURE_TOLERANCE ahead of `now` come last (they were taken while the clock was ahead, so they are
     older than they say), or not at all with include_future=False."""
-    good = [e for e in entries if e.good]
-    current = [e for e in good if e.timestamp <= now + FUTURE_TOLERANCE]
-    return current + ([e for e in good if e.timestamp > now + FUTURE_TOLERANCE] if include_future else [])
+    limit = now + FUTURE_TOLERANCE
+    current: list[Entry] = []
+    future: list[Entry] = []
+    for entry in entries:
+        if entry.good:
+            (current if entry.timestamp <= limit else future).append(entry)
+    return current + future if include_future else current
 
 
 def newest_good(entries: list[Entry], now: datetime, include_future: bool = True) -> Entry | None:
@@ -139,6 +144,10 @@ def newest_drill_passed(entries: list[Entry], now: datetime) -> Entry | None:
     return next((e for e in _by_preference(entries, now) if e.drill == "passed"), None)
 
 
+def _on(entry: Entry) -> str:
+    return f" on {entry.drill_at}" if entry.drill_at else ""
+
+
 def choose_latest(entries: list[Entry], now: datetime) -> tuple[Entry | None, str]:
     """What 'latest' means, and why, in one line: the newest good backup that has not failed its restore
     drill. If every good backup failed its drill, still the newest good one, saying so."""
@@ -148,13 +157,13 @@ def choose_latest(entries: list[Entry], now: datetime) -> tuple[Entry | None, st
     pick = next((e for e in ordered if e.drill != "failed"), None)
     if pick is None:
         newest = ordered[0]
-        return newest, (f"latest: {newest.id} (newest good backup) although its restore drill failed on {newest.drill_at}: "
+        return newest, (f"latest: {newest.id} (newest good backup) although its restore drill failed{_on(newest)}: "
                         f"every good backup failed its drill; run 'pg-backup-sidecar list' and look at the drill findings")
     skipped = ordered[:ordered.index(pick)]
     why = "newest good backup" if not skipped else "newest good backup that has not failed a restore drill"
     note = f"latest: {pick.id} ({why}, drill {pick.drill})"
     if skipped:
-        shown = ", ".join(f"{e.id} whose drill failed on {e.drill_at}" for e in skipped[:3])
+        shown = ", ".join(f"{e.id} whose drill failed{_on(e)}" for e in skipped[:3])
         note += f"; skipped {shown}" + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     return pick, note
 

@@ -250,7 +250,7 @@ class Repository:
         if ref == "latest":
             entry, note = choose_latest(self.entries(), datetime.now(UTC))
             if entry:
-                log.info("%s", note)
+                (log.warning if entry.drill == "failed" else log.info)("%s", note)
                 return entry
             raise NotFound(f"no good backup in {self.dir}; take one with 'pg-backup-sidecar backup'")
         parse_id(ref)

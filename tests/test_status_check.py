@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -66,6 +67,9 @@ def test_check_exits_3_when_it_cannot_connect_and_still_checks_the_rest(tmp_path
     [problem] = lines(result.stdout, "problem")
     assert problem.startswith("cannot connect to database 'app': ") and "check DATABASE_URL" in problem
     assert any(line.startswith("backup directory ") for line in lines(result.stdout, "ok"))
+    as_json = cli({**env, "DATABASE_URL": f"postgresql://postgres@/app?host={tmp_path}&port=1"}, "check", "--json", check=False)
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 3 and (report["ok"], report["connected"], report["problems"]) == (False, False, [problem])
 
 
 def test_check_finds_an_identity_file_that_belongs_to_no_recipient(env: dict[str, str], tmp_path: Path) -> None:

@@ -88,3 +88,14 @@ def test_prune_dry_run_names_the_rule_behind_every_decision(cluster: Cluster, db
     done = cli(tiers, "prune").stdout.splitlines()
     assert done == ["deleted 1, kept 2", f"  deleted: {ids[0]}: not one of the last 2 good backups"]
     assert cli(tiers, "prune").stdout.splitlines() == ["deleted 0, kept 2"]  # pruning again deletes nothing more
+
+
+def test_when_every_backup_failed_its_drill_latest_is_still_the_newest_with_a_warning(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql(SCHEMA + ORPHAN, db)
+    only = backup_id(env)
+    assert cli(env, "drill", only, check=False).returncode == 1
+    verified = cli(env, "verify", "latest")
+    assert verified.stdout.startswith(f"{only}: OK")  # the files are fine; it is the restore that fails
+    [line] = [x for x in verified.stderr.splitlines() if "latest:" in x]
+    assert " WARNING " in line and f"latest: {only} (newest good backup) although its restore drill failed on " in line
+    assert "every good backup failed its drill" in line

@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar import backup as _backup
+from sidecar import check as _check
 from sidecar import restore as _restore
+from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
 from sidecar.errors import NotFound, SidecarError
 from sidecar.repository import Entry, Repository
 from sidecar.restore import DrillReport, RestoreReport, VerifyReport
-from sidecar.retention import classify
+from sidecar.retention import Policy, classify
 from sidecar.validation import ValidationResult, validate
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
+    "CheckReport", "check_setup",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -42,6 +45,9 @@ class Backup:
     label: str | None = None
     keep: bool = False
     problem: str = ""
+    drill: str = "never"  # passed | failed | never | skipped: the last restore drill
+    drill_at: str | None = None
+    validation: str = "not run"  # clean | N findings | not run: the consistency checks before the backup
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -58,12 +64,17 @@ class Backup:
             label=meta.get("label"),
             keep=bool(meta.get("keep")),
             problem=entry.problem,
+            drill=entry.drill,
+            drill_at=entry.drill_at,
+            validation=entry.validation,
             metadata=meta,
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The metadata with `status`, `drillStatus` and `validationStatus` (the metadata's own `verified`
+        and `validation` hold the details); without readable metadata, what is known."""
         if self.metadata:
-            return {**self.metadata, "status": self.status}
+            return {**self.metadata, "status": self.status, "drillStatus": self.drill, "validationStatus": self.validation}
         return {"id": self.id, "timestamp": self.timestamp, "status": self.status, "problem": self.problem}
 
 
@@ -73,6 +84,7 @@ class PruneReport:
     kept: list[str]
     reported: list[str]
     dry_run: bool
+    decisions: list[dict[str, str]] = field(default_factory=list)  # {id, action, reason} for every backup, newest first
 
 
 def _config(config: Config | None) -> Config:
@@ -108,12 +120,17 @@ def restore_backup(ref: str, config: Config | None = None, target_db: str | None
     return _restore.restore_backup(_config(config), ref, target_db=target_db, in_place=in_place, force=force)
 
 
+def retention_policy(config: Config) -> Policy:
+    return Policy(days=config.retention_days, last=config.keep_last, daily=config.keep_daily, weekly=config.keep_weekly,
+                  monthly=config.keep_monthly, timezone=config.schedule_timezone)
+
+
 def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
     cfg = _config(config)
     repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
     with repo.lock("prune"):
-        decisions = classify(repo.entries(), cfg.retention_days, now or datetime.now(UTC))
-        report = PruneReport([], [], [], dry_run)
+        decisions = classify(repo.entries(), retention_policy(cfg), now or datetime.now(UTC))
+        report = PruneReport([], [], [], dry_run, [{"id": d.entry.id, "action": d.action, "reason": d.reason} for d in decisions])
         for decision in decisions:
             if decision.action == "delete":
                 report.deleted.append(decision.entry.id)
@@ -143,6 +160,11 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
 def validate_data_consistency(config: Config | None = None, dbname: str | None = None) -> ValidationResult:
     """Run the consistency checks now; `result.is_valid`, `result.errors`, `result.findings`."""
     return validate(_config(config), dbname=dbname)
+
+
+def check_setup(config: Config | None = None) -> CheckReport:
+    """Connect and check what backups, restores and drills need (see sidecar.check); `report.ok`."""
+    return _check.check_setup(_config(config))
 
 
 def drill_backup(ref: str = "latest", config: Config | None = None) -> DrillReport:

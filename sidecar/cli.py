@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sidecar import __version__, api, logs
-from sidecar.config import Config, load_config
+from sidecar.config import Config, load_config, unknown_variables
 from sidecar.errors import ConfigError, SidecarError, UsageError
 
 OK, FOUND_PROBLEM, USAGE, FAILED = 0, 1, 2, 3
@@ -35,11 +36,12 @@ def print_table(backups: list[api.Backup]) -> None:
     if not backups:
         print("no backups yet")
         return
-    rows = [("ID", "TIMESTAMP", "SIZE", "COMPRESSION", "ENCRYPTED", "STATUS")]
+    rows = [("ID", "TIMESTAMP", "SIZE", "COMPRESSION", "ENCRYPTED", "DRILL", "VALIDATION", "STATUS")]
     for b in backups:
         status = b.status + (" (pinned)" if b.keep else "") + (f": {b.problem}" if b.problem else "")
         rows.append((b.id, b.timestamp, human_size(b.size), b.compression or "-",
-                     "-" if b.encrypted is None else ("yes" if b.encrypted else "no"), status))
+                     "-" if b.encrypted is None else ("yes" if b.encrypted else "no"),
+                     b.drill if b.metadata else "-", b.validation if b.metadata else "-", status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -108,8 +110,11 @@ def parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
-    vc = sub.add_parser("validate-config", help="check the configuration")
+    vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables)")
     vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
+
+    ck = sub.add_parser("check", help="check the setup works: connection, rights, pg_dump, volume, encryption keys (exit 1 on a problem)")
+    ck.add_argument("--json", action="store_true")
     return p
 
 
@@ -120,6 +125,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             print("configuration is valid")
         return OK
+    if args.command == "check":
+        setup = api.check_setup(config)
+        if args.json:
+            emit({**asdict(setup), "ok": setup.ok})
+        else:
+            for line in setup.lines():
+                print(line)
+        return OK if setup.ok else (FAILED if not setup.connected else FOUND_PROBLEM)
     if args.command == "run":
         from sidecar.daemon import run_daemon
 
@@ -199,10 +212,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             verb = "would delete" if args.dry_run else "deleted"
             print(f"{verb} {len(pruned.deleted)}, kept {len(pruned.kept)}")
-            for line in pruned.deleted:
-                print(f"  {verb}: {line}")
-            for line in pruned.reported:
-                print(f"  not deleted: {line}")
+            actions = {"delete": verb, "keep": "keep", "report": "not deleted"}
+            for decision in pruned.decisions:
+                if args.dry_run or decision["action"] != "keep":  # a dry run shows why each backup stays or goes
+                    print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
         return OK
     if args.command in ("pin", "unpin"):
         changed = api.set_pinned(args.id, args.command == "pin", config)
@@ -282,6 +295,12 @@ def _main(argv: Sequence[str] | None) -> int:
             from sidecar.client import restore_request
 
             return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait)
+        if args.command in ("validate-config", "check", "run"):
+            for warning in unknown_variables():  # set but ignored: most likely a typo
+                if args.command == "run":
+                    logging.getLogger("sidecar.config").warning("%s", warning)
+                else:
+                    print(f"warning: {warning}", file=sys.stderr)
         config = load_config(args.config)
         return run(args, config)
     except ConfigError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -25,6 +27,10 @@ class Config:
     database_url: str
     backup_dir: Path = Path("./backups")
     retention_days: int = 30
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
     compression: str = DEFAULT_COMPRESSION
     compression_level: int = DEFAULT_LEVELS[DEFAULT_COMPRESSION]
     encryption: bool = False
@@ -69,6 +75,10 @@ class Config:
             "database.url": mask_url(self.database_url),
             "backup.dir": str(self.backup_dir),
             "backup.retention_days": self.retention_days,
+            "backup.keep_last": self.keep_last,
+            "backup.keep_daily": self.keep_daily,
+            "backup.keep_weekly": self.keep_weekly,
+            "backup.keep_monthly": self.keep_monthly,
             "backup.compression": self.compression,
             "backup.compression_level": self.compression_level,
             "encryption.enabled": self.encryption,
@@ -264,6 +274,10 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "database.url": ("DATABASE_URL", _url),
     "backup.dir": ("BACKUP_DIR", _path),
     "backup.retention_days": ("BACKUP_RETENTION_DAYS", _int_at_least(0)),
+    "backup.keep_last": ("BACKUP_KEEP_LAST", _int_at_least(0)),
+    "backup.keep_daily": ("BACKUP_KEEP_DAILY", _int_at_least(0)),
+    "backup.keep_weekly": ("BACKUP_KEEP_WEEKLY", _int_at_least(0)),
+    "backup.keep_monthly": ("BACKUP_KEEP_MONTHLY", _int_at_least(0)),
     "backup.compression": ("BACKUP_COMPRESSION", _compression),
     "backup.compression_level": ("BACKUP_COMPRESSION_LEVEL", _int_at_least(0, 19)),
     "encryption.enabled": ("BACKUP_ENCRYPTION", _bool),
@@ -354,6 +368,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         database_url=values["database.url"],
         backup_dir=values.get("backup.dir", Path("./backups")),
         retention_days=values.get("backup.retention_days", 30),
+        keep_last=values.get("backup.keep_last", 0),
+        keep_daily=values.get("backup.keep_daily", 0),
+        keep_weekly=values.get("backup.keep_weekly", 0),
+        keep_monthly=values.get("backup.keep_monthly", 0),
         compression=compression,
         compression_level=level,
         encryption=values.get("encryption.enabled", False),
@@ -381,3 +399,32 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         data_dir=values.get("postgres.data_dir"),
         group_readable=values.get("backup.group_readable", False),
     )
+
+
+# Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
+OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
+                   "RESTORE_REQUEST_ID")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_")
+# what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
+SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
+SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")
+
+
+def _service_link(name: str, value: str) -> bool:
+    return bool(SERVICE_LINK.fullmatch(name) or (name.endswith("_PORT") and SERVICE_URL.fullmatch(value)))
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per environment variable that looks like ours (BACKUP_*, SIDECAR_*, DRILL_*,
+    VALIDATION_*, RESTORE_*) but is not read by anything, with the closest known name. Set, it is ignored:
+    a typo in BACKUP_RETENTION_DAYS would otherwise silently keep the default."""
+    env = os.environ if environ is None else environ
+    known = sorted({variable for variable, _ in KEYS.values() if variable} | set(OTHER_VARIABLES))
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(OUR_PREFIXES) or name in known or _service_link(name, env[name]):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else "see the README's configuration table"
+        warnings.append(f"{name} is not a pg-backup-sidecar setting and is ignored; {hint}")
+    return warnings

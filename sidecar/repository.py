@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
 RESTORES_DIR = ".restores"  # the daemon's restore records (sidecar/scheduler.py)
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +129,87 @@ class Entry:
     def good(self) -> bool:
         return self.status == "ok"
 
-    @property
-    def timestamp(self) -> datetime:
+    @cached_property
+    def timestamp(self) -> datetime:  # parsed once: retention and 'latest' look at it many times per backup
         return parse_id(self.id)
+
+    @property
+    def drill(self) -> str:
+        """The last restore drill (metadata `verified`): passed | failed | never | skipped (it could not run,
+        e.g. no identity to decrypt with: `verified.skipped`, or `ok` neither true nor false)."""
+        verified = (self.metadata or {}).get("verified")
+        if not isinstance(verified, dict):
+            return "never"
+        if verified.get("skipped") or verified.get("ok") not in (True, False):
+            return "skipped"
+        return "passed" if verified["ok"] else "failed"
+
+    @property
+    def drill_at(self) -> str | None:
+        verified = (self.metadata or {}).get("verified")
+        return str(verified.get("at")) if isinstance(verified, dict) and verified.get("at") else None
+
+    @property
+    def validation(self) -> str:
+        """The consistency checks taken before the backup: clean | N findings | not run."""
+        checked = (self.metadata or {}).get("validation")
+        if not isinstance(checked, dict):
+            return "not run"
+        findings = checked.get("findings") or []
+        if not findings and checked.get("ok", True):
+            return "clean"
+        return f"{len(findings)} finding{'' if len(findings) == 1 else 's'}" if findings else "not clean"
 
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
 
+def _by_preference(entries: list[Entry], now: datetime, include_future: bool = True) -> list[Entry]:
+    """The good backups of `entries` (newest first), newest first, except that those stamped more than
+    FUTURE_TOLERANCE ahead of `now` come last (they were taken while the clock was ahead, so they are
+    older than they say), or not at all with include_future=False."""
+    limit = now + FUTURE_TOLERANCE
+    current: list[Entry] = []
+    future: list[Entry] = []
+    for entry in entries:
+        if entry.good:
+            (current if entry.timestamp <= limit else future).append(entry)
+    return current + future if include_future else current
+
+
 def newest_good(entries: list[Entry], now: datetime, include_future: bool = True) -> Entry | None:
-    """The newest good backup of `entries` (newest first). One stamped more than FUTURE_TOLERANCE ahead of
-    `now` was taken while the clock was ahead, so it is older than it says: it is the answer only if no
-    other backup is good, and never with include_future=False."""
-    good = [e for e in entries if e.good]
-    current = next((e for e in good if e.timestamp <= now + FUTURE_TOLERANCE), None)
-    return current or (good[0] if good and include_future else None)
+    """The newest good backup of `entries` (newest first). One stamped in the future (see _by_preference)
+    is the answer only if no other backup is good, and never with include_future=False."""
+    return next(iter(_by_preference(entries, now, include_future)), None)
+
+
+def newest_drill_passed(entries: list[Entry], now: datetime) -> Entry | None:
+    """The newest good backup whose restore drill passed (same clock rule as newest_good)."""
+    return next((e for e in _by_preference(entries, now) if e.drill == "passed"), None)
+
+
+def _on(entry: Entry) -> str:
+    return f" on {entry.drill_at}" if entry.drill_at else ""
+
+
+def choose_latest(entries: list[Entry], now: datetime) -> tuple[Entry | None, str]:
+    """What 'latest' means, and why, in one line: the newest good backup that has not failed its restore
+    drill. If every good backup failed its drill, still the newest good one, saying so."""
+    ordered = _by_preference(entries, now)
+    if not ordered:
+        return None, "latest: no good backup"
+    pick = next((e for e in ordered if e.drill != "failed"), None)
+    if pick is None:
+        newest = ordered[0]
+        return newest, (f"latest: {newest.id} (newest good backup) although its restore drill failed{_on(newest)}: "
+                        f"every good backup failed its drill; run 'pg-backup-sidecar list' and look at the drill findings")
+    skipped = ordered[:ordered.index(pick)]
+    why = "newest good backup" if not skipped else "newest good backup that has not failed a restore drill"
+    note = f"latest: {pick.id} ({why}, drill {pick.drill})"
+    if skipped:
+        shown = ", ".join(f"{e.id} whose drill failed{_on(e)}" for e in skipped[:3])
+        note += f"; skipped {shown}" + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    return pick, note
 
 
 # Parsed metadata by directory and id, with the (inode, mtime, size) it was read at: a daemon lists the
@@ -257,10 +326,11 @@ class Repository:
         return Entry(backup_id, metadata, "ok")
 
     def get(self, ref: str) -> Entry:
-        """Resolve an id or 'latest' (the newest good backup)."""
+        """Resolve an id or 'latest' (see choose_latest: the newest good backup that has not failed a drill)."""
         if ref == "latest":
-            entry = newest_good(self.entries(), datetime.now(UTC))
+            entry, note = choose_latest(self.entries(), datetime.now(UTC))
             if entry:
+                (log.warning if entry.drill == "failed" else log.info)("%s", note)
                 return entry
             raise NotFound(f"no good backup in {self.dir}; take one with 'pg-backup-sidecar backup'")
         parse_id(ref)

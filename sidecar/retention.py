@@ -1,11 +1,17 @@
-"""Which backups to delete: a pure function of the list, the policy and the clock."""
+"""Which backups to delete: a pure function of the list, the policy and the clock.
+
+Each rule names the backups it keeps; a backup is deleted only when no rule keeps it (the union of the
+rules). Whatever the rules say, the newest good backup, the newest one whose restore drill passed, pinned
+backups and anything we cannot read are kept."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
-from sidecar.repository import Entry, newest_good
+from sidecar.repository import Entry, newest_drill_passed, newest_good
 
 
 @dataclass(frozen=True)
@@ -15,25 +21,97 @@ class Decision:
     reason: str
 
 
-def classify(entries: list[Entry], retention_days: int, now: datetime) -> list[Decision]:
-    """Keep everything younger than the retention period, the newest good backup, pinned backups and
-    anything we cannot read; delete the rest. retention_days == 0 keeps everything."""
+@dataclass(frozen=True)
+class Policy:
+    """days: keep everything younger; last: the N newest good backups; daily/weekly/monthly: the newest good
+    backup of each of the N most recent days / ISO weeks / months that have one, in `timezone`. 0 turns a
+    rule off; with every rule off, retention keeps everything."""
+
+    days: int = 30
+    last: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    timezone: str = "UTC"
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.days, self.last, self.daily, self.weekly, self.monthly))
+
+    def describe(self) -> str:
+        parts = [f"{self.days} days"] if self.days else []
+        parts += [f"last {self.last}"] if self.last else []
+        parts += [f"{n} {tier}" for n, tier in ((self.daily, "daily"), (self.weekly, "weekly"), (self.monthly, "monthly")) if n]
+        return ", ".join(parts) or "keep everything"
+
+
+TIERS: dict[str, Callable[[datetime], str]] = {
+    "daily": lambda t: t.strftime("%Y-%m-%d"),
+    "weekly": lambda t: "{}-W{:02d}".format(*t.isocalendar()[:2]),
+    "monthly": lambda t: t.strftime("%Y-%m"),
+}
+
+
+def representatives(entries: list[Entry], count: int, tier: str, timezone: str) -> dict[str, str]:
+    """{backup id: period} for the newest good backup of each of the `count` most recent periods (days, ISO
+    weeks, months in `timezone`) that have a good backup. Within a period, one whose drill failed is chosen
+    only if every backup of that period failed its drill. Periods without a backup do not count, so a
+    week without backups does not thin out the history (borg's and restic's rule)."""
+    zone = ZoneInfo(timezone)
+    periods: dict[str, list[Entry]] = {}
+    for entry in sorted((e for e in entries if e.good), key=lambda e: e.id, reverse=True):
+        periods.setdefault(TIERS[tier](entry.timestamp.astimezone(zone)), []).append(entry)
+    chosen = {}
+    for period in sorted(periods, reverse=True)[:count]:
+        candidates = periods[period]
+        pick = next((e for e in candidates if e.drill != "failed"), candidates[0])
+        chosen[pick.id] = period
+    return chosen
+
+
+def classify(entries: list[Entry], policy: Policy | int, now: datetime) -> list[Decision]:
+    """Keep what any rule of `policy` keeps (an int is a days-only policy), the newest good backup, the
+    newest backup whose drill passed, pinned backups and anything we cannot read; delete the rest."""
+    if isinstance(policy, int):
+        policy = Policy(days=policy)
     ordered = sorted(entries, key=lambda e: e.id, reverse=True)
+    protected = {}
+    passed = newest_drill_passed(ordered, now)
+    if passed:
+        protected[passed.id] = "newest backup whose restore drill passed"
     newest = newest_good(ordered, now)
-    newest_id = newest.id if newest else None
-    cutoff = now - timedelta(days=retention_days)
+    if newest:
+        protected[newest.id] = "newest good backup"  # if both, the shorter reason says enough
+    last = {e.id for e in [e for e in ordered if e.good][:policy.last]}
+    tiers = {tier: representatives(ordered, count, tier, policy.timezone)
+             for tier, count in (("daily", policy.daily), ("weekly", policy.weekly), ("monthly", policy.monthly)) if count}
+    cutoff = now - timedelta(days=policy.days)
     decisions = []
     for entry in ordered:
         if entry.metadata is None:
             decisions.append(Decision(entry, "report", f"{entry.status}: {entry.problem}; not deleted, check it by hand"))
-        elif entry.id == newest_id:
-            decisions.append(Decision(entry, "keep", "newest good backup"))
-        elif entry.metadata.get("keep"):
-            decisions.append(Decision(entry, "keep", "pinned (unpin to release)"))
-        elif retention_days == 0:
-            decisions.append(Decision(entry, "keep", "retention disabled"))
-        elif entry.timestamp >= cutoff:
-            decisions.append(Decision(entry, "keep", f"younger than {retention_days} days"))
+            continue
+        reasons = [protected[entry.id]] if entry.id in protected else []
+        if entry.metadata.get("keep"):
+            reasons.append("pinned (unpin to release)")
+        if not policy.enabled:
+            reasons.append("retention disabled")
+        if entry.id in last:
+            reasons.append(f"one of the last {policy.last} good backups")
+        reasons += [f"{tier} ({chosen[entry.id]})" for tier, chosen in tiers.items() if entry.id in chosen]
+        if policy.days and entry.timestamp >= cutoff:
+            reasons.append(f"younger than {policy.days} days")
+        if reasons:
+            decisions.append(Decision(entry, "keep", "; ".join(reasons)))
         else:
-            decisions.append(Decision(entry, "delete", f"older than {retention_days} days"))
+            decisions.append(Decision(entry, "delete", _why_deleted(entry, policy)))
     return decisions
+
+
+def _why_deleted(entry: Entry, policy: Policy) -> str:
+    parts = [f"older than {policy.days} days"] if policy.days else []
+    if policy.last:
+        parts.append(f"not one of the last {policy.last} good backups" if entry.good else f"not good ({entry.status})")
+    parts += [f"not the {tier} backup kept for its period" for tier, n in (("daily", policy.daily), ("weekly", policy.weekly),
+                                                                              ("monthly", policy.monthly)) if n]
+    return ", ".join(parts)

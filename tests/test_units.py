@@ -6,14 +6,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.age import generate_identity
 from sidecar.config import load_config
 from sidecar.errors import ConfigError, NotFound
-from sidecar.repository import Entry, format_id, new_id, parse_id
-from sidecar.retention import classify
+from sidecar.repository import Entry, choose_latest, format_id, new_id, parse_id
+from sidecar.retention import Policy, classify
 from tests.conftest import cli
 
 URL = "postgresql://app:pw@db:5432/app"
@@ -50,6 +50,25 @@ def test_unknown_keys_and_encryption_without_recipients_are_errors(tmp_path: Pat
     assert "no recipients" in caught.value.problems[1]
 
 
+def test_the_retention_tiers_are_read_from_the_environment() -> None:
+    config = load_config(None, {"DATABASE_URL": URL, "BACKUP_KEEP_LAST": "3", "BACKUP_KEEP_DAILY": "7", "BACKUP_KEEP_WEEKLY": "4", "BACKUP_KEEP_MONTHLY": "6"})
+    assert (config.keep_last, config.keep_daily, config.keep_weekly, config.keep_monthly) == (3, 7, 4, 6)
+    assert load_config(None, {"DATABASE_URL": URL}).keep_daily == 0
+
+
+def test_validate_config_warns_about_unknown_variables_naming_the_likely_one_and_still_passes() -> None:
+    env = {"DATABASE_URL": URL, "PATH": "/usr/bin:/bin", "BACKUP_RETENTION_DAY": "3", "DRILL_AFTER_BACKUPS": "false", "SIDECAR_WHATEVER": "1",
+           # what Kubernetes adds for a Service named sidecar-db: not ours, not warned about
+           "SIDECAR_DB_SERVICE_HOST": "10.0.0.7", "SIDECAR_DB_PORT": "tcp://10.0.0.7:9188", "SIDECAR_DB_PORT_9188_TCP_ADDR": "10.0.0.7"}
+    result = cli(env, "validate-config")
+    assert result.stdout == "configuration is valid\n"
+    assert result.stderr.splitlines() == [
+        "warning: BACKUP_RETENTION_DAY is not a pg-backup-sidecar setting and is ignored; did you mean BACKUP_RETENTION_DAYS?",
+        "warning: DRILL_AFTER_BACKUPS is not a pg-backup-sidecar setting and is ignored; did you mean DRILL_AFTER_BACKUP?",
+        "warning: SIDECAR_WHATEVER is not a pg-backup-sidecar setting and is ignored; see the README's configuration table",
+    ]
+
+
 def test_validate_config_prints_with_the_password_masked_and_exits_2_on_errors() -> None:
     _, public = generate_identity()
     good = cli({"DATABASE_URL": URL, "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public, "PATH": "/usr/bin:/bin"}, "validate-config", "--print")
@@ -80,11 +99,15 @@ def test_two_backups_in_the_same_millisecond_get_different_ids() -> None:
     assert new_id(now, {first}) == "backup_2024-01-15T10-30-00-124Z"
 
 
-def entry(moment: datetime, good: bool = True, keep: bool = False, readable: bool = True) -> Entry:
+def entry(moment: datetime, good: bool = True, keep: bool = False, readable: bool = True, drill: bool | None = None) -> Entry:
+    """drill: None never drilled, True passed, False failed (the `verified` record `drill` writes)."""
     backup_id = format_id(moment)
     if not readable:
         return Entry(backup_id, None, "unreadable-metadata", "broken")
-    return Entry(backup_id, {"id": backup_id, "keep": keep}, "ok" if good else "missing-file")
+    metadata: dict[str, object] = {"id": backup_id, "keep": keep}
+    if drill is not None:
+        metadata["verified"] = {"at": format_id(moment + timedelta(minutes=5)), "ok": drill, "findings": [] if drill else ["t: 1 rows, backup had 2"]}
+    return Entry(backup_id, metadata, "ok" if good else "missing-file")
 
 
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -126,6 +149,142 @@ def test_retention_keeps_the_newest_good_backup_for_any_set_and_clock(spec: list
     if current:  # the newest backup the clock does not call future: the real newest after a clock jump back
         assert max(current) not in deleted
     assert not any(e.id in deleted for e in entries if e.metadata is None or (e.metadata or {}).get("keep"))
+
+
+DRILLS = st.sampled_from([None, True, False])
+
+
+def test_latest_skips_a_newer_backup_whose_drill_failed_and_says_so() -> None:
+    failed, passed, older = entry(NOW - timedelta(hours=1), drill=False), entry(NOW - timedelta(days=1), drill=True), entry(NOW - timedelta(days=2))
+    chosen, note = choose_latest([failed, passed, older], NOW)
+    assert chosen == passed
+    assert note == (f"latest: {passed.id} (newest good backup that has not failed a restore drill, drill passed); "
+                    f"skipped {failed.id} whose drill failed on {format_id(NOW - timedelta(minutes=55))}")
+    chosen, note = choose_latest([passed, older], NOW)
+    assert (chosen, note) == (passed, f"latest: {passed.id} (newest good backup, drill passed)")
+
+
+def test_when_every_good_backup_failed_its_drill_latest_is_still_the_newest_and_says_so() -> None:
+    newest, older = entry(NOW - timedelta(hours=1), drill=False), entry(NOW - timedelta(days=1), drill=False)
+    chosen, note = choose_latest([newest, older, entry(NOW, good=False)], NOW)
+    assert chosen == newest and "every good backup failed its drill" in note
+    assert choose_latest([entry(NOW, good=False)], NOW)[0] is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 2000), st.booleans(), DRILLS), max_size=20), st.integers(-500, 3000))
+def test_latest_is_never_a_failed_drill_while_another_good_backup_has_not_failed(spec: list[tuple[int, bool, bool | None]], clock_offset: int) -> None:
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    entries = sorted({e.id: e for e in (entry(base - timedelta(hours=h), good, drill=d) for h, good, d in spec)}.values(), key=lambda e: e.id, reverse=True)
+    now = base + timedelta(hours=clock_offset)
+    chosen, note = choose_latest(entries, now)
+    good = [e for e in entries if e.good]
+    assert (chosen is None) == (not good)
+    if chosen is None:
+        return
+    assert chosen.good and note.startswith(f"latest: {chosen.id} ")
+    not_failed = [e for e in good if e.drill != "failed"]
+    assert (chosen.drill != "failed") == bool(not_failed)
+    current = [e for e in not_failed if e.timestamp <= now + timedelta(minutes=5)]
+    if current:  # the newest such backup the clock does not call future
+        assert chosen == current[0]
+        skipped = [e for e in good if e.drill == "failed" and chosen.id < e.id <= format_id(now + timedelta(minutes=5))]
+        assert all(e.id in note for e in skipped[:3])
+
+
+def test_retention_keeps_the_newest_backup_whose_drill_passed_even_when_it_is_old() -> None:
+    failed, passed = entry(NOW - timedelta(days=1), drill=False), entry(NOW - timedelta(days=40), drill=True)
+    decisions = classify([failed, passed, entry(NOW - timedelta(days=50), drill=True)], 30, NOW)
+    assert [(d.action, d.reason) for d in decisions] == [("keep", "newest good backup; younger than 30 days"),
+                                                        ("keep", "newest backup whose restore drill passed"),
+                                                        ("delete", "older than 30 days")]
+
+
+def daily_backups(first: datetime, last: datetime, hour: int = 2) -> list[Entry]:
+    days = (last - first).days
+    return [entry(first + timedelta(days=d, hours=hour)) for d in range(days, -1, -1)]
+
+
+def test_tiers_keep_the_newest_backup_of_the_last_days_iso_weeks_and_months() -> None:
+    entries = daily_backups(datetime(2025, 3, 1, tzinfo=timezone.utc), datetime(2025, 6, 1, tzinfo=timezone.utc))
+    decisions = classify(entries, Policy(days=0, daily=3, weekly=2, monthly=3), datetime(2025, 6, 1, 12, tzinfo=timezone.utc))
+    kept = {d.entry.timestamp.strftime("%m-%d"): d.reason for d in decisions if d.action == "keep"}
+    assert kept == {
+        "06-01": "newest good backup; daily (2025-06-01); weekly (2025-W22); monthly (2025-06)",
+        "05-31": "daily (2025-05-31); monthly (2025-05)",
+        "05-30": "daily (2025-05-30)",
+        "05-25": "weekly (2025-W21)",  # Sunday, the end of ISO week 21
+        "04-30": "monthly (2025-04)",
+    }
+    assert {d.reason for d in decisions if d.action == "delete"} == {
+        "not the daily backup kept for its period, not the weekly backup kept for its period, not the monthly backup kept for its period"}
+
+
+def test_keep_last_and_days_are_a_union() -> None:
+    entries = daily_backups(datetime(2025, 5, 1, tzinfo=timezone.utc), datetime(2025, 6, 1, tzinfo=timezone.utc))
+    now = datetime(2025, 6, 1, 12, tzinfo=timezone.utc)
+    kept = [d for d in classify(entries, Policy(days=3, last=5), now) if d.action == "keep"]
+    assert [d.reason for d in kept] == ["newest good backup; one of the last 5 good backups; younger than 3 days"] + \
+        ["one of the last 5 good backups; younger than 3 days"] * 2 + ["one of the last 5 good backups"] * 2
+    assert all(d.action == "keep" and d.reason == "retention disabled" for d in classify(entries, Policy(days=0), now)[1:])
+
+
+def test_tier_periods_follow_the_schedule_time_zone() -> None:
+    # 21:00 and 22:30 UTC on May 31 are 23:00 on May 31 and 00:30 on June 1 in Berlin (UTC+2)
+    late, early = entry(datetime(2025, 5, 31, 22, 30, tzinfo=timezone.utc)), entry(datetime(2025, 5, 31, 21, tzinfo=timezone.utc))
+    now = datetime(2025, 6, 10, tzinfo=timezone.utc)
+    assert [d.action for d in classify([late, early], Policy(days=0, daily=2), now)] == ["keep", "delete"]
+    assert [d.action for d in classify([late, early], Policy(days=0, daily=2, timezone="Europe/Berlin"), now)] == ["keep", "keep"]
+
+
+def test_a_tier_keeps_the_newest_backup_of_its_day_that_has_not_failed_a_drill() -> None:
+    evening, noon, morning = (entry(datetime(2025, 5, 20, h, tzinfo=timezone.utc), drill=d) for h, d in ((20, False), (12, None), (8, True)))
+    decisions = classify([entry(NOW), evening, noon, morning], Policy(days=0, daily=2), NOW)
+    assert [(d.entry.id, d.action) for d in decisions][1:] == [(evening.id, "delete"), (noon.id, "keep"), (morning.id, "keep")]
+    assert decisions[3].reason == "newest backup whose restore drill passed"
+
+
+MOSTLY_TRUE, MOSTLY_FALSE = st.sampled_from([True, True, True, False]), st.sampled_from([False, False, False, True])
+ZONES = st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Pacific/Kiritimati"])
+
+
+# backups within 100 days (several a day, weeks and months apart), every rule, several time zones and clocks
+@settings(max_examples=200)
+@example([(0, True, False, True, True), (50, True, False, True, False), (60, True, False, True, None)], (0, 0, 2, 0, 0), "UTC", 0)
+@given(st.lists(st.tuples(st.integers(0, 24 * 100), MOSTLY_TRUE, MOSTLY_FALSE, MOSTLY_TRUE, DRILLS), max_size=40),
+       st.tuples(st.integers(0, 60), st.integers(0, 5), st.integers(0, 10), st.integers(0, 6), st.integers(0, 4)), ZONES,
+       st.integers(-500, 24 * 60))
+def test_retention_with_tiers_keeps_exactly_what_the_rules_keep_and_is_idempotent(
+        spec: list[tuple[int, bool, bool, bool, bool | None]], rules: tuple[int, int, int, int, int], zone: str, clock_offset: int) -> None:
+    from zoneinfo import ZoneInfo
+
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    entries = list({e.id: e for e in (entry(base - timedelta(hours=h), good, keep, readable, d) for h, good, keep, readable, d in spec)}.values())
+    days, last, daily, weekly, monthly = rules
+    policy = Policy(days, last, daily, weekly, monthly, zone)
+    now = base + timedelta(hours=clock_offset)
+    decisions = classify(entries, policy, now)
+    kept = {d.entry.id for d in decisions if d.action != "delete"}
+    deleted = {d.entry.id for d in decisions if d.action == "delete"}
+    assert kept | deleted == {e.id for e in entries} and not kept & deleted
+    good = sorted((e for e in entries if e.good), key=lambda e: e.id, reverse=True)
+    current = [e for e in good if e.timestamp <= now + timedelta(minutes=5)]
+    must_keep = {e.id for e in entries if e.metadata is None or (e.metadata or {}).get("keep")}  # unreadable, pinned
+    must_keep |= {e.id for e in (current or good)[:1]}  # the newest good backup
+    must_keep |= {e.id for e in [e for e in current + [e for e in good if e not in current] if e.drill == "passed"][:1]}  # ... whose drill passed
+    if days:
+        must_keep |= {e.id for e in entries if e.metadata is not None and e.timestamp >= now - timedelta(days=days)}
+    must_keep |= {e.id for e in good[:last]}
+    for count, period in ((daily, "%Y-%m-%d"), (weekly, "%G-W%V"), (monthly, "%Y-%m")):
+        periods: dict[str, list[Entry]] = {}
+        for e in good:
+            periods.setdefault(e.timestamp.astimezone(ZoneInfo(zone)).strftime(period), []).append(e)
+        for key in sorted(periods, reverse=True)[:count]:
+            must_keep.add(next((e for e in periods[key] if e.drill != "failed"), periods[key][0]).id)
+    if not any(rules):
+        must_keep = {e.id for e in entries}
+    assert kept == must_keep  # exactly what the rules keep: their union, nothing more
+    survivors = [e for e in entries if e.id in kept]
+    assert not [d for d in classify(survivors, policy, now) if d.action == "delete"]  # pruning again deletes nothing more
 
 
 def test_progress_lines_give_bytes_so_far_share_and_rate(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,220 @@
+"""`check`: does this setup work, beyond the configuration's syntax (pgBackRest's `check`)?
+
+Connects, checks the role's rights (read every table, create databases, own the database, read role
+passwords), pg_dump against the server, the backup volume (writable, free space) and that the age identity
+belongs to a recipient. Every check runs even when an earlier one failed; nothing is changed, except a
+one-byte file written to and removed from the backup volume."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from sidecar.config import Config
+from sidecar.errors import SidecarError
+from sidecar.postgres import check_dump_version, connect, describe, find_tool, server_info, tool_version
+from sidecar.repository import Repository, newest_good
+
+SHOWN = 5  # names listed in one line; the rest are counted
+
+
+@dataclass
+class CheckReport:
+    connected: bool = False
+    checked: list[str] = field(default_factory=list)  # what was checked and is fine
+    problems: list[str] = field(default_factory=list)  # each breaks backups, restores or drills
+    notes: list[str] = field(default_factory=list)  # works, with a limit worth knowing
+
+    @property
+    def ok(self) -> bool:
+        return self.connected and not self.problems
+
+    def lines(self) -> list[str]:
+        summary = (f"{len(self.problems)} problem{'s' if len(self.problems) > 1 else ''} found" if self.problems
+                   else f"all {len(self.checked)} checks passed")
+        return ([f"ok: {line}" for line in self.checked] + [f"note: {line}" for line in self.notes]
+                + [f"problem: {line}" for line in self.problems] + [summary])
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def check_setup(config: Config) -> CheckReport:
+    report = CheckReport()
+    server_major = _check_database(config, report)
+    _check_tools(config, report, server_major)
+    _check_volume(config, report)
+    _check_encryption(config, report)
+    return report
+
+
+def _check_database(config: Config, report: CheckReport) -> int | None:
+    try:
+        conn = connect(config)
+    except SidecarError as exc:
+        report.problems.append(str(exc))
+        return None
+    try:
+        report.connected = True
+        info = server_info(conn)
+        role, superuser, createdb, createrole, bypassrls, owns = _one(conn, (
+            "SELECT r.rolname, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolbypassrls, pg_has_role(d.datdba, 'MEMBER')"
+            " FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = current_database()"))
+        report.checked.append(f"connected to database {info['database']} on PostgreSQL {info['version'].split()[-1]} as {role}"
+                              + (" (superuser)" if superuser else ""))
+        _check_reading(conn, report, role, superuser or bypassrls, info["major"])
+        if superuser or createdb:
+            report.checked.append(f"{role} can create databases (restores and drills load into a new database)")
+        else:
+            report.problems.append(f"role {role} can neither create databases nor is it a superuser: restores and drills "
+                                   f"(which load into a new database) will fail; ALTER ROLE {role} CREATEDB, or restore with --in-place")
+        if not (superuser or owns):
+            report.problems.append(f"role {role} does not own database {info['database']}: a restore cannot rename it to swap in "
+                                   f"the restored copy; ALTER DATABASE {info['database']} OWNER TO {role}, or restore with --in-place")
+        if superuser:
+            report.checked.append("role passwords are included in backups (superuser reads pg_authid)")
+        else:
+            report.notes.append(f"role {role} is not a superuser: backups hold the roles but not their passwords "
+                                "(pg_authid is readable only by superusers); set them again after a restore onto a new server")
+            if not createrole:
+                report.notes.append(f"role {role} cannot create roles (no CREATEROLE): a restore onto a server that lacks "
+                                    "the database's roles will fail")
+        return int(info["major"])
+    except psycopg.Error as exc:
+        report.problems.append(f"cannot inspect the database's rights: {describe(exc)}")
+        return None
+    finally:
+        conn.close()
+
+
+def _one(conn: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+# what pg_dump reads: table and sequence data, in schemas it can use; members of extensions are not dumped
+READ_CHECK = """
+SELECT format('%I.%I', n.nspname, c.relname),
+       has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'),
+       c.relrowsecurity AND NOT pg_has_role(c.relowner, 'MEMBER')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'S') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
+
+def _check_reading(conn: psycopg.Connection[Any], report: CheckReport, role: str, bypass: bool, major: int) -> None:
+    rows = conn.execute(READ_CHECK).fetchall()
+    unreadable = [name for name, readable, _ in rows if not readable]
+    policed = [name for name, readable, rls in rows if readable and rls and not bypass]
+    if unreadable:
+        report.problems.append(f"role {role} cannot read {len(unreadable)} of {len(rows)} tables and sequences, so pg_dump "
+                               f"will fail: {_names(unreadable)}; GRANT SELECT on them (and USAGE on their schemas), "
+                               f"or GRANT pg_read_all_data TO {role}")
+    if policed:
+        report.problems.append(f"{len(policed)} table{'s have' if len(policed) > 1 else ' has'} row-level security and {role} "
+                               "neither owns it nor has BYPASSRLS, "
+                               f"so pg_dump will refuse them: {_names(policed)}; ALTER ROLE {role} BYPASSRLS")
+    if not unreadable and not policed:
+        report.checked.append(f"{role} can read all {len(rows)} tables and sequences")
+    if major >= 17:  # has_largeobject_privilege is new in 17
+        (blobs,) = _one(conn, "SELECT count(*) FROM pg_largeobject_metadata WHERE NOT has_largeobject_privilege(oid, 'SELECT')")
+        if blobs:
+            report.problems.append(f"role {role} cannot read {blobs} large objects, so pg_dump will fail; GRANT SELECT ON "
+                                   f"LARGE OBJECT ... TO {role}, or GRANT pg_read_all_data TO {role}")
+
+
+def _check_tools(config: Config, report: CheckReport, server_major: int | None) -> None:
+    try:
+        pg_dump = find_tool("pg_dump", config.pg_bin_dir)
+        for tool in ("pg_restore", "psql", "pg_dumpall"):
+            find_tool(tool, config.pg_bin_dir)
+        if server_major is None:
+            report.checked.append(f"pg_dump {tool_version(pg_dump)[1]} found (server version unknown)")
+        else:
+            report.checked.append(f"pg_dump {check_dump_version(pg_dump, server_major)} can dump PostgreSQL {server_major}")
+    except SidecarError as exc:
+        report.problems.append(str(exc))
+
+
+def _check_volume(config: Config, report: CheckReport) -> None:
+    directory = config.backup_dir
+    existing = next((p for p in (directory, *directory.absolute().parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        report.problems.append(f"backup directory {directory}: {existing} is not a directory; set BACKUP_DIR to a directory")
+        return
+    try:
+        # what a backup does: write a file, fsync it, remove it (a read-only mount or a full disk fails here)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".check-", suffix=".tmp") as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
+        stat = os.statvfs(existing)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            report.problems.append(f"backup directory {directory} is full ({exc.strerror}): no backup can be written; grow the "
+                                   "volume or lower the retention")
+        else:
+            report.problems.append(f"backup directory {directory} is not writable ({exc.strerror}); mount the backup volume "
+                                   "read-write and give this user write access, or set BACKUP_DIR")
+        return
+    free = stat.f_bavail * stat.f_frsize
+    where = f"backup directory {directory}" + ("" if existing == directory else f" (does not exist yet; {existing} is writable)")
+    newest = newest_good(Repository(directory).entries(), datetime.now(UTC)) if existing == directory else None
+    size = sum(item["size"] for item in newest.metadata["files"].values()) if newest and newest.metadata else 0
+    if size > free:
+        report.problems.append(f"{where}: {free} bytes free, less than the newest backup's {size} bytes: the next backup "
+                               "will probably not fit; grow the volume or lower the retention")
+    else:
+        report.checked.append(f"{where} is writable, {free} bytes free" + (f" (newest backup: {size} bytes)" if size else ""))
+
+
+def _check_encryption(config: Config, report: CheckReport) -> None:
+    if not config.identity_file:
+        if config.encryption:
+            report.notes.append("no BACKUP_ENCRYPTION_IDENTITY_FILE: backups are encrypted, but restores and drills cannot "
+                                "decrypt them here (keep the secret key safe elsewhere)")
+        else:
+            report.checked.append("encryption off")
+        return
+    try:
+        mine = _public_keys(config.identity_file)
+    except (OSError, ValueError, SidecarError) as exc:
+        report.problems.append(f"BACKUP_ENCRYPTION_IDENTITY_FILE {config.identity_file}: {getattr(exc, 'strerror', None) or exc}")
+        return
+    if not config.recipients:
+        report.checked.append(f"identity file {config.identity_file} holds {len(mine)} age keys (encryption off; used to restore older backups)")
+        return
+    matching = [r for r in config.recipients if r in mine]
+    if matching:
+        report.checked.append(f"identity file {config.identity_file} holds the secret key of recipient {matching[0]}")
+    else:
+        report.problems.append(f"identity file {config.identity_file} holds no secret key of any BACKUP_ENCRYPTION_RECIPIENTS "
+                               f"(it is the key of {_names(sorted(mine))}): new backups could not be restored with it; "
+                               "fix the recipients or the identity file")
+
+
+def _public_keys(path: Path) -> set[str]:
+    """The age public keys (age1...) of the identities in `path`."""
+    from sidecar import age
+
+    keys = set()
+    for identity in age.parse_identities(path):
+        to_public = getattr(identity, "to_public", None)  # pyrage's x25519.Identity
+        if to_public is not None:
+            keys.add(str(to_public()))
+        else:  # cryptography's X25519PrivateKey (sidecar/age.py's own format code)
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            keys.add(age.bech32_encode("age", identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)))
+    return keys

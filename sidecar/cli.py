@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="swap in the restored database even if its row counts differ")
     r.add_argument("--json", action="store_true")
 
+    pv = sub.add_parser("previous", help="the <db>__pre_restore_* databases earlier restores kept, and which restore.keep_previous_* gives up")
+    pv.add_argument("--prune", action="store_true", help="drop the ones restore.keep_previous_count / keep_previous_days give up")
+    pv.add_argument("--json", action="store_true")
+
     pr = sub.add_parser("prune", help="delete backups older than the retention period")
     pr.add_argument("--dry-run", action="store_true")
     pr.add_argument("--json", action="store_true")
@@ -204,6 +208,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"ended {len(result.ended_sessions)} sessions on {result.database} to swap: {_summary(result.ended_sessions)}")
             if result.previous_database:
                 print(f"the previous database is kept as {result.previous_database}")
+        return OK
+    if args.command == "previous":
+        from sidecar.restore import manage_previous
+
+        previous = manage_previous(config, prune=args.prune)
+        if args.json:
+            emit([asdict(item) for item in previous])
+        elif not previous:
+            print("no previous databases kept")
+        for item in [] if args.json else previous:
+            verb = ("dropped" if args.prune else "would drop") if item.action == "drop" else "kept"
+            print(f"{item.name}  replaced {item.replaced_at}  {human_size(item.size)}  {verb}")
         return OK
     if args.command == "prune":
         pruned = api.prune_backups(config, dry_run=args.dry_run)

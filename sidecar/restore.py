@@ -285,6 +285,33 @@ def _free_previous_name(conn: psycopg.Connection[Any], target: str, now: datetim
     return name
 
 
+@dataclass
+class PreviousDatabase:
+    name: str
+    replaced_at: str
+    size: int
+    action: str  # keep | drop
+
+
+def manage_previous(config: Config, prune: bool) -> list[PreviousDatabase]:
+    """The `<db>__pre_restore_*` copies earlier restores kept, with what restore.keep_previous_* decides for
+    each; prune=True drops those it gives up."""
+    conn = _admin_connection(config, config.database_name)
+    try:
+        kept = previous_databases(conn, config.database_name)
+        drop = set(previous_to_drop([(n, at) for n, at, _ in kept], config.keep_previous_count, config.keep_previous_days, datetime.now(UTC)))
+        if prune:
+            for name in sorted(drop):
+                log.info("dropping %s: beyond restore.keep_previous_count=%d / keep_previous_days=%d", name, config.keep_previous_count,
+                         config.keep_previous_days)
+                _drop_database(conn, name)
+    except psycopg.Error as exc:
+        raise SidecarError(f"cannot list the previous databases: {postgres.describe(exc)}") from None
+    finally:
+        conn.close()
+    return [PreviousDatabase(n, at.isoformat(), size, "drop" if n in drop else "keep") for n, at, size in kept]
+
+
 def _prune_previous(config: Config, conn: psycopg.Connection[Any], target: str) -> list[str]:
     kept = previous_databases(conn, target)
     drop = previous_to_drop([(name, at) for name, at, _ in kept], config.keep_previous_count, config.keep_previous_days, datetime.now(UTC))

@@ -81,6 +81,12 @@ def test_restores_keep_only_the_newest_previous_databases(cluster: Cluster, db: 
         dropped += json.loads(cli({**env, "RESTORE_KEEP_PREVIOUS_COUNT": "2"}, "restore", "latest", "--json").stdout)["dropped_previous"]
     left = cluster.psql(f"SELECT datname FROM pg_database WHERE datname LIKE '{db}\\_\\_pre\\_restore\\_%' ORDER BY 1").splitlines()
     assert len(left) == 2 and len(dropped) == 1 and dropped[0] < left[0]  # the oldest went, even for restores within one second
+    listed = json.loads(cli(env, "previous", "--json").stdout)
+    assert [item["name"] for item in listed] == left and all(item["action"] == "keep" and item["size"] > 0 for item in listed)
+    one = {**env, "RESTORE_KEEP_PREVIOUS_COUNT": "1"}
+    assert "would drop" in cli(one, "previous").stdout
+    cli(one, "previous", "--prune")
+    assert cluster.psql(f"SELECT datname FROM pg_database WHERE datname LIKE '{db}\\_\\_pre\\_restore\\_%'") == left[-1]
 
 
 @pytest.fixture

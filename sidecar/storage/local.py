@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sidecar.storage.base import CHUNK_SIZE, Chunks, Deleted, Hashing, ObjectExists, ObjectInfo, ObjectMissing, PutResult, StorageError, check_name, chunks_of, sha256_of
 
@@ -56,28 +57,27 @@ class LocalStore:
         tmp = self.dir / f".{name}.{secrets.token_hex(4)}.tmp"
         hashing = Hashing(chunks_of(data, CHUNK_SIZE), name, sha256)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = _disk(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), final)
             try:
-                for chunk in hashing:
+                for chunk in hashing:  # an error of the source itself goes up unchanged
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fd, view):]
-                os.fsync(fd)
+                        view = view[_disk(lambda v=view: os.write(fd, v), final):]  # type: ignore[misc]
+                _disk(lambda: os.fsync(fd), final)
             finally:
                 os.close(fd)
             if create_only:
                 try:
-                    os.link(tmp, final)
+                    os.link(tmp, final)  # fails if the name exists: create-only even against a concurrent writer
                 except FileExistsError:
                     _unlink(tmp)
                     return self._same_or_refuse(final, iter(()), hashing.hexdigest(), hashing.size)
+                except OSError as exc:
+                    raise _disk_error(exc, final) from None
                 _unlink(tmp)
             else:
-                os.rename(tmp, final)
+                _disk(lambda: os.rename(tmp, final), final)
             _fsync_dir(self.dir)
-        except OSError as exc:
-            _unlink(tmp)
-            raise _disk_error(exc, final) from None
         except BaseException:
             _unlink(tmp)
             raise
@@ -138,6 +138,16 @@ class LocalStore:
             raise StorageError(f"cannot delete {path} ({exc.strerror})") from None
         _fsync_dir(self.dir)
         return Deleted.DELETED
+
+
+T = TypeVar("T")
+
+
+def _disk(action: Callable[[], T], path: Path) -> T:
+    try:
+        return action()
+    except OSError as exc:
+        raise _disk_error(exc, path) from None
 
 
 def _info(name: str, stat: os.stat_result) -> ObjectInfo:

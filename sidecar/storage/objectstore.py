@@ -138,11 +138,11 @@ class ObjectStore:
         code = code_match.group(1) if code_match else ""
         where = f"remote {self.description}"
         what = f"{op} {name}".strip()
-        if isinstance(exc, FileNotFoundError) and op != "list":
-            return ObjectMissing(f"{where}: {name} does not exist")
-        if code in MISSING_BUCKET_CODES or (op == "list" and status == 404):
+        if code in MISSING_BUCKET_CODES or (op in ("list", "put") and (status == 404 or isinstance(exc, FileNotFoundError))):
             return StoreUnusable("missing-bucket", f"{where}: bucket {self.remote.bucket!r} does not exist ({code or status}); "
                                                    "create it (with Object Lock if you want immutable backups) or fix BACKUP_REMOTE_URL")
+        if isinstance(exc, FileNotFoundError):
+            return ObjectMissing(f"{where}: {name} does not exist")
         if code in CREDENTIAL_CODES or isinstance(exc, UnauthenticatedError) or status == 401 or "missing secret" in text.lower() \
                 or "credential" in text.lower() and status is None:
             return StoreUnusable("credentials", f"{where}: the server rejected the credentials ({code or status or 'no valid credentials'}); "

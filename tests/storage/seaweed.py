@@ -72,7 +72,8 @@ class SeaweedServer:
                 f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume_grpc}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer_grpc}", f"-filer.localSocket={self.dir / 'filer.sock'}",
                 "-s3", f"-s3.port={self.s3}", f"-s3.port.grpc={self.s3_grpc}", f"-s3.config={self.config}", "-s3.autoCreateBucket=false",
-                f"-s3.localSocket={self.dir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+                f"-s3.localSocket={self.dir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.resumeState=false"]  # a restart after a kill is up in ~4 s instead of ~18 s (raft election)
 
     def start(self, timeout: float = 60) -> None:
         began = time.monotonic()

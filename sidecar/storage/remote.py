@@ -175,6 +175,11 @@ KEYS: dict[str, tuple[str, Parser]] = {
 }
 
 
+def _masked(text: str) -> str:
+    """A value as it may be shown in an error: credentials written into a URL are replaced."""
+    return re.sub(r"(//)[^/@\s]*@", r"\1****@", text)
+
+
 def parse_remote(values: Mapping[str, Any]) -> RemoteConfig | None:
     """RemoteConfig from environment-style values (BACKUP_REMOTE_URL=...; os.environ works), None when no
     remote is configured. Every bad key is reported at once (ConfigError, one line each)."""
@@ -187,7 +192,7 @@ def parse_remote(values: Mapping[str, Any]) -> RemoteConfig | None:
         try:
             parsed[key.split(".", 1)[1]] = parser(raw)
         except ValueError as exc:
-            shown = repr(raw) if isinstance(raw, (str, int, bool)) and len(str(raw)) < 200 else "(value)"
+            shown = repr(_masked(str(raw))) if isinstance(raw, (str, int, bool)) and len(str(raw)) < 200 else "(value)"
             problems.append(f"{variable}={shown}: {exc}")
     url_given = str(values.get(KEYS["remote.url"][0]) or "").strip() != ""
     problems += cross_checks(parsed, {k.split(".", 1)[1]: v for k, (v, _p) in KEYS.items()}, url_given)

@@ -169,8 +169,7 @@ def test_a_flipped_byte_in_a_remote_object_is_detected(seaweed: SeaweedServer, p
     assert entry.status == "ok"  # a listing checks sizes; the content needs reading
     with pytest.raises(ChecksumMismatch, match=f"{dump} of {metadata['id']} does not match its metadata .*damaged"):
         verify_remote(store, entry.metadata or {})
-    (store_meta := metadata["id"] + ".metadata.json")
-    store.delete(store_meta)  # the copy is redone: the damaged object is named, not overwritten nor trusted
+    store.delete(metadata["id"] + ".metadata.json")  # the copy is redone: the damaged object is named, not overwritten nor trusted
     with pytest.raises(ObjectExists, match=f"{dump} already exists with different content"):
         copy_backup(tmp_path / "local", metadata, store)
 

@@ -185,9 +185,15 @@ class SeaweedServer:
             raise
         return [entry["FullPath"] for entry in listing.get("Entries") or []]
 
+    def remove_sockets(self) -> None:
+        """weed puts a gRPC Unix socket per server in /tmp, named by port, and leaves it behind."""
+        for kind, port in (("master", self.master_grpc), ("volume", self.volume_grpc), ("filer", self.filer_grpc), ("s3", self.s3_grpc)):
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
+
     def __enter__(self) -> SeaweedServer:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self.remove_sockets()

@@ -1,0 +1,147 @@
+"""The off-site copy of a backup set: data objects first, the metadata object last (a remote backup exists only
+once its metadata does), idempotent, each upload checked against the sha256 recorded at backup time.
+
+Objects are never rewritten. Later facts about a remote backup (a pin, a drill's result) are new small objects
+beside it, `<id>.<kind>.<time>.json`; the newest of each kind wins (see add_fact and remote_entries)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import ChecksumMismatch
+from sidecar.repository import ID_PATTERN, METADATA_SUFFIX, Entry, format_id, parse_id
+from sidecar.storage.base import ObjectInfo, ObjectMissing, StorageError, Store, sha256_of
+
+log = logging.getLogger(__name__)
+
+FACT_KINDS = {"pin": "keep", "verified": "verified"}  # fact kind in the object name -> the metadata field it sets
+
+
+@dataclass
+class CopyResult:
+    id: str
+    uploaded: list[str] = field(default_factory=list)   # objects written now
+    present: list[str] = field(default_factory=list)    # objects already there with the same content
+    bytes: int = 0
+
+    @property
+    def already_complete(self) -> bool:
+        return not self.uploaded
+
+
+def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
+    return json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def copy_backup(local_dir: Path, metadata: Mapping[str, Any], store: Store) -> CopyResult:
+    """Copy one committed local backup to `store`. Re-running after any interruption finishes the copy; an object
+    already there with the same sha256 is kept, one with different content stops the copy (ObjectExists)."""
+    backup_id = metadata["id"]
+    parse_id(backup_id)
+    result = CopyResult(backup_id)
+    meta_name = backup_id + METADATA_SUFFIX
+    if store.stat(meta_name) is not None:  # complete already (its metadata is written last)
+        result.present.append(meta_name)
+        return result
+    for item in metadata["files"].values():
+        name, expected, size = item["name"], item["checksum"], item["size"]
+        path = Path(local_dir) / name
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            raise StorageError(f"cannot copy {backup_id} to {store.description}: {path} is missing locally") from None
+        except OSError as exc:
+            raise StorageError(f"cannot copy {backup_id} to {store.description}: cannot read {path} ({exc.strerror})") from None
+        with handle:
+            put = store.put_stream(name, handle, sha256=expected)  # checked while streaming; aborted on mismatch
+        if put.size != size:
+            raise ChecksumMismatch(f"{store.description}: {name} is {put.size} bytes, the metadata says {size}; run 'verify {backup_id}'")
+        (result.present if put.existed else result.uploaded).append(name)
+        result.bytes += 0 if put.existed else put.size
+    store.put_stream(meta_name, [metadata_bytes(metadata)])
+    result.uploaded.append(meta_name)
+    log.info("copied %s to %s (%d objects written, %d already there)", backup_id, store.description, len(result.uploaded), len(result.present))
+    return result
+
+
+def fact_name(backup_id: str, kind: str, at: datetime) -> str:
+    if kind not in FACT_KINDS:
+        raise ValueError(f"unknown fact kind {kind!r}")
+    return f"{backup_id}.{kind}.{format_id(at).removeprefix('backup_')}.json"
+
+
+def add_fact(store: Store, backup_id: str, kind: str, value: Any, at: datetime | None = None) -> str:
+    """Record a later fact about a remote backup as a new object: kind 'pin' (value: bool) or 'verified' (the
+    drill's result dict). Nothing is rewritten, so a bucket with Object Lock accepts it."""
+    moment = at or datetime.now(UTC)
+    name = fact_name(backup_id, kind, moment)
+    store.put_stream(name, [json.dumps({"id": backup_id, "kind": kind, "at": moment.astimezone(UTC).isoformat(), "value": value}).encode()])
+    return name
+
+
+def _load_json(store: Store, name: str) -> Any:
+    data = b"".join(store.open_read(name))
+    return json.loads(data)
+
+
+def remote_entries(store: Store) -> list[Entry]:
+    """Backups in `store` whose metadata object exists, newest first, with the local listing's statuses (ok,
+    missing-file, size-mismatch, unreadable-metadata); the newest pin and verified facts are folded into the metadata.
+    Data objects without metadata (a copy in progress or interrupted) are not listed."""
+    objects: dict[str, ObjectInfo] = {info.name: info for info in store.list("backup_")}
+    facts: dict[str, dict[str, str]] = {}
+    for name in sorted(objects):  # time-stamped names: sorted means oldest first, so the newest wins
+        parts = name.split(".")
+        if len(parts) == 4 and parts[1] in FACT_KINDS and parts[3] == "json" and ID_PATTERN.fullmatch(parts[0]):
+            facts.setdefault(parts[0], {})[parts[1]] = name
+    entries = []
+    for name in objects:
+        if not name.endswith(METADATA_SUFFIX) or not ID_PATTERN.fullmatch(backup_id := name.removesuffix(METADATA_SUFFIX)):
+            continue
+        try:
+            metadata = _load_json(store, name)
+            files = metadata["files"].values()
+            if metadata.get("id") != backup_id:
+                entries.append(Entry(backup_id, None, "unreadable-metadata", f"{name} describes {metadata.get('id')!r}, not this backup"))
+                continue
+        except ObjectMissing:
+            continue  # deleted while we listed
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            entries.append(Entry(backup_id, None, "unreadable-metadata", f"{name} cannot be read ({exc})"))
+            continue
+        for kind, fact in facts.get(backup_id, {}).items():
+            try:
+                metadata[FACT_KINDS[kind]] = _load_json(store, fact)["value"]
+            except (ObjectMissing, ValueError, KeyError, TypeError):
+                log.warning("remote fact %s cannot be read; ignored", fact)
+        status, problem = "ok", ""
+        for item in files:
+            info = objects.get(item["name"])
+            if info is None:
+                status, problem = "missing-file", f"{item['name']} is missing"
+                break
+            if info.size != item["size"]:
+                status, problem = "size-mismatch", f"{item['name']} is {info.size} bytes, metadata says {item['size']}"
+                break
+        entries.append(Entry(backup_id, metadata, status, problem))
+    return sorted(entries, key=lambda e: e.id, reverse=True)
+
+
+def verify_remote(store: Store, metadata: Mapping[str, Any]) -> None:
+    """Stream every file of a remote backup and compare its sha256 and size with the metadata; ChecksumMismatch
+    naming the first file that differs (a flipped byte, a truncated object)."""
+    for item in metadata["files"].values():
+        try:
+            digest, size = sha256_of(store.open_read(item["name"]))
+        except ObjectMissing:
+            raise ChecksumMismatch(f"{store.description}: {item['name']} of {metadata['id']} is missing") from None
+        if digest != item["checksum"] or size != item["size"]:
+            raise ChecksumMismatch(f"{store.description}: {item['name']} of {metadata['id']} does not match its metadata "
+                                   f"(sha256 {digest}, {size} bytes; expected {item['checksum']}, {item['size']} bytes); "
+                                   "the off-site copy is damaged: do not restore from it")

@@ -1,0 +1,33 @@
+"""A real SeaweedFS S3 server for the session, and a fresh prefix on it (or a fresh directory) per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.storage.base import Store
+from sidecar.storage.local import LocalStore
+from tests.storage.seaweed import SeaweedServer
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t-" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Store:
+    """The same behaviour is asked of both homes."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server: SeaweedServer = request.getfixturevalue("seaweed")
+    return server.store(prefix)

@@ -86,7 +86,7 @@ def test_postgresql_down_at_schedule_time_and_back_after_30_s_is_retried_with_ba
                        "BACKUP_RETRY_SECONDS": "120", "SIDECAR_LOG_FORMAT": "json"}, tmp_path / "daemon.log")
     try:
         down_at = time.monotonic()
-        running.wait_for(lambda: "retrying" in running.log.read_text(), "a retry")
+        running.wait_for(lambda: '"event": "retry"' in running.log.read_text(), "a retry")
         ready = [request(running.base, "/readyz")[0]]
         while time.monotonic() - down_at < 30:
             time.sleep(1)
@@ -99,7 +99,11 @@ def test_postgresql_down_at_schedule_time_and_back_after_30_s_is_retried_with_ba
     finally:
         assert running.stop() == 0
     assert set(ready) == {503}
-    retries = [json.loads(line)["time"] for line in running.log.read_text().splitlines() if "retrying" in line]
+    entries = [json.loads(line) for line in running.log.read_text().splitlines()]
+    retries = [entry["time"] for entry in entries if entry.get("event") == "retry"]
+    # each retry line says which attempt it was and when the next one comes
+    attempts = [(entry["attempt"], entry["next_try_seconds"]) for entry in entries if entry.get("event") == "retry"]
+    assert [a for a, _ in attempts] == list(range(1, len(attempts) + 1)) and all(n > 0 for _, n in attempts), attempts
     gaps = [(datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() for a, b in itertools.pairwise(retries)]
     assert 4 <= len(retries) <= 7 and gaps == sorted(gaps) and gaps[-1] >= 4, (retries, gaps)  # backoff 1, 2, 4, 8, 16 s: a few tries, not a storm
     assert 'pg_backup_runs_total{result="failure"} 0.0' in metrics and len(backups) == 1

@@ -9,7 +9,9 @@ header that never ends, and errors of the files we read from or write to never s
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -20,8 +22,8 @@ from pyrage import x25519
 from sidecar.errors import SidecarError
 
 Identities = list[x25519.Identity]
-# rage releases plaintext one 64 KiB chunk at a time; this much input without any plaintext is no age file
-HEADER_LIMIT = 1 << 20
+MAGIC = b"age-encryption.org/v1"
+HEADER_LIMIT = 1 << 20  # a header with thousands of recipients is a few hundred KiB
 BATCH = 1 << 20  # rage reads and writes 8 KiB at a time; we hand the files 1 MiB
 
 
@@ -128,28 +130,74 @@ def generate_identity() -> tuple[str, str]:
 
 # --- streams --------------------------------------------------------------------------------------
 
-class _Source:
-    """What rage reads: keeps our reader's own exception, and refuses a header that never ends."""
+_B64 = re.compile(rb"[A-Za-z0-9+/]*")
+_ARG = re.compile(rb"[\x21-\x7e]+")
 
-    def __init__(self, reader: Readable, sink: _Sink | None) -> None:
+
+def _canonical_b64(text: bytes) -> bool:
+    if not _B64.fullmatch(text) or len(text) % 4 == 1:
+        return False
+    return base64.b64encode(base64.b64decode(text + b"=" * (-len(text) % 4))).rstrip(b"=") == text
+
+
+def _check_header(header: bytes) -> None:
+    """age's header grammar, strictly (rage is lenient about stanza bodies): the version line, stanzas of
+    `-> arg...` and base64 body lines of 64 columns ending with a shorter one, then `--- <mac>`."""
+    lines = header.split(b"\n")
+    if lines[0] != MAGIC:
+        raise AgeError("not an age file (it must start with the age-encryption.org/v1 line; armored files are not supported)")
+    i = 1
+    while lines[i].startswith(b"->"):
+        args = lines[i][2:].split(b" ")
+        if args[0] != b"" or len(args) < 2 or not all(_ARG.fullmatch(arg) for arg in args[1:]):
+            raise AgeError("age header: malformed recipient stanza line: the file is damaged")
+        i += 1
+        while True:
+            body = lines[i]
+            if len(body) > 64 or not _canonical_b64(body):
+                raise AgeError("age header: malformed stanza body: the file is damaged")
+            i += 1
+            if len(body) < 64:
+                break
+    if i != len(lines) - 2 or not lines[i].startswith(b"--- ") or len(lines[i]) != 47 or not _canonical_b64(lines[i][4:]) or lines[-1] != b"":
+        raise AgeError("age header: malformed (expected a recipient stanza or the --- MAC line): the file is damaged")
+
+
+class _Source:
+    """What rage reads: keeps our reader's own exception; checks the header strictly before rage sees
+    its end, and refuses a header that never ends instead of buffering it."""
+
+    def __init__(self, reader: Readable, check_header: bool) -> None:
         self._reader = reader
-        self._sink = sink
         self._buffer = memoryview(b"")
-        self.consumed = 0
+        self._header: bytearray | None = bytearray() if check_header else None
         self.error: BaseException | None = None
+
+    def _fill(self) -> None:
+        data = self._reader.read(BATCH)
+        self._buffer = memoryview(data)
+        if self._header is None:
+            return
+        self._header += data
+        end = self._header.find(b"\n---")
+        end = self._header.find(b"\n", end + 1) if end >= 0 else -1
+        if end >= 0:
+            _check_header(bytes(self._header[: end + 1]))
+            self._header = None
+        elif not data:
+            raise AgeError("age file ends inside its header: the file is truncated or not an age file")
+        elif len(self._header) > HEADER_LIMIT:
+            raise AgeError(f"not an age file or a damaged one: no end of the age header within its first {HEADER_LIMIT >> 20} MiB")
 
     def read(self, size: int = -1) -> bytes:
         if self.error is not None:
             raise self.error
         try:
             if not self._buffer:
-                self._buffer = memoryview(self._reader.read(BATCH))
+                self._fill()
             size = len(self._buffer) if size < 0 else size
             data = bytes(self._buffer[:size])
             self._buffer = self._buffer[size:]
-            self.consumed += len(data)
-            if self._sink is not None and not self._sink.released and self.consumed > HEADER_LIMIT:
-                raise AgeError(f"not an age file or a damaged one: no age header end and no data within the first {HEADER_LIMIT >> 20} MiB")
         except BaseException as exc:
             self.error = exc
             raise
@@ -168,13 +216,11 @@ class _Sink:
     def __init__(self, writer: Writable) -> None:
         self._writer = writer
         self._pending = bytearray()
-        self.released = False
         self.error: BaseException | None = None
 
     def write(self, data: bytes) -> int:
         if self.error is not None:
             raise self.error
-        self.released = True
         self._pending += data
         if len(self._pending) >= BATCH:
             self._push()
@@ -225,7 +271,7 @@ def encrypt(reader: Readable, writer: Writable, recipients: Sequence[str]) -> No
     """Encrypt everything `reader` gives to `recipients`, into `writer`, in bounded memory."""
     keys = [parse_recipient(text) for text in recipients]
     sink = _Sink(writer)
-    source = _Source(reader, None)
+    source = _Source(reader, check_header=False)
     try:
         pyrage.encrypt_io(cast(io.BufferedIOBase, source), cast(io.BufferedIOBase, sink), keys)
     except BaseException as exc:
@@ -239,7 +285,7 @@ def decrypt(reader: Readable, writer: Writable, identities: Identities) -> None:
     """Decrypt the age file `reader` gives into `writer`, in bounded memory. Only authenticated plaintext
     reaches `writer`; a damaged, truncated or foreign file raises AgeError (perhaps after some of it)."""
     sink = _Sink(writer)
-    source = _Source(reader, sink)
+    source = _Source(reader, check_header=True)
     try:
         pyrage.decrypt_io(cast(io.BufferedIOBase, source), cast(io.BufferedIOBase, sink), identities)
     except BaseException as exc:

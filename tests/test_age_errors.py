@@ -134,11 +134,11 @@ class FailsAtTheEnd:
 
 @pytest.mark.parametrize("size", [0, 1000, 3 << 20])
 def test_a_write_error_on_the_last_bytes_of_an_encryption_is_raised_not_lost(size: int) -> None:
+    # rage writes its last buffered bytes while it cleans up and ignores errors there; the file would
+    # look complete. (The header's length varies: rage adds random "grease" stanzas.)
     _, public = age.generate_identity()
-    whole = io.BytesIO()
-    age.encrypt(io.BytesIO(b"x" * size), whole, [public])
     with pytest.raises(OSError, match="No space left"):
-        age.encrypt(io.BytesIO(b"x" * size), FailsAtTheEnd(len(whole.getvalue()) - 1), [public])
+        age.encrypt(io.BytesIO(b"x" * size), FailsAtTheEnd(size + 10), [public])
 
 
 def _damage(kind: str, data: bytes) -> bytes:

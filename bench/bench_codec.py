@@ -1,16 +1,19 @@
 """Throughput of the codec stages alone, in this process, on generated table-like text (no database).
 
-    python bench/bench_codec.py --mb 200 --rounds 3
+    python bench/bench_codec.py --mb 200 --rounds 5 [--before-age OLD_AGE_PY]
 
-age: encrypt and decrypt of the whole input through `sidecar.age` (whichever implementation the
-imported checkout has: the push API `Encryptor`/`Decryptor` of the old in-house module, or
-`encrypt`/`decrypt` over pyrage), and the stock `age` CLI for reference. zstd: level-1 compression
-and decompression through `sidecar.streams` (bounded output), and `zstandard` alongside when it is
-installed. Best of N rounds, MB/s of plaintext. Results are recorded by hand in bench/RESULTS.md."""
+age: encrypt and decrypt of the whole input through `sidecar.age` (pyrage), through an older
+in-house `age.py` given with --before-age (its push API `Encryptor`/`Decryptor`; it needs the
+`cryptography` package; e.g. `git show 69fae24:sidecar/age.py > /tmp/age_before.py`), and the stock
+`age` CLI for reference. zstd: level-1 compression and decompression through `sidecar.streams`
+(bounded output), and `zstandard` alongside when it is installed. Output goes nowhere. The cases run
+interleaved, round after round, so a busy machine slows them alike; best of N rounds, MB/s of
+plaintext. Results are recorded by hand in bench/RESULTS.md."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import os
 import random
@@ -21,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path and "PYTHONPATH" not in os.environ:
@@ -42,99 +46,100 @@ def table_text(size: int) -> bytes:
     return "".join(rows).encode()[:size]
 
 
-def best(rounds: int, run: Callable[[], object]) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+class Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
-def age_functions(public: str, key: Path) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+def age_before(path: Path, public: str, key: Path, data: bytes, sealed: bytes) -> dict[str, Callable[[], object]]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("age_before", path)
+    assert spec is not None and spec.loader is not None
+    old: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
     step = 1 << 20
-    if hasattr(age, "Encryptor"):  # the in-house implementation (before pyrage)
-        def encrypt_old(data: bytes) -> bytes:
-            enc = age.Encryptor([public])
-            out = [enc.update(data[i:i + step]) for i in range(0, len(data), step)]
-            return b"".join(out) + enc.finish()
 
-        def decrypt_old(data: bytes) -> bytes:
-            dec = age.Decryptor(age.parse_identities(key))
-            out = [dec.update(data[i:i + step]) for i in range(0, len(data), step)]
-            return b"".join(out) + dec.finish()
+    def encrypt() -> None:
+        enc = old.Encryptor([public])
+        for i in range(0, len(data), step):
+            enc.update(data[i:i + step])
+        enc.finish()
 
-        return encrypt_old, decrypt_old
+    def decrypt() -> None:
+        dec = old.Decryptor(old.parse_identities(key))
+        for i in range(0, len(sealed), step):
+            dec.update(sealed[i:i + step])
+        dec.finish()
 
-    def encrypt(data: bytes) -> bytes:
-        out = io.BytesIO()
-        age.encrypt(io.BytesIO(data), out, [public])
-        return out.getvalue()
-
-    def decrypt(data: bytes) -> bytes:
-        out = io.BytesIO()
-        age.decrypt(io.BytesIO(data), out, age.parse_identities(key))
-        return out.getvalue()
-
-    return encrypt, decrypt
+    return {"age encrypt, before (in-house age.py, cryptography)": encrypt, "age decrypt, before (in-house age.py, cryptography)": decrypt}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--before-age", type=Path)
     args = parser.parse_args()
     data = table_text(args.mb * 1_000_000)
     mb = len(data) / 1e6
-    print(f"sidecar.age from {age.__file__}; {mb:.0f} MB of table text; best of {args.rounds}")
+    print(f"sidecar from {Path(streams.__file__).parent}; {mb:.0f} MB of table text; best of {args.rounds}, interleaved")
 
     secret, public = age.generate_identity()
-    with tempfile.TemporaryDirectory() as tmp:
-        key = Path(tmp) / "key.txt"
-        key.write_text(secret + "\n")
-        encrypt, decrypt = age_functions(public, key)
-        sealed = encrypt(data)
-        assert decrypt(sealed) == data
-        print(f"| age encrypt, ours | {mb / best(args.rounds, lambda: encrypt(data)):.0f} MB/s |")
-        print(f"| age decrypt, ours | {mb / best(args.rounds, lambda: decrypt(sealed)):.0f} MB/s |")
-        if shutil.which("age"):
-            plain, cipher = Path(tmp) / "plain", Path(tmp) / "cipher"
-            plain.write_bytes(data)
-            cipher.write_bytes(sealed)
-            enc_cli = best(args.rounds, lambda: subprocess.run(["age", "-r", public, "-o", os.devnull, str(plain)], check=True))
-            dec_cli = best(args.rounds, lambda: subprocess.run(["age", "-d", "-i", str(key), "-o", os.devnull, str(cipher)], check=True))
-            print(f"| age encrypt, age CLI (file to /dev/null) | {mb / enc_cli:.0f} MB/s |")
-            print(f"| age decrypt, age CLI (file to /dev/null) | {mb / dec_cli:.0f} MB/s |")
+    tmp = Path(tempfile.mkdtemp())
+    key = tmp / "key.txt"
+    key.write_text(secret + "\n")
+    sealed = io.BytesIO()
+    age.encrypt(io.BytesIO(data), sealed, [public])
+    plain, cipher = tmp / "plain", tmp / "cipher"
+    plain.write_bytes(data)
+    cipher.write_bytes(sealed.getvalue())
+    packed = io.BytesIO()
+    streams.encode(io.BytesIO(data), packed, "zstd", 1, None)
+    stored = packed.getvalue()
 
-    if hasattr(streams, "encode"):
-        packed = io.BytesIO()
-        streams.encode(io.BytesIO(data), packed, "zstd", 1, None)
-        stored = packed.getvalue()
-
-        def unpack() -> None:
-            streams.decode(io.BytesIO(stored), io.BytesIO(), "zstd", None)
-
-        print(f"| zstd -1 compress, sidecar.streams | {mb / best(args.rounds, lambda: streams.encode(io.BytesIO(data), io.BytesIO(), 'zstd', 1, None)):.0f} MB/s |")
-        print(f"| zstd decompress (bounded), sidecar.streams | {mb / best(args.rounds, unpack):.0f} MB/s |")
+    cases: dict[str, Callable[[], object]] = {
+        "age encrypt, ours (pyrage)": lambda: age.encrypt(io.BytesIO(data), Discard(), [public]),
+        "age decrypt, ours (pyrage)": lambda: age.decrypt(io.BytesIO(sealed.getvalue()), Discard(), age.parse_identities(key)),
+    }
+    if args.before_age:
+        cases.update(age_before(args.before_age, public, key, data, sealed.getvalue()))
+    if shutil.which("age"):
+        cases["age encrypt, age CLI (file to /dev/null)"] = lambda: subprocess.run(["age", "-r", public, "-o", os.devnull, str(plain)], check=True)
+        cases["age decrypt, age CLI (file to /dev/null)"] = lambda: subprocess.run(["age", "-d", "-i", str(key), "-o", os.devnull, str(cipher)], check=True)
+    cases["zstd -1 compress, ours (backports.zstd, sidecar.streams)"] = lambda: streams.encode(io.BytesIO(data), Discard(), "zstd", 1, None)
+    cases["zstd decompress, ours (bounded: 1 MiB per step)"] = lambda: streams.decode(io.BytesIO(stored), Discard(), "zstd", None)
     try:
-        import zstandard
+        zstandard: Any = importlib.import_module("zstandard")  # the library used before, if still installed
     except ImportError:
-        return
-    step = 1 << 20
+        zstandard = None
+    if zstandard is not None:
+        step = 1 << 20
 
-    def z_compress() -> bytes:
-        obj = zstandard.ZstdCompressor(level=1).compressobj()
-        return b"".join(obj.compress(data[i:i + step]) for i in range(0, len(data), step)) + obj.flush()
+        def z_compress() -> None:
+            obj = zstandard.ZstdCompressor(level=1).compressobj()
+            for i in range(0, len(data), step):
+                obj.compress(data[i:i + step])
+            obj.flush()
 
-    compressed = z_compress()
+        def z_decompress() -> None:
+            obj = zstandard.ZstdDecompressor().decompressobj()
+            for i in range(0, len(stored), step):
+                obj.decompress(stored[i:i + step])
 
-    def z_decompress() -> None:
-        obj = zstandard.ZstdDecompressor().decompressobj()
-        for i in range(0, len(compressed), step):
-            obj.decompress(compressed[i:i + step])
+        cases["zstd -1 compress, before (zstandard compressobj)"] = z_compress
+        cases["zstd decompress, before (zstandard decompressobj, unbounded)"] = z_decompress
 
-    print(f"| zstd -1 compress, zstandard compressobj | {mb / best(args.rounds, z_compress):.0f} MB/s |")
-    print(f"| zstd decompress (unbounded), zstandard decompressobj | {mb / best(args.rounds, z_decompress):.0f} MB/s |")
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    shutil.rmtree(tmp)
+    print("| case | MB/s (best) | MB/s (median) |\n|---|---|---|")
+    for name, spent in times.items():
+        print(f"| {name} | {mb / min(spent):.0f} | {mb / sorted(spent)[len(spent) // 2]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ ROWS = 1_000_000
 WIDTH = 160  # identical rows: a ~160 MB dump that zstd and gzip squeeze over 1000:1
 LIMIT_MIB = 100
 
-# the CLI in this process, then its own peak RSS (the sidecar, not pg_restore or psql) on the last stderr line
+# the CLI in this process, then its own peak RSS (the sidecar, not pg_restore or psql) on the last stderr
+# line: VmHWM of this process image, not ru_maxrss, which Linux carries over from the forking pytest
 _MEASURED = (
-    "import resource, sys\n"
+    "import sys\n"
     "from sidecar.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print(f'peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]\n"
+    "print(f'peak_rss_kib {hwm}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 

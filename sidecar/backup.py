@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.postgres import Child
 from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
-from sidecar.streams import CHUNK_SIZE, HashingFile, Progress, encode_stages
+from sidecar.streams import HashingFile, Progress, ReadTap, encode
 from sidecar.validation import validate
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,9 @@ def dump_format(config: Config) -> str:
 
 
 def _write_stream(child: Child, out: HashingFile, config: Config) -> None:
-    pipeline = encode_stages(config.compression, config.compression_level, config.recipients if config.encryption else None)
     assert child.proc.stdout is not None
-    stream = child.proc.stdout
-    progress = Progress("backup (pg_dump output)")
-    while chunk := stream.read(CHUNK_SIZE):
-        progress.add(len(chunk))
-        out.write(pipeline.update(chunk))
-    out.write(pipeline.finish())
+    source = ReadTap(child.proc.stdout, Progress("backup (pg_dump output)"))
+    encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
 
 
 def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFile) -> None:
@@ -124,9 +120,8 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFi
         error = child.stderr_tail()
     else:
         raise SidecarError(f"backup failed: pg_dumpall --roles-only: {error}")
-    pipeline = encode_stages(config.compression, config.compression_level, config.recipients if config.encryption else None)
-    path.write(pipeline.update(roles.filter_globals(text, wanted).encode()))
-    path.write(pipeline.finish())
+    source = io.BytesIO(roles.filter_globals(text, wanted).encode())
+    encode(source, path, config.compression, config.compression_level, config.recipients if config.encryption else None)
 
 
 def create_backup(config: Config, label: str | None = None, keep: bool = False) -> dict[str, Any]:

@@ -210,11 +210,5 @@ def _public_keys(path: Path) -> set[str]:
 
     keys = set()
     for identity in age.parse_identities(path):
-        to_public = getattr(identity, "to_public", None)  # pyrage's x25519.Identity
-        if to_public is not None:
-            keys.add(str(to_public()))
-        else:  # cryptography's X25519PrivateKey (sidecar/age.py's own format code)
-            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-            keys.add(age.bech32_encode("age", identity.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)))
+        keys.add(str(identity.to_public()))
     return keys

@@ -358,7 +358,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if "backup.compression_level" in values and not low <= level <= high:
         where = raw["backup.compression_level"][0]
         problems.append(f"{where}={level!r}: must be between {low} and {high} for {compression} compression")
-    if values.get("encryption.enabled") and not values.get("encryption.recipients"):
+    recipients_reported = "encryption.recipients" in raw and "encryption.recipients" not in values  # a bad key, said above
+    if values.get("encryption.enabled") and not values.get("encryption.recipients") and not recipients_reported:
         problems.append(
             "BACKUP_ENCRYPTION=true: no recipients; set BACKUP_ENCRYPTION_RECIPIENTS to one or more age public keys (age1...)"
         )

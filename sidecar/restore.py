@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +22,7 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
-from sidecar.streams import CHUNK_SIZE, Progress, decode_stages, file_sha256, read_chunks
+from sidecar.streams import Progress, ReadTap, decode, file_sha256, open_stored
 from sidecar.validation import Finding, ValidationResult, split_known, validate
 
 log = logging.getLogger(__name__)
@@ -87,30 +87,38 @@ def verify_backup(config: Config, ref: str) -> VerifyReport:
 
 
 def _read_to_end(config: Config, path: Path, metadata: dict[str, Any], kind: str, identities: age.Identities | None) -> None:
-    pipeline = decode_stages(metadata["compression"], identities)
     checker: Child | None = None
     if kind == "dump" and metadata["format"] == "custom":
         pg_restore = postgres.find_tool("pg_restore", config.pg_bin_dir)
         checker = Child([pg_restore, "--list"], {}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    tail = b""
+    sink = _Tail(200, (lambda data: _feed(checker, data)) if checker else None)
     try:
-        for chunk in read_chunks(path):
-            out = pipeline.update(chunk)
-            tail = (tail + out)[-200:]
-            if checker:
-                checker = _feed(checker, out)
-        out = pipeline.finish()
-        tail = (tail + out)[-200:]
+        with open_stored(path) as handle:
+            decode(handle, sink, metadata["compression"], identities)
         if checker:
-            checker = _feed(checker, out)
             assert checker.proc.stdin is not None
             checker.proc.stdin.close()
             checker.check("reading the archive's table of contents")
     finally:
         if checker:
             checker.terminate()
-    if kind == "dump" and metadata["format"] == "plain" and PLAIN_TRAILER not in tail:
+    if kind == "dump" and metadata["format"] == "plain" and PLAIN_TRAILER not in sink.tail:
         raise SidecarError("the SQL dump does not end with pg_dump's completion line: it is truncated")
+
+
+class _Tail:
+    """A writer that passes data on (if `then` is given) and keeps the last `keep` bytes."""
+
+    def __init__(self, keep: int, then: Callable[[bytes], object] | None) -> None:
+        self.tail = b""
+        self._keep = keep
+        self._then = then
+
+    def write(self, data: bytes) -> int:
+        self.tail = (self.tail + data[-self._keep:])[-self._keep:]
+        if self._then is not None:
+            self._then(data)
+        return len(data)
 
 
 def _feed(child: Child, data: bytes) -> Child:
@@ -426,24 +434,14 @@ def _pump(child: Child, path: Path, checksum: str, compression: str, identities:
     """Stream a stored file, decoded, into a child's stdin. stdin is closed (so the child commits) only
     after the whole file decoded cleanly and its sha256 matched again; otherwise the child is killed."""
     assert child.proc.stdin is not None
-    digest = hashlib.sha256()
-    pipeline = decode_stages(compression, identities)
-    tail = b""
-    progress = Progress(f"{what} ({path.name})", total=path.stat().st_size)
+    sink = _Tail(256, child.proc.stdin.write)
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK_SIZE):
-                progress.add(len(chunk))
-                digest.update(chunk)
-                out = pipeline.update(chunk)
-                tail = (tail + out)[-256:]
-                child.proc.stdin.write(out)
-        out = pipeline.finish()
-        tail = (tail + out)[-256:]
-        child.proc.stdin.write(out)
-        if trailer and trailer not in tail:
+        with open_stored(path) as handle:
+            source = ReadTap(handle, Progress(f"{what} ({path.name})", total=path.stat().st_size), hashing=True)
+            decode(source, sink, compression, identities)
+        if trailer and trailer not in sink.tail:
             raise SidecarError(f"{path.name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
-        if digest.hexdigest() != checksum:
+        if source.hexdigest() != checksum:
             raise ChecksumMismatch(f"{path.name} changed while it was read (sha256 no longer matches); nothing was committed")
         child.proc.stdin.close()
     except BrokenPipeError:

@@ -1,99 +1,154 @@
-"""Hash / compress / encrypt stages over byte chunks, in both directions, in bounded memory."""
+"""Hash / compress / encrypt over streams, in both directions, in bounded memory whatever the compression ratio.
+
+Backup pulls: pg_dump's stdout -> compress (a reader) -> age encrypt -> file. Restore pushes what it pulls:
+file -> sha256 tap -> age decrypt -> decompress (a writer, bounded output) -> the loader's stdin."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-import zstandard
-
 from sidecar import age
 from sidecar.errors import SidecarError
 
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
 CHUNK_SIZE = 1 << 20
+OUTPUT_LIMIT = 1 << 20  # the most one decompression step may return
 EXTENSIONS = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 
 
-class Stage(Protocol):
-    def update(self, data: bytes) -> bytes: ...
-
-    def finish(self) -> bytes: ...
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
 
-class _Compressor:
-    def __init__(self, algorithm: str, level: int) -> None:
-        self._obj: zstandard.ZstdCompressionObj | zlib._Compress
-        if algorithm == "zstd":
-            self._obj = zstandard.ZstdCompressor(level=level).compressobj()
-        else:
-            self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)
+class Decompressor:
+    """A writer that decompresses into another writer, at most OUTPUT_LIMIT bytes at a time whatever the
+    ratio (a 1 MiB read of a 1000:1 stream must not become 1 GiB in memory). `close()` fails if the
+    stream ended early or has trailing bytes."""
 
-    def update(self, data: bytes) -> bytes:
-        return self._obj.compress(data)
-
-    def finish(self) -> bytes:
-        return self._obj.flush()
-
-
-class _Decompressor:
-    def __init__(self, algorithm: str) -> None:
+    def __init__(self, algorithm: str, out: Writer) -> None:
         self._algorithm = algorithm
-        self._obj: zstandard.ZstdDecompressionObj | zlib._Decompress
-        if algorithm == "zstd":
-            self._obj = zstandard.ZstdDecompressor().decompressobj()
-        else:
-            self._obj = zlib.decompressobj(31)
+        self._out = out
+        self._zstd = zstd.ZstdDecompressor() if algorithm == "zstd" else None
+        self._zlib = zlib.decompressobj(31) if algorithm == "gzip" else None
 
-    def update(self, data: bytes) -> bytes:
-        try:
-            return self._obj.decompress(data)
-        except (zstandard.ZstdError, zlib.error) as exc:
-            raise SidecarError(f"{self._algorithm} data is corrupt ({exc}); the backup file is damaged") from None
-
-    def finish(self) -> bytes:
-        if not self._obj.eof:
-            raise SidecarError(f"{self._algorithm} stream ends early: the backup file is truncated")
-        if self._obj.unused_data:
-            raise SidecarError(f"{self._algorithm} stream has trailing garbage: the backup file is damaged")
-        return b""
-
-
-def compressor(algorithm: str, level: int) -> Stage | None:
-    return None if algorithm == "none" else _Compressor(algorithm, level)
-
-
-def decompressor(algorithm: str) -> Stage | None:
-    return None if algorithm == "none" else _Decompressor(algorithm)
-
-
-def _run(stages: list[Stage], data: bytes) -> bytes:
-    for stage in stages:
+    def write(self, data: bytes) -> int:
         if not data:
-            return b""
-        data = stage.update(data)
-    return data
+            return 0
+        try:
+            if self._zstd is not None:
+                if self._zstd.eof:
+                    raise self._trailing()
+                self._out.write(self._zstd.decompress(data, max_length=OUTPUT_LIMIT))
+                while not self._zstd.eof and not self._zstd.needs_input:
+                    self._out.write(self._zstd.decompress(b"", max_length=OUTPUT_LIMIT))
+                if self._zstd.unused_data:
+                    raise self._trailing()
+            elif self._zlib is not None:
+                if self._zlib.eof:
+                    raise self._trailing()
+                self._out.write(self._zlib.decompress(data, OUTPUT_LIMIT))
+                while self._zlib.unconsumed_tail:
+                    self._out.write(self._zlib.decompress(self._zlib.unconsumed_tail, OUTPUT_LIMIT))
+                if self._zlib.unused_data:
+                    raise self._trailing()
+        except (zstd.ZstdError, zlib.error) as exc:
+            raise SidecarError(f"{self._algorithm} data is corrupt ({exc}); the backup file is damaged") from None
+        return len(data)
+
+    def _trailing(self) -> SidecarError:
+        return SidecarError(f"{self._algorithm} stream has trailing garbage: the backup file is damaged")
+
+    def close(self) -> None:
+        if self._zlib is not None and not self._zlib.eof:
+            try:
+                self._out.write(self._zlib.flush())  # at most one pending match: a few hundred bytes
+            except zlib.error:
+                pass
+        if not (self._zstd or self._zlib).eof:  # type: ignore[union-attr]
+            raise SidecarError(f"{self._algorithm} stream ends early: the backup file is truncated")
 
 
+class _Compressing:
+    """A reader of the compressed form of another reader (compressed output never outgrows its input)."""
 
-class Pipeline:
-    """Apply stages in order to a stream of chunks; finish() flushes each stage into the next."""
+    def __init__(self, source: age.Readable, algorithm: str, level: int) -> None:
+        self._source = source
+        self._zstd = zstd.ZstdCompressor(level=level) if algorithm == "zstd" else None
+        self._zlib = zlib.compressobj(level, zlib.DEFLATED, 31) if algorithm == "gzip" else None
+        self._buffer = memoryview(b"")
+        self._done = False
 
-    def __init__(self, stages: list[Stage | None]) -> None:
-        self.stages = [s for s in stages if s is not None]
+    def _compress(self, data: bytes) -> bytes:
+        if self._zstd is not None:
+            return self._zstd.compress(data) if data else self._zstd.flush(zstd.ZstdCompressor.FLUSH_FRAME)
+        assert self._zlib is not None
+        return self._zlib.compress(data) if data else self._zlib.flush()
 
-    def update(self, data: bytes) -> bytes:
-        return _run(self.stages, data)
+    def read(self, size: int = -1) -> bytes:
+        while not self._buffer and not self._done:
+            chunk = self._source.read(CHUNK_SIZE)
+            self._done = not chunk
+            self._buffer = memoryview(self._compress(chunk))
+        size = len(self._buffer) if size < 0 else size
+        data = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return data
 
-    def finish(self) -> bytes:
-        out = b""
-        for stage in self.stages:
-            out = stage.update(out) if out else b""
-            out += stage.finish()
-        return out
+
+class ReadTap:
+    """A reader that counts, optionally hashes (sha256) and reports progress of what goes through it."""
+
+    def __init__(self, reader: age.Readable, progress: Progress | None = None, hashing: bool = False) -> None:
+        self._reader = reader
+        self._progress = progress
+        self._hash = hashlib.sha256() if hashing else None
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._reader.read(CHUNK_SIZE if size < 0 else size)
+        self.size += len(data)
+        if self._hash is not None:
+            self._hash.update(data)
+        if self._progress is not None:
+            self._progress.add(len(data))
+        return data
+
+    def hexdigest(self) -> str:
+        assert self._hash is not None
+        return self._hash.hexdigest()
+
+
+def encode(source: age.Readable, out: Writer, compression: str, level: int, recipients: tuple[str, ...] | None) -> None:
+    """source -> compress -> encrypt -> out, pulled CHUNK_SIZE at a time: memory stays flat."""
+    stream: age.Readable = source if compression == "none" else _Compressing(source, compression, level)
+    if recipients:
+        age.encrypt(stream, out, recipients)
+        return
+    while data := stream.read(CHUNK_SIZE):
+        out.write(data)
+
+
+def decode(source: age.Readable, out: Writer, compression: str, identities: age.Identities | None) -> None:
+    """source -> decrypt -> decompress -> out, every step with bounded output; raises SidecarError (or
+    the exception `out` raised) if the stream is damaged or truncated."""
+    sink: Writer = out if compression == "none" else Decompressor(compression, out)
+    if identities is not None:
+        age.decrypt(source, sink, identities)
+    else:
+        while data := source.read(CHUNK_SIZE):
+            sink.write(data)
+    if isinstance(sink, Decompressor):
+        sink.close()
 
 
 class Progress:
@@ -128,9 +183,9 @@ class HashingFile:
         self._hash = hashlib.sha256()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> int:
         if not data:
-            return
+            return 0
         self._hash.update(data)
         view = memoryview(data)
         while view:
@@ -140,6 +195,7 @@ class HashingFile:
                 raise disk_error(exc, self.path) from None
             view = view[written:]
         self.size += len(data)
+        return len(data)
 
     def close(self) -> str:
         try:
@@ -175,12 +231,15 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
-def read_chunks(path: Path) -> Iterator[bytes]:
+def open_stored(path: Path) -> BinaryIO:
     try:
-        handle: BinaryIO = open(path, "rb")
+        return open(path, "rb")
     except OSError as exc:
         raise SidecarError(f"cannot read {path} ({exc.strerror})") from None
-    with handle:
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    with open_stored(path) as handle:
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
 
@@ -192,11 +251,3 @@ def file_sha256(path: Path) -> tuple[str, int]:
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
-
-
-def encode_stages(compression: str, level: int, recipients: tuple[str, ...] | None) -> Pipeline:
-    return Pipeline([compressor(compression, level), age.Encryptor(list(recipients)) if recipients else None])
-
-
-def decode_stages(compression: str, identities: age.Identities | None) -> Pipeline:
-    return Pipeline([age.Decryptor(identities) if identities is not None else None, decompressor(compression)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from sidecar import age
 from sidecar.embedded import Cluster
 from sidecar.postgres import find_tool
-from sidecar.streams import decode_stages, encode_stages
+from sidecar.streams import decode, encode
 from tests.conftest import backup_id, cli
 
 
@@ -77,50 +78,64 @@ def test_a_truncated_sql_gz_commits_nothing_where_gunzip_psql_would(cluster: Clu
     assert cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'ours'") == "0"
 
 
+def _encrypt(data: bytes, public: str) -> bytes:
+    out = io.BytesIO()
+    age.encrypt(io.BytesIO(data), out, [public])
+    return out.getvalue()
+
+
+def _decrypt(data: bytes, key: Path) -> bytes:
+    out = io.BytesIO()
+    age.decrypt(io.BytesIO(data), out, age.parse_identities(key))
+    return out.getvalue()
+
+
 def test_age_files_interoperate_with_the_age_cli(tmp_path: Path) -> None:
     secret, public = age.generate_identity()
     key = tmp_path / "key.txt"
     key.write_text(f"# created by the test\n{secret}\n")
     for size in (0, 1, 65535, 65536, 65537, 200_000):
         data = os.urandom(size)
-        encryptor = age.Encryptor([public])
-        ours = encryptor.update(data) + encryptor.finish()
+        ours = _encrypt(data, public)
         assert subprocess.run(["age", "-d", "-i", str(key)], input=ours, capture_output=True, check=True).stdout == data
         theirs = subprocess.run(["age", "-r", public], input=data, capture_output=True, check=True).stdout
-        decryptor = age.Decryptor(age.parse_identities(key))
-        assert decryptor.update(theirs) + decryptor.finish() == data
+        assert _decrypt(theirs, key) == data
 
 
 def test_a_truncated_age_file_is_an_error(tmp_path: Path) -> None:
     secret, public = age.generate_identity()
     key = tmp_path / "key.txt"
     key.write_text(secret)
-    encryptor = age.Encryptor([public])
-    whole = encryptor.update(os.urandom(200_000)) + encryptor.finish()
+    whole = _encrypt(os.urandom(200_000), public)
     for cut in (10, 200, 65536 + 16 + 100, len(whole) - 1):
-        decryptor = age.Decryptor(age.parse_identities(key))
         with pytest.raises(age.AgeError):
-            decryptor.update(whole[:cut])
-            decryptor.finish()
+            _decrypt(whole[:cut], key)
+
+
+class _Pieces:
+    """A reader that returns the given sizes in turn (then the rest), like a pipe."""
+
+    def __init__(self, data: bytes, cuts: list[int]) -> None:
+        self._data, self._cuts = memoryview(data), list(cuts)
+
+    def read(self, size: int = -1) -> bytes:
+        size = min(size if size >= 0 else len(self._data), self._cuts.pop(0) if self._cuts else len(self._data))
+        piece, self._data = bytes(self._data[:size]), self._data[size:]
+        return piece
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=300_000), cuts=st.lists(st.integers(min_value=1, max_value=100_000), max_size=8),
        compression=st.sampled_from(["zstd", "gzip", "none"]), encrypted=st.booleans())
-def test_the_stream_pipeline_round_trips_any_bytes_and_chunking(data: bytes, cuts: list[int], compression: str, encrypted: bool) -> None:
+def test_the_stream_pipeline_round_trips_any_bytes_and_chunking(data: bytes, cuts: list[int], compression: str, encrypted: bool, tmp_path_factory: pytest.TempPathFactory) -> None:
     secret, public = _KEYS
-    encoder = encode_stages(compression, 1 if compression != "none" else 0, (public,) if encrypted else None)
-    stored = b""
-    position = 0
-    for cut in cuts:
-        stored += encoder.update(data[position: position + cut])
-        position += cut
-    stored += encoder.update(data[position:]) + encoder.finish()
-    decoder = decode_stages(compression, [age.X25519PrivateKey.from_private_bytes(age.bech32_decode(secret)[1])] if encrypted else None)
-    out = b""
-    for i in range(0, len(stored), 7777):
-        out += decoder.update(stored[i: i + 7777])
-    assert out + decoder.finish() == data
+    stored = io.BytesIO()
+    encode(_Pieces(data, cuts), stored, compression, 1 if compression != "none" else 0, (public,) if encrypted else None)
+    key = tmp_path_factory.mktemp("key") / "key.txt"
+    key.write_text(secret)
+    out = io.BytesIO()
+    decode(_Pieces(stored.getvalue(), [7777] * 1000), out, compression, age.parse_identities(key) if encrypted else None)
+    assert out.getvalue() == data
 
 
 _KEYS = age.generate_identity()

@@ -42,12 +42,12 @@ def request(base: str, path: str, method: str = "GET", token: str | None = TOKEN
 
 
 class Running:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, token: str | None = TOKEN) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env={**env, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}", "SIDECAR_API_TOKEN": TOKEN},
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        env = {**env, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}"} | ({"SIDECAR_API_TOKEN": token} if token else {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
         for _ in range(100):
             try:
                 if request(self.base, "/healthz")[0] == 200:

@@ -122,13 +122,13 @@ def test_readiness_follows_postgresql(fresh_cluster: Cluster, env: dict[str, str
     fresh_cluster.psql("CREATE DATABASE app")
     running = Running({**env, "DATABASE_URL": fresh_cluster.url("app")}, tmp_path / "daemon.log")
     try:
-        assert request(running.base, "/readyz")[0] == 200
+        running.wait_for(lambda: request(running.base, "/readyz")[0] == 200, "ready")
         fresh_cluster.stop("fast")
-        status, body = request(running.base, "/readyz")
-        assert status == 503 and "cannot connect" in body["reason"]
+        status, body = running.wait_for(lambda: (r := request(running.base, "/readyz"))[0] == 503 and r, "not ready")  # probed every few seconds
+        assert "cannot connect" in body["reason"]
         assert request(running.base, "/healthz")[0] == 200
         fresh_cluster.restart()
-        assert request(running.base, "/readyz")[0] == 200
+        running.wait_for(lambda: request(running.base, "/readyz")[0] == 200, "ready again")
     finally:
         assert running.stop() == 0
 
@@ -227,7 +227,7 @@ def test_a_database_that_does_not_come_back_is_a_recorded_failure(fresh_cluster:
                                     "the failure to be recorded")
         assert sample(metrics, "pg_backup_last_failure_timestamp_seconds") > time.time() - 60
         assert sample(metrics, "pg_backup_age_seconds") == float("inf")
-        assert request(gives_up.base, "/readyz")[0] == 503
+        gives_up.wait_for(lambda: request(gives_up.base, "/readyz")[0] == 503, "not ready")
     finally:
         assert gives_up.stop() == 0
 
@@ -255,7 +255,7 @@ def test_the_server_answers_as_its_openapi_document_says(daemon: Running) -> Non
     for path, template, method, body in calls:
         status, reply = request(daemon.base, path, method=method.upper(), body=body)
         check(path, template, method, status, reply)
-    restore = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "openapi"}')[1]
+    restore = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "openapi", "target_db": "openapi_copy"}')[1]
     status, reply = request(daemon.base, f"/v1/restores/{restore['id']}")
     check("", "/v1/restores/{id}", "get", status, reply)
 

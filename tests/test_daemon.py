@@ -177,7 +177,7 @@ def test_a_restore_request_from_another_process_reports_its_outcome_in_its_exit_
     assert job.returncode == 0, job.stderr
     assert "succeeded" in job.stdout
     # the same request id (a retried Job pod) gets the same restore back, never a second one
-    status, again = request(daemon.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-uid-1"}).encode())
+    status, again = request(daemon.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-uid-1", "target_db": db + "_job"}).encode())
     assert status == 200 and again["state"] == "succeeded"
     assert 'pg_backup_restores_total{result="success"} 1.0' in request(daemon.base, "/metrics")[1]
     bad = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "backup_2001-01-01T00-00-00-000Z", "--server", daemon.base,

@@ -105,6 +105,8 @@ def test_a_flood_of_huge_headers_leaves_the_daemon_small_and_its_health_probe_fa
     print(f"peak RSS {peak:.0f} MiB; /healthz p50 {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms over {len(latencies)} probes")
     assert peak < 150, f"the daemon grew to {peak:.0f} MiB"
     assert statistics.median(latencies) < 0.1, f"/healthz took {statistics.median(latencies) * 1000:.0f} ms (median) during the attack"
+    log = running.log.read_text()
+    assert len(log.splitlines()) < 50 and "Traceback" not in log, log[-2000:]  # the attack does not flood the log either
 
 
 def test_a_body_on_a_get_is_refused_and_never_served_as_a_second_request(idle_daemon: Running) -> None:

@@ -69,6 +69,10 @@ def _now() -> str:
     return iso_timestamp(datetime.now(timezone.utc))
 
 
+def _described(backup: str, target_db: str | None) -> str:
+    return f"{backup} into {target_db!r}" if target_db else f"{backup} over the live database"
+
+
 def _forget_oldest(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep at most REMEMBERED records (the newest), so a daemon that runs for years stays small."""
     return [records.pop(key) for key in list(records)[: max(0, len(records) - REMEMBERED)]]
@@ -203,11 +207,12 @@ class Daemon:
         finally:
             self.metrics.in_progress.labels(operation="drill").set(0)
 
-    def busy_with(self) -> str:
-        """What holds the one-operation-at-a-time lock, as far as the in-progress gauges tell."""
+    def busy(self) -> dict[str, Any]:
+        """The 409 answer while an operation runs, naming it as far as the in-progress gauges tell."""
         running = [op for op in ("backup", "restore", "drill")
                    if self.metrics.registry.get_sample_value("pg_backup_in_progress", {"operation": op})]
-        return f"a {running[0]}" if running else "another operation"
+        what = f"a {running[0]}" if running else "another operation"
+        return {"error": f"{what} is running; retry when it has finished", "busy": running[0] if running else None}
 
     def find_restore(self, key: str) -> dict[str, Any] | None:
         """A restore by its id, else by the request_id it was asked with."""
@@ -220,17 +225,14 @@ class Daemon:
             if request_id in self.request_ids:
                 earlier = self.restores[self.request_ids[request_id]]
                 if (earlier["backup"], earlier.get("target_db")) != (backup, target_db):
-                    def described(ref: str, target: str | None) -> str:
-                        return f"{ref} into {target!r}" if target else f"{ref} over the live database"
                     return 422, {"error": f"request_id {request_id!r} was already used for restore {earlier['id']} of "
-                                          f"{described(earlier['backup'], earlier.get('target_db'))}; this request asks for "
-                                          f"{described(backup, target_db)}: use a new request_id for a new restore",
+                                          f"{_described(earlier['backup'], earlier.get('target_db'))}; this request asks for "
+                                          f"{_described(backup, target_db)}: use a new request_id for a new restore",
                                  "request_id": request_id, "earlier": {"id": earlier["id"], "backup": earlier["backup"], "target_db": earlier.get("target_db")},
                                  "requested": {"backup": backup, "target_db": target_db}}
                 return 200, earlier
             if not self._run_lock.acquire(blocking=False):
-                busy = self.busy_with()
-                return 409, {"error": f"{busy} is running; retry when it has finished", "busy": busy}
+                return 409, self.busy()
             restore_id = f"restore-{int(time.time() * 1000)}"
             record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
                                       "state": "running", "progress": None, "error": None, "result": None,

@@ -266,8 +266,7 @@ class App:
                 raise error(400, "POST /v1/backups takes no body (or {})")
             run_id = daemon.start_backup("api")
             if run_id is None:
-                busy = daemon.busy_with()
-                raise Reply(409, {"error": f"{busy} is running; retry when it has finished", "busy": busy})
+                raise Reply(409, daemon.busy())
             raise Reply(202, daemon.runs[run_id])
         if path == "/v1/restores":
             request = json_body(body, required={"backup", "request_id"}, optional={"target_db"})

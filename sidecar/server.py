@@ -116,7 +116,8 @@ class _ErrorTask(ErrorTask):
     def execute(self) -> None:
         request: Any = self.request  # the stubs call it an Error; it is the parser, whose .error is one
         error = request.error
-        body = (json.dumps({"error": f"{error.reason}: {error.body}"}) + "\n").encode()
+        limits = {413: f"the request body is over {MAX_BODY} bytes", 431: f"the request line and headers are over {MAX_HEADER} bytes"}
+        body = (json.dumps({"error": limits.get(error.code, f"{error.reason}: {error.body}")}) + "\n").encode()
         self.status = f"{error.code} {error.reason}"
         cast(list[tuple[str, str]], self.response_headers).extend([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         self.set_close_on_finish()

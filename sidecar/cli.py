@@ -102,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     rr.add_argument("--server", required=True, help="the sidecar's URL, e.g. http://db-0.db:9188")
     rr.add_argument("--request-id", help="idempotency key (default: $RESTORE_REQUEST_ID, else random)")
     rr.add_argument("--wait", action="store_true", help="follow the restore and exit 0 only if it succeeded")
+    rr.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                    help="while the sidecar is busy (a backup, drill or restore runs), ask again with backoff this long before giving up (default 3600)")
 
     rj = sub.add_parser("restore-job", help="print a Kubernetes restore Job manifest for kubectl apply -f -")
     rj.add_argument("id", metavar="ID|latest")
@@ -310,7 +312,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "restore-request":
             from sidecar.client import restore_request
 
-            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait)
+            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout)
         if args.command in ("validate-config", "check", "run"):
             for warning in unknown_variables():  # set but ignored: most likely a typo
                 if args.command == "run":

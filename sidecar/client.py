@@ -11,7 +11,21 @@ import urllib.request
 import uuid
 from typing import Any
 
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_exponential
+
 from sidecar.errors import SidecarError, UsageError
+
+BUSY_TIMEOUT = 3600.0
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is here: following it would send the token to another address."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
 
 
 def call(server: str, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
@@ -24,9 +38,13 @@ def call(server: str, method: str, path: str, token: str, body: dict[str, Any] |
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with _opener.open(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = (exc.headers.get("Location") or "nowhere")[:200]
+            raise SidecarError(f"{server} answered {exc.code} redirecting to {where}; not followed (it would take the API token there): "
+                               "point --server at the sidecar's own service address") from None
         raw = exc.read()
         try:
             return exc.code, json.loads(raw) if raw else {}
@@ -36,16 +54,40 @@ def call(server: str, method: str, path: str, token: str, body: dict[str, Any] |
         raise SidecarError(f"cannot reach the sidecar at {server} ({getattr(exc, 'reason', exc)}); check --server") from None
 
 
-def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool) -> int:
+def _post_when_idle(server: str, token: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
+    """POST the restore; while the sidecar answers 409 (a backup, drill or restore is running), wait and
+    ask again with exponential backoff, up to `timeout` seconds."""
+
+    def waiting(state: RetryCallState) -> None:
+        reply = state.outcome.result()[1] if state.outcome else {}
+        pause = state.next_action.sleep if state.next_action else 0.0
+        print(f"waiting: {reply.get('error', 'the sidecar is busy')} (asking again in {pause:.0f}s, for up to {timeout:.0f}s)", flush=True)
+
+    def gave_up(state: RetryCallState) -> tuple[int, dict[str, Any]]:
+        reply = state.outcome.result()[1] if state.outcome else {}
+        raise SidecarError(f"the sidecar was still busy after {timeout:.0f}s ({reply.get('error', '409')}); no restore was started: "
+                           "run it again when the sidecar is idle, or raise --timeout")
+
+    retrying = Retrying(retry=retry_if_result(lambda result: result[0] == 409), stop=stop_after_delay(timeout),
+                        wait=wait_exponential(multiplier=1, min=1, max=30), before_sleep=waiting, retry_error_callback=gave_up)
+    result: tuple[int, dict[str, Any]] = retrying(call, server, "POST", "/v1/restores", token, body)
+    return result
+
+
+def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT) -> int:
     from sidecar.server import api_token
 
+    if timeout < 0:
+        raise UsageError(f"--timeout {timeout:g}: must be 0 or more seconds")
     token = api_token()
     if not token:
         raise UsageError("set SIDECAR_API_TOKEN (or SIDECAR_API_TOKEN_FILE) to the sidecar's API token")
     body: dict[str, Any] = {"backup": ref, "request_id": request_id or os.environ.get("RESTORE_REQUEST_ID") or str(uuid.uuid4())}
     if target_db:
         body["target_db"] = target_db
-    status, reply = call(server, "POST", "/v1/restores", token, body)
+    status, reply = _post_when_idle(server, token, body, timeout)
+    if status == 422:  # the request id was used for another restore
+        raise UsageError(str(reply.get("error", reply)))
     if status not in (200, 202):
         raise SidecarError(f"the sidecar refused the restore ({status}): {reply.get('error', reply)}")
     restore_id = reply["id"]

@@ -12,7 +12,7 @@ from sidecar.errors import LockHeld, SidecarError
 from sidecar.metrics import Metrics
 from sidecar.repository import Repository
 from sidecar.scheduler import Daemon
-from sidecar.server import api_token, make_server
+from sidecar.server import DatabaseProbe, api_token, make_server
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,16 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     repo.ensure()
     _clean_leftovers(repo)
-    daemon = Daemon(config, Metrics(repo), config_path)
+    metrics = Metrics(repo)
+    daemon = Daemon(config, metrics, config_path)
+    probe = DatabaseProbe(config, metrics.database_up)
     host, _, port = config.listen.rpartition(":")
     try:
-        server = make_server(daemon, host.strip("[]"), int(port), api_token())
-    except OSError as exc:
-        raise SidecarError(f"cannot listen on {config.listen} ({exc.strerror}); set SIDECAR_LISTEN (http.listen) to a free address") from None
+        server = make_server(daemon, host.strip("[]"), int(port), api_token(), probe)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SidecarError(f"cannot listen on {config.listen} ({reason}); set SIDECAR_LISTEN (http.listen) to a free address") from None
+    threading.Thread(target=probe.run, args=(daemon.stopping,), name="database-probe", daemon=True).start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("listening on %s; schedule '%s' (%s)", config.listen, config.schedule_cron, config.schedule_timezone)
 

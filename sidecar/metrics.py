@@ -10,13 +10,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import CHECK_NAMES
 from sidecar.repository import FUTURE_TOLERANCE, Entry, Repository, newest_good
+
+# no `*_created` series next to every counter and histogram: nothing reads them, and they double the exposition
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def completed_at(entry: Entry) -> float:
@@ -84,6 +87,8 @@ class Metrics:
         self.restores = Counter("pg_backup_restores_total", "Restores by result.", ["result"], registry=r)
         self.drills = Counter("pg_backup_drills_total", "Restore drills by result.", ["result"], registry=r)
         self.in_progress = Gauge("pg_backup_in_progress", "1 while a backup/restore/drill runs.", ["operation"], registry=r)
+        self.database_up = Gauge("pg_backup_database_up", "1 if the sidecar could connect to PostgreSQL at its last probe (every few seconds), else 0.",
+                                 registry=r)
         info = Gauge("pg_backup_info", "Sidecar version.", ["version"], registry=r)
         info.labels(version=__version__).set(1)
         for result in ("success", "failure"):

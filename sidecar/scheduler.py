@@ -25,7 +25,7 @@ from sidecar.cli import DAEMON_PID_VARIABLE
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.metrics import Metrics, completed_at
-from sidecar.repository import Repository, newest_good, write_atomically
+from sidecar.repository import Repository, iso_timestamp, newest_good, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ RESTORES_DIR = ".restores"
 INTERRUPTED = ("the sidecar stopped during this restore; the live database is either the old or the restored one, never half-restored "
                "(docs/reliability.md): check it, then send a new request_id to restore again")
 REMEMBERED = 1000  # finished runs and restores answered by /v1/runs and /v1/restores; older ones are forgotten
+
+
+def _now() -> str:
+    return iso_timestamp(datetime.now(timezone.utc))
+
+
+def _described(backup: str, target_db: str | None) -> str:
+    return f"{backup} into {target_db!r}" if target_db else f"{backup} over the live database"
 
 
 def _forget_oldest(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,7 +157,7 @@ class Daemon:
             log.warning("backup (%s) skipped: another operation is still running", reason)
             return None
         run_id = f"run-{int(time.time() * 1000)}"
-        self.runs[run_id] = {"id": run_id, "state": "running", "reason": reason}
+        self.runs[run_id] = {"id": run_id, "state": "running", "reason": reason, "started": _now(), "finished": None}
         _forget_oldest(self.runs)
         threading.Thread(target=self._backup, args=(run_id, reason), name="backup", daemon=True).start()
         return run_id
@@ -165,10 +173,10 @@ class Daemon:
             ok, result = (False, unreachable) if unreachable else self._cli("backup", record=self.runs[run_id])
             if ok:
                 metadata = result
-                self.runs[run_id].update(state="succeeded", backup=result["id"])
+                self.runs[run_id].update(state="succeeded", backup=result["id"], finished=_now())
                 log.info("backup %s succeeded in %.1fs", result["id"], time.monotonic() - started)
             else:
-                self.runs[run_id].update(state="failed", error=result)
+                self.runs[run_id].update(state="failed", error=result, finished=_now())
                 log.error("backup failed: %s", str(result).removeprefix("backup failed: "))
         finally:
             self.metrics.in_progress.labels(operation="backup").set(0)
@@ -204,16 +212,36 @@ class Daemon:
         finally:
             self.metrics.in_progress.labels(operation="drill").set(0)
 
+    def busy(self) -> dict[str, Any]:
+        """The 409 answer while an operation runs, naming it as far as the in-progress gauges tell."""
+        running = [op for op in ("backup", "restore", "drill")
+                   if self.metrics.registry.get_sample_value("pg_backup_in_progress", {"operation": op})]
+        what = f"a {running[0]}" if running else "another operation"
+        return {"error": f"{what} is running; retry when it has finished", "busy": running[0] if running else None}
+
+    def find_restore(self, key: str) -> dict[str, Any] | None:
+        """A restore by its id, else by the request_id it was asked with."""
+        return self.restores.get(key) or self.restores.get(self.request_ids.get(key, ""))
+
     def request_restore(self, backup: str, target_db: str | None, request_id: str) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, restore record). The same request_id always answers with the same restore."""
+        """(HTTP status, restore record). The same request_id always answers with the same restore; the same
+        request_id with another backup or target is a mistake (422), never a second restore."""
         with self._requests_lock:
             if request_id in self.request_ids:
-                return 200, self.restores[self.request_ids[request_id]]
+                earlier = self.restores[self.request_ids[request_id]]
+                if (earlier["backup"], earlier.get("target_db")) != (backup, target_db):
+                    return 422, {"error": f"request_id {request_id!r} was already used for restore {earlier['id']} of "
+                                          f"{_described(earlier['backup'], earlier.get('target_db'))}; this request asks for "
+                                          f"{_described(backup, target_db)}: use a new request_id for a new restore",
+                                 "request_id": request_id, "earlier": {"id": earlier["id"], "backup": earlier["backup"], "target_db": earlier.get("target_db")},
+                                 "requested": {"backup": backup, "target_db": target_db}}
+                return 200, earlier
             if not self._run_lock.acquire(blocking=False):
-                return 409, {"error": "another backup, restore or drill is running; retry when it has finished"}
+                return 409, self.busy()
             restore_id = f"restore-{int(time.time() * 1000)}"
             record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
-                                      "state": "running", "progress": None, "error": None, "result": None}
+                                      "state": "running", "progress": None, "error": None, "result": None,
+                                      "started": _now(), "finished": None}
             self.restores[restore_id] = record
             self.request_ids[request_id] = restore_id
             for forgotten in _forget_oldest(self.restores):
@@ -228,7 +256,7 @@ class Daemon:
         try:
             args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
             ok, result = self._cli(*args, record=record)
-            record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result)
+            record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result, finished=_now())
             self._save_restore(record)
             self.metrics.restores.labels(result="success" if ok else "failure").inc()
             (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")

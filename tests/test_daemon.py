@@ -42,12 +42,12 @@ def request(base: str, path: str, method: str = "GET", token: str | None = TOKEN
 
 
 class Running:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, token: str | None = TOKEN) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env={**env, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}", "SIDECAR_API_TOKEN": TOKEN},
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        env = {**env, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}"} | ({"SIDECAR_API_TOKEN": token} if token else {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
         for _ in range(100):
             try:
                 if request(self.base, "/healthz")[0] == 200:
@@ -122,13 +122,13 @@ def test_readiness_follows_postgresql(fresh_cluster: Cluster, env: dict[str, str
     fresh_cluster.psql("CREATE DATABASE app")
     running = Running({**env, "DATABASE_URL": fresh_cluster.url("app")}, tmp_path / "daemon.log")
     try:
-        assert request(running.base, "/readyz")[0] == 200
+        running.wait_for(lambda: request(running.base, "/readyz")[0] == 200, "ready")
         fresh_cluster.stop("fast")
-        status, body = request(running.base, "/readyz")
-        assert status == 503 and "cannot connect" in body["reason"]
+        status, body = running.wait_for(lambda: (r := request(running.base, "/readyz"))[0] == 503 and r, "not ready")  # probed every few seconds
+        assert "cannot connect" in body["reason"]
         assert request(running.base, "/healthz")[0] == 200
         fresh_cluster.restart()
-        assert request(running.base, "/readyz")[0] == 200
+        running.wait_for(lambda: request(running.base, "/readyz")[0] == 200, "ready again")
     finally:
         assert running.stop() == 0
 
@@ -177,7 +177,7 @@ def test_a_restore_request_from_another_process_reports_its_outcome_in_its_exit_
     assert job.returncode == 0, job.stderr
     assert "succeeded" in job.stdout
     # the same request id (a retried Job pod) gets the same restore back, never a second one
-    status, again = request(daemon.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-uid-1"}).encode())
+    status, again = request(daemon.base, "/v1/restores", method="POST", body=json.dumps({"backup": "latest", "request_id": "job-uid-1", "target_db": db + "_job"}).encode())
     assert status == 200 and again["state"] == "succeeded"
     assert 'pg_backup_restores_total{result="success"} 1.0' in request(daemon.base, "/metrics")[1]
     bad = subprocess.run([sys.executable, "-m", "sidecar", "restore-request", "backup_2001-01-01T00-00-00-000Z", "--server", daemon.base,
@@ -227,7 +227,7 @@ def test_a_database_that_does_not_come_back_is_a_recorded_failure(fresh_cluster:
                                     "the failure to be recorded")
         assert sample(metrics, "pg_backup_last_failure_timestamp_seconds") > time.time() - 60
         assert sample(metrics, "pg_backup_age_seconds") == float("inf")
-        assert request(gives_up.base, "/readyz")[0] == 503
+        gives_up.wait_for(lambda: request(gives_up.base, "/readyz")[0] == 503, "not ready")
     finally:
         assert gives_up.stop() == 0
 
@@ -255,7 +255,7 @@ def test_the_server_answers_as_its_openapi_document_says(daemon: Running) -> Non
     for path, template, method, body in calls:
         status, reply = request(daemon.base, path, method=method.upper(), body=body)
         check(path, template, method, status, reply)
-    restore = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "openapi"}')[1]
+    restore = request(daemon.base, "/v1/restores", method="POST", body=b'{"backup": "latest", "request_id": "openapi", "target_db": "openapi_copy"}')[1]
     status, reply = request(daemon.base, f"/v1/restores/{restore['id']}")
     check("", "/v1/restores/{id}", "get", status, reply)
 

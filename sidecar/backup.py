@@ -105,7 +105,12 @@ def _write_stream(child: Child, out: HashingFile, config: Config) -> None:
     encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
 
 
-def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFile) -> None:
+ROLE_PASSWORDS_LEFT_OUT = ("role passwords were left out: reading them (pg_authid) needs a superuser; roles restored onto a new server "
+                           "from this backup have no password until one is set (ALTER ROLE ... PASSWORD)")
+
+
+def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFile) -> bool:
+    """The roles the database refers to, into `path`. Returns whether their passwords are included."""
     pg_dumpall = postgres.find_tool("pg_dumpall", config.pg_bin_dir)
     conninfo, env = postgres.child_env(config)
     wanted = roles.referenced_roles(conn)
@@ -120,8 +125,11 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFi
         error = child.stderr_tail()
     else:
         raise SidecarError(f"backup failed: pg_dumpall --roles-only: {error}")
+    if extra:
+        log.warning(ROLE_PASSWORDS_LEFT_OUT)
     source = io.BytesIO(roles.filter_globals(text, wanted).encode())
     encode(source, path, config.compression, config.compression_level, config.recipients if config.encryption else None)
+    return not extra
 
 
 def create_backup(config: Config, label: str | None = None, keep: bool = False) -> dict[str, Any]:
@@ -168,7 +176,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
 
         globals_file = HashingFile(repo.path(globals_name + PARTIAL_SUFFIX))
         files.append(globals_file)
-        _dump_globals(config, conn, globals_file)
+        role_passwords = _dump_globals(config, conn, globals_file)
 
         dump_file = HashingFile(repo.path(dump_name + PARTIAL_SUFFIX))
         files.append(dump_file)
@@ -219,6 +227,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
             "collate": info["collate"],
             "ctype": info["ctype"],
             "databaseProperties": properties,
+            "rolePasswords": role_passwords,  # False: the backup user is not a superuser, roles come back without passwords
             "databaseSize": int(size_row[0]) if size_row else None,  # on disk: what a restore needs on the server
             "pgDumpVersion": dump_version,
             "completedAt": iso_timestamp(datetime.now(UTC)),

@@ -160,3 +160,15 @@ def test_restore_job_takes_the_request_id_that_names_it(env: dict[str, str]) -> 
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "RESTORE_REQUEST_ID", "value": "orders-fix"} in container["env"]
     assert cli(env, "restore-job", "latest", "--request-id", "Bad_Id", check=False).returncode == 2
+
+
+def test_a_backup_by_a_non_superuser_says_role_passwords_were_left_out(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    if cluster.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'plain_backup'") == "0":
+        cluster.psql("CREATE ROLE plain_backup LOGIN")
+    cluster.psql(f'ALTER DATABASE "{db}" OWNER TO plain_backup')
+    cluster.psql("CREATE TABLE t (v int); ALTER TABLE t OWNER TO plain_backup", db)
+    plain = cli({**env, "DATABASE_URL": cluster.url(db, user="plain_backup")}, "backup", "--json")
+    assert json.loads(plain.stdout)["rolePasswords"] is False
+    assert "role passwords were left out" in plain.stderr and "superuser" in plain.stderr
+    superuser = cli(env, "backup", "--json")
+    assert json.loads(superuser.stdout)["rolePasswords"] is True and "left out" not in superuser.stderr

@@ -167,17 +167,19 @@ class Daemon:
         metadata: dict[str, Any] | None = None
         self.metrics.in_progress.labels(operation="backup").set(1)
         try:
-            log.info("backup started (%s)", reason)
+            log.info("backup started (%s)", reason, extra={"event": "backup_started"})
             unreachable = self._database_reachable()
             result: Any
             ok, result = (False, unreachable) if unreachable else self._cli("backup", record=self.runs[run_id])
             if ok:
                 metadata = result
                 self.runs[run_id].update(state="succeeded", backup=result["id"], finished=_now())
-                log.info("backup %s succeeded in %.1fs", result["id"], time.monotonic() - started)
+                log.info("backup %s succeeded in %.1fs", result["id"], time.monotonic() - started,
+                         extra={"event": "backup_succeeded", "backup_id": result["id"], "duration_seconds": round(time.monotonic() - started, 3)})
             else:
                 self.runs[run_id].update(state="failed", error=result, finished=_now())
-                log.error("backup failed: %s", str(result).removeprefix("backup failed: "))
+                log.error("backup failed: %s", str(result).removeprefix("backup failed: "),
+                          extra={"event": "backup_failed", "duration_seconds": round(time.monotonic() - started, 3)})
         finally:
             self.metrics.in_progress.labels(operation="backup").set(0)
             self.metrics.backup_finished(time.monotonic() - started, metadata)

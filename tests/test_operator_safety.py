@@ -172,3 +172,12 @@ def test_a_backup_by_a_non_superuser_says_role_passwords_were_left_out(cluster: 
     assert "role passwords were left out" in plain.stderr and "superuser" in plain.stderr
     superuser = cli(env, "backup", "--json")
     assert json.loads(superuser.stdout)["rolePasswords"] is True and "left out" not in superuser.stderr
+
+
+def test_json_log_lines_carry_millisecond_times_with_a_zone_and_structured_fields(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t (v int)", db)
+    out = cli({**env, "SIDECAR_LOG_FORMAT": "json"}, "backup")
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    done = next(line for line in lines if line.get("event") == "backup_completed")
+    assert done["backup_id"] == out.stdout.strip() and done["duration_seconds"] > 0 and done["size_bytes"] > 0
+    assert all(datetime.fromisoformat(line["time"]).utcoffset() is not None and len(line["time"].split(".")[1]) == 9 for line in lines)

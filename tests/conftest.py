@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,15 @@ def password_user(cluster: Cluster) -> str:
         cluster.psql("CREATE ROLE pwuser LOGIN")
     cluster.psql(f"ALTER ROLE pwuser PASSWORD '{PASSWORD}'")
     return "pwuser"
+
+
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A real small file system (tmpfs, e.g. options "size=1m" or "size=1m,ro") mounted at `path`, so a full
+    or read-only disk is the kernel's own ENOSPC / EROFS. CI runs as root."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

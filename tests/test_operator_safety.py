@@ -17,7 +17,7 @@ from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
 from sidecar.postgres import find_tool
 from sidecar.restore import previous_to_drop
-from tests.conftest import backup_id, cli
+from tests.conftest import backup_id, cli, tmpfs
 
 
 def test_an_empty_target_db_is_a_usage_error_and_never_the_live_database(cluster: Cluster, db: str, env: dict[str, str]) -> None:
@@ -92,13 +92,8 @@ def test_restores_keep_only_the_newest_previous_databases(cluster: Cluster, db: 
 @pytest.fixture
 def full_server_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MB file system (tmpfs) standing for the database server's data disk (postgres.data_dir). CI runs as root."""
-    mount = tmp_path / "pgdata-disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "pgdata-disk", "size=1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_restore_or_drill_that_cannot_fit_on_the_server_is_refused_and_a_drill_server_takes_it(

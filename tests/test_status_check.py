@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.age import generate_identity
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli
+from tests.conftest import backup_id, cli, tmpfs
 
 
 def lines(output: str, kind: str) -> list[str]:
@@ -90,13 +90,8 @@ def test_check_finds_an_identity_file_that_belongs_to_no_recipient(env: dict[str
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "volume"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)  # CI runs as root
-    try:
+    with tmpfs(tmp_path / "volume", "size=1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_check_finds_a_read_only_volume_and_one_too_full_for_the_next_backup(cluster: Cluster, db: str, env: dict[str, str],

@@ -15,20 +15,15 @@ from typing import Any
 import pytest
 
 from sidecar.embedded import Cluster
-from tests.conftest import cli
+from tests.conftest import cli, tmpfs
 from tests.test_daemon import Running, backup_run, request, sample
 
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A real 3 MB file system (tmpfs), so a full volume is a real ENOSPC. CI runs as root."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "size=3m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def failure_shows(running: Running, message: str) -> str:

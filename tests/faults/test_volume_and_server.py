@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli
+from tests.conftest import backup_id, cli, tmpfs
 
 
 def test_postgresql_stopped_mid_dump_fails_the_backup_with_the_tools_message(fresh_cluster: Cluster, env: dict[str, str]) -> None:
@@ -39,13 +39,8 @@ def test_postgresql_stopped_mid_dump_fails_the_backup_with_the_tools_message(fre
 
 @pytest.fixture
 def read_only_volume(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=True)  # CI runs as root
-    try:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_read_only_volume_is_a_clear_error_naming_the_directory(env: dict[str, str], read_only_volume: Path, db: str) -> None:

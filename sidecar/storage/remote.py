@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar.config import _bool, _int_at_least, _text
 from sidecar.errors import ConfigError
+
+_days = _int_at_least(0)  # 0 keeps everything
 
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure": "az"}
 SSE_VALUES = ("AES256", "aws:kms")
@@ -64,10 +67,6 @@ class RemoteConfig:
 Parser = Callable[[Any], Any]
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
-        raise ValueError("must be a non-empty string")
-    return str(value).strip()
 
 
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}")
@@ -111,16 +110,6 @@ def _region(value: Any) -> str:
     return text
 
 
-def _days(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer")
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ValueError("must be an integer") from None
-    if number < 0:
-        raise ValueError("must be >= 0 (0 keeps everything)")
-    return number
 
 
 def _sse(value: Any) -> str:
@@ -138,15 +127,6 @@ def _storage_class(value: Any) -> str:
     return text
 
 
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
 
 
 def _readable_file(value: Any) -> Path:

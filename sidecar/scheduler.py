@@ -258,9 +258,11 @@ class Daemon:
         try:
             args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
             ok, result = self._cli(*args, record=record)
-            record.update(state="succeeded" if ok else "failed", result=result if ok else None, error=None if ok else result, finished=_now())
-            self._save_restore(record)
+            final = {**record, "state": "succeeded" if ok else "failed", "result": result if ok else None, "error": None if ok else result,
+                     "finished": _now()}
+            self._save_restore(final)
             self.metrics.restores.labels(result="success" if ok else "failure").inc()
+            record.update(final)  # the API shows the outcome only once it is on the volume and counted
             (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")
         finally:
             self.metrics.in_progress.labels(operation="restore").set(0)

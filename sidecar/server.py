@@ -148,7 +148,9 @@ class Server(TcpWSGIServer):
         self.run()
 
     def shutdown(self) -> None:
-        """Stop accepting connections (the process is about to exit)."""
+        """Stop accepting connections (the process is about to exit). The worker threads go first: a worker
+        still answering wakes the loop through the trigger, which must not be closed under it (EBADF)."""
+        self.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
         self.close()
 
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar import backup as _backup
 from sidecar import check as _check
 from sidecar import restore as _restore
 from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
-from sidecar.errors import NotFound, SidecarError
+from sidecar.errors import ConfigError, NotFound, SidecarError, UsageError
 from sidecar.repository import Entry, Repository
 from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import Policy, classify
+from sidecar.storage.base import StoreUnusable
 from sidecar.validation import ValidationResult, validate
+
+if TYPE_CHECKING:
+    from sidecar.storage.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,28 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
             raise NotFound(f"backup {entry.id} has no readable metadata ({entry.problem}); cannot pin it")
         repo.write_metadata({**entry.metadata, "keep": keep})
         return Backup.from_entry(repo.get(entry.id))
+
+
+def remote_store(config: Config) -> ObjectStore:
+    """The off-site store of the configuration; UsageError if none is configured."""
+    if config.remote is None:
+        raise UsageError("no remote store is configured; set BACKUP_REMOTE_URL (remote.url in config.yaml), see the README's \"Off-site copies\"")
+    from sidecar.storage.objectstore import ObjectStore
+
+    try:
+        return ObjectStore(config.remote)
+    except StoreUnusable as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def check_remote(config: Config | None = None) -> None:
+    """ConfigError (one line naming the problem: bad URL, missing bucket, credentials, unreachable endpoint) if the
+    configured remote store cannot be used."""
+    store = remote_store(_config(config))
+    try:
+        store.check(attempts=1)  # obstore's own retries are enough for a yes/no at start-up
+    except StoreUnusable as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def validate_data_consistency(config: Config | None = None, dbname: str | None = None) -> ValidationResult:

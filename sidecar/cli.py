@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
-    vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables)")
+    vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables) and that the remote store, if any, is usable")
     vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
 
     ck = sub.add_parser("check", help="check the setup works: connection, rights, pg_dump, volume, encryption keys (exit 1 on a problem)")
@@ -126,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "validate-config":
+        if config.remote:  # usable, not only well-formed: bad URL, missing bucket, credentials, unreachable endpoint
+            api.check_remote(config)
         if args.print:
             emit(config.masked())
         else:

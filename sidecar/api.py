@@ -17,11 +17,14 @@ from sidecar import check as _check
 from sidecar import restore as _restore
 from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
-from sidecar.errors import ConfigError, NotFound, SidecarError, UsageError
-from sidecar.repository import Entry, Repository
+from sidecar.errors import ChecksumMismatch, ConfigError, NotFound, SidecarError, UsageError
+from sidecar.repository import Entry, Repository, choose_latest, parse_id
 from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import Policy, classify
+from sidecar.storage import offsite as _offsite
 from sidecar.storage.base import StoreUnusable
+from sidecar.storage.copy import remote_entries, verify_remote
+from sidecar.storage.offsite import PendingReport
 from sidecar.validation import ValidationResult, validate
 
 if TYPE_CHECKING:
@@ -33,6 +36,7 @@ __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "CheckReport", "check_setup",
+    "PendingReport", "check_remote", "copy_offsite", "pending_backups",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -104,20 +108,92 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
             prune_backups(cfg)
         except SidecarError as exc:
             log.error("backup %s succeeded but pruning failed: %s", metadata["id"], exc)
+    if cfg.remote is not None:
+        _copy_new_backup(cfg, metadata["id"])
     return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
 
 
-def list_backups(config: Config | None = None) -> list[Backup]:
-    """Every backup on the volume, newest first, with its status."""
-    return [Backup.from_entry(e) for e in Repository(_config(config).backup_dir).entries()]
+def _copy_new_backup(config: Config, backup_id: str) -> None:
+    """The off-site copy of a backup just committed locally. A failure does not fail the backup: it is logged (one
+    error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
+    try:
+        store = remote_store(config)
+        copied = _offsite.copy_entry(repo, repo.get(backup_id), store, store.remote)
+    except SidecarError as exc:
+        log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
+                  "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
+        return
+    log.info("backup %s copied off-site to %s (%d bytes)", backup_id, store.description, copied.bytes,
+             extra={"event": "offsite_copied", "backup_id": backup_id})
+
+
+def copy_offsite(ref: str = "pending", config: Config | None = None) -> PendingReport:
+    """Copy backups to the remote store: 'pending' (every good local backup not copied yet, oldest first), or one
+    backup by id or 'latest'. A backup already complete there is recorded and not uploaded again."""
+    cfg = _config(config)
+    store = remote_store(cfg)
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
+    ids = None if ref == "pending" else [repo.get(ref).id]
+    return _offsite.copy_pending(repo, store, store.remote, ids)
+
+
+def list_backups(config: Config | None = None, remote: bool = False) -> list[Backup]:
+    """Every backup on the volume (or, with `remote`, in the remote store: those whose metadata object exists),
+    newest first, with its status."""
+    cfg = _config(config)
+    if remote:
+        return [Backup.from_entry(e) for e in remote_entries(remote_store(cfg))]
+    return [Backup.from_entry(e) for e in Repository(cfg.backup_dir).entries()]
+
+
+def pending_backups(config: Config | None = None) -> list[str]:
+    """Ids of good local backups not yet copied to the remote store, oldest first (none without a remote)."""
+    cfg = _config(config)
+    if cfg.remote is None:
+        return []
+    return [e.id for e in _offsite.pending(Repository(cfg.backup_dir), cfg.remote)]
 
 
 def get_backup(ref: str, config: Config | None = None) -> Backup:
     return Backup.from_entry(Repository(_config(config).backup_dir).get(ref))
 
 
-def verify_backup(ref: str, config: Config | None = None) -> VerifyReport:
-    return _restore.verify_backup(_config(config), ref)
+def verify_backup(ref: str, config: Config | None = None, remote: bool = False) -> VerifyReport:
+    """Check a backup's checksums and that it decodes; with `remote`, stream every object of the remote copy and
+    compare its sha256 and size with the metadata."""
+    cfg = _config(config)
+    if not remote:
+        return _restore.verify_backup(cfg, ref)
+    store = remote_store(cfg)
+    entry = _remote_entry(store, ref)
+    report = VerifyReport(entry.id, ok=False)
+    if not entry.good or entry.metadata is None:
+        report.problems.append(f"{entry.status}: {entry.problem}")
+        return report
+    try:
+        verify_remote(store, entry.metadata)
+    except ChecksumMismatch as exc:
+        report.problems.append(str(exc))
+        return report
+    report.ok = True
+    report.notes.append(f"every object read back from {store.description}; sha256 and sizes match the metadata")
+    return report
+
+
+def _remote_entry(store: ObjectStore, ref: str) -> Entry:
+    entries = remote_entries(store)
+    if ref == "latest":
+        entry, note = choose_latest(entries, datetime.now(UTC))
+        if entry is None:
+            raise NotFound(f"no good backup in {store.description}; copy one with 'pg-backup-sidecar copy pending'")
+        log.info("%s", note)
+        return entry
+    parse_id(ref)
+    for entry in entries:
+        if entry.id == ref:
+            return entry
+    raise NotFound(f"no backup {ref} in {store.description}; run 'pg-backup-sidecar list --remote' to see the ids")
 
 
 def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
@@ -140,6 +216,7 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 report.deleted.append(decision.entry.id)
                 if not dry_run:
                     repo.delete(decision.entry)
+                    _offsite.forget(repo, decision.entry.id)
                     log.info("pruned %s (%s)", decision.entry.id, decision.reason)
             elif decision.action == "report":
                 report.reported.append(f"{decision.entry.id}: {decision.reason}")

@@ -64,11 +64,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the metadata instead of the id")
 
     ls = sub.add_parser("list", help="list backups, newest first")
+    ls.add_argument("--remote", action="store_true", help="the backups in the remote store (BACKUP_REMOTE_URL) instead of the volume")
     ls.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", help="check checksums and that a backup decodes to its end")
     v.add_argument("id", metavar="ID|latest")
+    v.add_argument("--remote", action="store_true", help="read back every object of the remote copy and check its sha256 and size")
     v.add_argument("--json", action="store_true")
+
+    cp = sub.add_parser("copy", help="copy backups to the remote store: every pending one (default), or one by id")
+    cp.add_argument("id", nargs="?", default="pending", metavar="ID|latest|pending")
+    cp.add_argument("--json", action="store_true")
 
     r = sub.add_parser("restore", help="restore a backup (with no id: list backups)")
     r.add_argument("id", nargs="?", metavar="ID|latest")
@@ -176,15 +182,31 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             print(created.id)
         return OK
+    if args.command == "copy":
+        copied = api.copy_offsite(args.id, config)
+        if args.json:
+            emit({**asdict(copied), "ok": copied.ok})
+        else:
+            for done in copied.copied:
+                print(f"{done.id}: " + ("already complete off-site" if done.already_complete
+                                          else f"copied off-site ({len(done.uploaded)} objects, {human_size(done.bytes)} written)"))
+            if not copied.copied and not copied.failed:
+                print("nothing to copy: every good backup is off-site" if args.id == "pending" else "nothing to copy")
+        if copied.failed:
+            for backup_id, error in copied.failed.items():
+                print(f"error: {backup_id} not copied: {error}", file=sys.stderr)
+            print(f"error: {len(copied.failed)} backups not copied, {copied.left} still pending", file=sys.stderr)
+            return FAILED
+        return OK
     if args.command == "list" or (args.command == "restore" and not args.id):
-        backups = api.list_backups(config)
+        backups = api.list_backups(config, remote=getattr(args, "remote", False))
         if getattr(args, "json", False):
             emit([b.to_json() for b in backups])
         else:
             print_table(backups)
         return OK
     if args.command == "verify":
-        report = api.verify_backup(args.id, config)
+        report = api.verify_backup(args.id, config, remote=args.remote)
         if args.json:
             emit(asdict(report))
         else:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import cli
+import pytest
+
+from tests.conftest import Cluster, backup_id, cli
 from tests.storage.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer, free_ports
 
 
@@ -65,3 +69,103 @@ def test_validate_config_names_a_bad_remote_url_in_one_line_and_exits_2(tmp_path
     assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert line.startswith("config error: BACKUP_REMOTE_URL=") and "bucket" in line
+
+
+# --- every backup copied off-site once committed locally --------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS of this module's own, which tests stop and start again (the session's one stays up)."""
+    with SeaweedServer(tmp_path_factory.mktemp("own-seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def up(own_seaweed: SeaweedServer) -> SeaweedServer:
+    if own_seaweed.process is None:
+        own_seaweed.start()
+    return own_seaweed
+
+
+def remote_env(env: dict[str, str], server: SeaweedServer, prefix: str) -> dict[str, str]:
+    return {**env, **server.environment(prefix), "DRILL_AFTER_BACKUP": "false"}
+
+
+def listed(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
+    return json.loads(cli(env, "list", "--json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def test_a_backup_with_a_remote_is_listed_in_the_remote_and_verifies_there(cluster: Cluster, db: str, env: dict[str, str],
+                                                                           seaweed: SeaweedServer, prefix: str) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g", db)
+    env = remote_env(env, seaweed, prefix)
+    taken = backup_id(env)
+    [remote] = listed(env, "--remote")
+    [local] = listed(env)
+    assert remote["id"] == taken and remote["status"] == "ok" and remote["files"] == local["files"]
+    assert cli(env, "verify", taken, "--remote").stdout.startswith(f"{taken}: OK")
+    assert cli(env, "verify", "latest", "--remote").stdout.startswith(f"{taken}: OK")
+    assert cli(env, "copy").stdout.strip() == "nothing to copy: every good backup is off-site"
+    assert seaweed.incomplete_uploads() == []
+
+
+def test_a_backup_while_the_store_is_down_is_kept_exits_0_with_an_error_line_and_copy_pending_completes_it(
+        cluster: Cluster, db: str, env: dict[str, str], up: SeaweedServer, prefix: str) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g", db)
+    env = remote_env(env, up, prefix)
+    up.kill()
+    result = cli(env, "backup")
+    assert result.returncode == 0
+    taken = result.stdout.strip().splitlines()[-1]
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and taken in errors[0] and "not copied off-site" in errors[0] and "cannot reach the endpoint" in errors[0], result.stderr
+    assert SECRET_KEY not in result.stderr
+    [local] = listed(env)
+    assert local["id"] == taken and local["status"] == "ok"
+    assert cli(env, "verify", taken).returncode == 0
+    still_down = cli(env, "copy", "pending", check=False)
+    assert still_down.returncode == 3 and f"error: {taken} not copied" in still_down.stderr and "1 still pending" in still_down.stderr
+
+    up.start()
+    assert cli(env, "copy", "pending").stdout.startswith(f"{taken}: copied off-site")
+    assert [b["id"] for b in listed(env, "--remote")] == [taken]
+    assert cli(env, "verify", taken, "--remote").returncode == 0
+    assert cli(env, "copy", taken).stdout.strip() == f"{taken}: already complete off-site"
+
+
+def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(cluster: Cluster, db: str, env: dict[str, str],
+                                                                               seaweed: SeaweedServer, prefix: str) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 5000) g", db)
+    env = remote_env(env, seaweed, prefix)
+    taken = backup_id(env)
+    [backup] = listed(env, "--remote")
+    dump = backup["files"]["dump"]["name"]
+    store = seaweed.store(prefix)
+    data = bytearray(b"".join(store.open_read(dump)))
+    data[len(data) // 2] ^= 0x01
+    store.put_stream(dump, [bytes(data)], create_only=False)
+    result = cli(env, "verify", taken, "--remote", check=False)
+    assert result.returncode == 1, result.stderr
+    assert f"{taken}: BAD" in result.stdout and dump in result.stdout and "do not restore from it" in result.stdout
+    assert cli(env, "verify", taken).returncode == 0  # the local copy is fine
+
+
+def test_the_daemon_copies_pending_backups_at_start_up_and_exports_the_off_site_metrics(
+        cluster: Cluster, db: str, env: dict[str, str], up: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    from tests.test_daemon import Running, request, sample
+
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g", db)
+    env = remote_env(env, up, prefix)
+    up.kill()
+    taken = backup_id(env)  # copied nowhere: the store is down
+    up.start()
+    running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 0 1 1 *"}, tmp_path / "daemon.log")
+    try:
+        metrics = running.wait_for(lambda: (m := request(running.base, "/metrics")[1]) and sample(m, "pg_backup_remote_pending_backups") == 0 and m,
+                                   "the pending backup to be copied")
+        assert sample(metrics, "pg_backup_remote_last_copy_timestamp_seconds") > 0
+        assert 'pg_backup_remote_errors_total{operation="copy"} 0.0' in metrics
+    finally:
+        assert running.stop() == 0
+    assert [b["id"] for b in listed(env, "--remote")] == [taken]
+    assert f"backup {taken} copied off-site" in running.log.read_text()

@@ -18,12 +18,12 @@ from sidecar import restore as _restore
 from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
 from sidecar.errors import ChecksumMismatch, ConfigError, NotFound, SidecarError, UsageError
-from sidecar.repository import Entry, Repository, choose_latest, parse_id
+from sidecar.repository import Entry, Repository
 from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import Policy, classify
 from sidecar.storage import offsite as _offsite
 from sidecar.storage.base import StoreUnusable
-from sidecar.storage.copy import remote_entries, verify_remote
+from sidecar.storage.copy import find_remote, remote_entries, verify_remote
 from sidecar.storage.offsite import PendingReport
 from sidecar.validation import ValidationResult, validate
 
@@ -166,7 +166,7 @@ def verify_backup(ref: str, config: Config | None = None, remote: bool = False) 
     if not remote:
         return _restore.verify_backup(cfg, ref)
     store = remote_store(cfg)
-    entry = _remote_entry(store, ref)
+    entry = find_remote(store, ref)
     report = VerifyReport(entry.id, ok=False)
     if not entry.good or entry.metadata is None:
         report.problems.append(f"{entry.status}: {entry.problem}")
@@ -181,23 +181,13 @@ def verify_backup(ref: str, config: Config | None = None, remote: bool = False) 
     return report
 
 
-def _remote_entry(store: ObjectStore, ref: str) -> Entry:
-    entries = remote_entries(store)
-    if ref == "latest":
-        entry, note = choose_latest(entries, datetime.now(UTC))
-        if entry is None:
-            raise NotFound(f"no good backup in {store.description}; copy one with 'pg-backup-sidecar copy pending'")
-        log.info("%s", note)
-        return entry
-    parse_id(ref)
-    for entry in entries:
-        if entry.id == ref:
-            return entry
-    raise NotFound(f"no backup {ref} in {store.description}; run 'pg-backup-sidecar list --remote' to see the ids")
-
-
-def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
-    return _restore.restore_backup(_config(config), ref, target_db=target_db, in_place=in_place, force=force)
+def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False,
+                   from_remote: bool = False) -> RestoreReport:
+    """Restore a backup from the volume, or with `from_remote` straight from the remote store (one streaming pass, each
+    file's sha256 checked before anything it carries is committed, and before the swap)."""
+    cfg = _config(config)
+    return _restore.restore_backup(cfg, ref, target_db=target_db, in_place=in_place, force=force,
+                                   store=remote_store(cfg) if from_remote else None)
 
 
 def retention_policy(config: Config) -> Policy:

@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target-db", help="restore into this database instead of the one in DATABASE_URL")
     r.add_argument("--in-place", action="store_true", help="drop and recreate objects in the live database (not atomic)")
     r.add_argument("--force", action="store_true", help="swap in the restored database even if its row counts differ")
+    r.add_argument("--from-remote", action="store_true", help="stream the backup straight from the remote store (BACKUP_REMOTE_URL), not the volume")
     r.add_argument("--json", action="store_true")
 
     pv = sub.add_parser("previous", help="the <db>__pre_restore_* databases earlier restores kept, and which restore.keep_previous_* gives up")
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return FAILED
         return OK
     if args.command == "list" or (args.command == "restore" and not args.id):
-        backups = api.list_backups(config, remote=getattr(args, "remote", False))
+        backups = api.list_backups(config, remote=getattr(args, "remote", False) or getattr(args, "from_remote", False))
         if getattr(args, "json", False):
             emit([b.to_json() for b in backups])
         else:
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if args.command == "restore":
-        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force)
+        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force, from_remote=args.from_remote)
         if args.json:
             emit(asdict(result))
         else:

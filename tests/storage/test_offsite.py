@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, backup_id, cli
+from tests.conftest import Cluster, backup_id, cli, fingerprint, load_dataset
 from tests.storage.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer, free_ports
 
 
@@ -169,3 +170,39 @@ def test_the_daemon_copies_pending_backups_at_start_up_and_exports_the_off_site_
         assert running.stop() == 0
     assert [b["id"] for b in listed(env, "--remote")] == [taken]
     assert f"backup {taken} copied off-site" in running.log.read_text()
+
+
+# --- restore straight from the remote store -------------------------------------------------------
+
+def test_a_server_that_lost_its_volume_restores_from_the_bucket_alone(cluster: Cluster, fresh_cluster: Cluster, db: str, env: dict[str, str],
+                                                                       seaweed: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    load_dataset(cluster, db, "chinook.sql")
+    before = fingerprint(cluster, db)
+    env = remote_env(env, seaweed, prefix)
+    taken = backup_id(env)
+    shutil.rmtree(env["BACKUP_DIR"])  # the volume is gone, and so is the server
+    new_env = {**env, "DATABASE_URL": fresh_cluster.url(db), "BACKUP_DIR": str(tmp_path / "empty-volume")}
+    restored = json.loads(cli(new_env, "restore", "latest", "--from-remote", "--json").stdout)
+    assert restored["backup_id"] == taken and restored["mode"] == "new-database"
+    assert fingerprint(fresh_cluster, db) == before
+    assert listed(new_env) == []  # streamed from the store: nothing was written to the volume
+
+
+def test_a_flipped_byte_in_a_remote_object_makes_restore_from_remote_refuse_and_leaves_the_live_database(
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g", db)
+    env = remote_env(env, seaweed, prefix)
+    taken = backup_id(env)
+    [backup] = listed(env, "--remote")
+    dump = backup["files"]["dump"]["name"]
+    store = seaweed.store(prefix)
+    data = bytearray(b"".join(store.open_read(dump)))
+    data[len(data) // 2] ^= 0x01
+    store.put_stream(dump, [bytes(data)], create_only=False)
+    cluster.psql("INSERT INTO t VALUES (-1, 'after the backup')", db)
+    result = cli(env, "restore", taken, "--from-remote", check=False)
+    assert result.returncode == 3, result.stderr
+    [line] = error_lines(result.stderr)
+    assert line.startswith(f"error: {dump}: sha256 ") and "does not match the metadata" in line and "nothing was committed" in line
+    assert cluster.psql("SELECT count(*) FROM t", db) == "20001"  # the live database was not swapped
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_%'") == "0"  # no scratch database left

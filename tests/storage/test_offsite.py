@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +135,39 @@ def test_a_backup_while_the_store_is_down_is_kept_exits_0_with_an_error_line_and
     assert [b["id"] for b in listed(env, "--remote")] == [taken]
     assert cli(env, "verify", taken, "--remote").returncode == 0
     assert cli(env, "copy", taken).stdout.strip() == f"{taken}: already complete off-site"
+
+
+def test_the_store_killed_mid_upload_leaves_the_local_backup_and_nothing_listed_remotely_and_copy_pending_completes_it(
+        cluster: Cluster, db: str, env: dict[str, str], up: SeaweedServer, prefix: str) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 600000) g", db)
+    env = {**remote_env(env, up, prefix), "BACKUP_COMPRESSION": "false", "VALIDATION_ENABLED": "false"}  # a dump of ~45 MB: a multipart upload
+    before = set(up.incomplete_uploads())
+    child = subprocess.Popen([sys.executable, "-m", "sidecar", "backup"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not set(up.incomplete_uploads()) - before:  # the copy's multipart upload is under way
+            assert child.poll() is None, f"the backup and its copy ended before the store could be killed: {child.stderr.read() if child.stderr else ''}"
+            assert time.monotonic() < deadline, "no upload began"
+            time.sleep(0.01)
+        up.kill()
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    taken = out.strip().splitlines()[-1]
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and taken in errors[0] and "not copied off-site" in errors[0], err
+    assert [(b["id"], b["status"]) for b in listed(env)] == [(taken, "ok")]
+    assert cli(env, "verify", taken).returncode == 0
+
+    up.start()
+    assert listed(env, "--remote") == []  # data objects may be there; without the metadata object no backup is listed
+    assert cli(env, "copy", "pending").stdout.startswith(f"{taken}: copied off-site")
+    assert [(b["id"], b["status"]) for b in listed(env, "--remote")] == [(taken, "ok")]
+    assert cli(env, "verify", taken, "--remote").returncode == 0
 
 
 def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(cluster: Cluster, db: str, env: dict[str, str],

@@ -242,3 +242,23 @@ def test_a_flipped_byte_in_a_remote_object_makes_restore_from_remote_refuse_and_
     assert line.startswith(f"error: {dump}: sha256 ") and "does not match the metadata" in line and "nothing was committed" in line
     assert cluster.psql("SELECT count(*) FROM t", db) == "20001"  # the live database was not swapped
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_%'") == "0"  # no scratch database left
+
+
+def test_a_backup_with_an_off_site_copy_its_remote_verify_and_restore_from_remote_each_peak_under_100_mb(
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str) -> None:
+    from tests.test_memory_decode import LIMIT_MIB, measured
+
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 600000) g", db)
+    env = {**remote_env(env, seaweed, prefix), "BACKUP_COMPRESSION": "false", "VALIDATION_ENABLED": "false"}  # ~45 MB: multipart
+    backed_up, backup_mib = measured(env, "backup")
+    taken = backed_up.stdout.strip().splitlines()[-1]
+    assert "ERROR" not in backed_up.stderr, backed_up.stderr
+    [remote] = listed(env, "--remote")
+    assert remote["id"] == taken and remote["size"] > 40 << 20
+    verified, verify_mib = measured(env, "verify", taken, "--remote", "--json")
+    assert json.loads(verified.stdout)["ok"] is True
+    _, restore_mib = measured(env, "restore", taken, "--from-remote", "--target-db", f"{db}_from_remote")
+    assert cluster.psql("SELECT count(*) FROM t", f"{db}_from_remote") == "600000"
+    peaks = {"backup+copy": backup_mib, "verify --remote": verify_mib, "restore --from-remote": restore_mib}
+    print(f"peak RSS MiB {peaks}")
+    assert max(peaks.values()) < LIMIT_MIB, f"peak RSS in MiB: {peaks}"

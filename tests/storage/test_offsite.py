@@ -188,7 +188,7 @@ def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(
     assert cli(env, "verify", taken).returncode == 0  # the local copy is fine
 
 
-def test_the_daemon_copies_pending_backups_at_start_up_and_exports_the_off_site_metrics(
+def test_the_daemon_tries_pending_backups_at_start_up_and_retries_until_the_store_is_back(
         cluster: Cluster, db: str, env: dict[str, str], up: SeaweedServer, prefix: str, tmp_path: Path) -> None:
     from tests.test_daemon import Running, request, sample
 
@@ -196,17 +196,24 @@ def test_the_daemon_copies_pending_backups_at_start_up_and_exports_the_off_site_
     env = remote_env(env, up, prefix)
     up.kill()
     taken = backup_id(env)  # copied nowhere: the store is down
-    up.start()
     running = Running({**env, "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 0 1 1 *"}, tmp_path / "daemon.log")
     try:
-        metrics = running.wait_for(lambda: (m := request(running.base, "/metrics")[1]) and sample(m, "pg_backup_remote_pending_backups") == 0 and m,
-                                   "the pending backup to be copied")
-        assert sample(metrics, "pg_backup_remote_last_copy_timestamp_seconds") > 0
-        assert 'pg_backup_remote_errors_total{operation="copy"} 0.0' in metrics
+        def metrics() -> str:
+            return str(request(running.base, "/metrics")[1])
+
+        failed = running.wait_for(lambda: (m := metrics()) and sample(m, 'pg_backup_remote_errors_total{operation="copy"}') >= 1 and m,
+                                  "the copy at start-up to fail")
+        assert sample(failed, "pg_backup_remote_pending_backups") == 1
+        assert sample(failed, "pg_backup_remote_last_copy_timestamp_seconds") == 0
+        up.start()
+        copied = running.wait_for(lambda: (m := metrics()) and sample(m, "pg_backup_remote_pending_backups") == 0 and m,
+                                  "the retry to copy the pending backup", timeout=180)
+        assert sample(copied, "pg_backup_remote_last_copy_timestamp_seconds") > 0
     finally:
         assert running.stop() == 0
     assert [b["id"] for b in listed(env, "--remote")] == [taken]
-    assert f"backup {taken} copied off-site" in running.log.read_text()
+    log = running.log.read_text()
+    assert f"off-site copy of {taken}" in log and "next try in 15s" in log and f"backup {taken} copied off-site" in log
 
 
 # --- restore straight from the remote store -------------------------------------------------------

@@ -10,18 +10,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar import backup as _backup
 from sidecar import check as _check
 from sidecar import restore as _restore
 from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
-from sidecar.errors import NotFound, SidecarError
+from sidecar.errors import ChecksumMismatch, ConfigError, NotFound, SidecarError, UsageError
 from sidecar.repository import Entry, Repository
 from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import Policy, classify
+from sidecar.storage import offsite as _offsite
+from sidecar.storage.base import StoreUnusable
+from sidecar.storage.copy import find_remote, remote_entries, verify_remote
+from sidecar.storage.offsite import PendingReport
 from sidecar.validation import ValidationResult, validate
+
+if TYPE_CHECKING:
+    from sidecar.storage.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "CheckReport", "check_setup",
+    "PendingReport", "check_remote", "copy_offsite", "pending_backups",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -100,24 +108,86 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
             prune_backups(cfg)
         except SidecarError as exc:
             log.error("backup %s succeeded but pruning failed: %s", metadata["id"], exc)
+    if cfg.remote is not None:
+        _copy_new_backup(cfg, metadata["id"])
     return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
 
 
-def list_backups(config: Config | None = None) -> list[Backup]:
-    """Every backup on the volume, newest first, with its status."""
-    return [Backup.from_entry(e) for e in Repository(_config(config).backup_dir).entries()]
+def _copy_new_backup(config: Config, backup_id: str) -> None:
+    """The off-site copy of a backup just committed locally. A failure does not fail the backup: it is logged (one
+    error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
+    try:
+        store = remote_store(config)
+        copied = _offsite.copy_entry(repo, repo.get(backup_id), store, store.remote)
+    except SidecarError as exc:
+        log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
+                  "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
+        return
+    log.info("backup %s copied off-site to %s (%d bytes)", backup_id, store.description, copied.bytes,
+             extra={"event": "offsite_copied", "backup_id": backup_id})
+
+
+def copy_offsite(ref: str = "pending", config: Config | None = None) -> PendingReport:
+    """Copy backups to the remote store: 'pending' (every good local backup not copied yet, oldest first), or one
+    backup by id or 'latest'. A backup already complete there is recorded and not uploaded again."""
+    cfg = _config(config)
+    store = remote_store(cfg)
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
+    ids = None if ref == "pending" else [repo.get(ref).id]
+    return _offsite.copy_pending(repo, store, store.remote, ids)
+
+
+def list_backups(config: Config | None = None, remote: bool = False) -> list[Backup]:
+    """Every backup on the volume (or, with `remote`, in the remote store: those whose metadata object exists),
+    newest first, with its status."""
+    cfg = _config(config)
+    if remote:
+        return [Backup.from_entry(e) for e in remote_entries(remote_store(cfg))]
+    return [Backup.from_entry(e) for e in Repository(cfg.backup_dir).entries()]
+
+
+def pending_backups(config: Config | None = None) -> list[str]:
+    """Ids of good local backups not yet copied to the remote store, oldest first (none without a remote)."""
+    cfg = _config(config)
+    if cfg.remote is None:
+        return []
+    return [e.id for e in _offsite.pending(Repository(cfg.backup_dir), cfg.remote)]
 
 
 def get_backup(ref: str, config: Config | None = None) -> Backup:
     return Backup.from_entry(Repository(_config(config).backup_dir).get(ref))
 
 
-def verify_backup(ref: str, config: Config | None = None) -> VerifyReport:
-    return _restore.verify_backup(_config(config), ref)
+def verify_backup(ref: str, config: Config | None = None, remote: bool = False) -> VerifyReport:
+    """Check a backup's checksums and that it decodes; with `remote`, stream every object of the remote copy and
+    compare its sha256 and size with the metadata."""
+    cfg = _config(config)
+    if not remote:
+        return _restore.verify_backup(cfg, ref)
+    store = remote_store(cfg)
+    entry = find_remote(store, ref)
+    report = VerifyReport(entry.id, ok=False)
+    if not entry.good or entry.metadata is None:
+        report.problems.append(f"{entry.status}: {entry.problem}")
+        return report
+    try:
+        verify_remote(store, entry.metadata)
+    except ChecksumMismatch as exc:
+        report.problems.append(str(exc))
+        return report
+    report.ok = True
+    report.notes.append(f"every object read back from {store.description}; sha256 and sizes match the metadata")
+    return report
 
 
-def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
-    return _restore.restore_backup(_config(config), ref, target_db=target_db, in_place=in_place, force=force)
+def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False,
+                   from_remote: bool = False) -> RestoreReport:
+    """Restore a backup from the volume, or with `from_remote` straight from the remote store (one streaming pass, each
+    file's sha256 checked before anything it carries is committed, and before the swap)."""
+    cfg = _config(config)
+    return _restore.restore_backup(cfg, ref, target_db=target_db, in_place=in_place, force=force,
+                                   store=remote_store(cfg) if from_remote else None)
 
 
 def retention_policy(config: Config) -> Policy:
@@ -136,6 +206,7 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 report.deleted.append(decision.entry.id)
                 if not dry_run:
                     repo.delete(decision.entry)
+                    _offsite.forget(repo, decision.entry.id)
                     log.info("pruned %s (%s)", decision.entry.id, decision.reason)
             elif decision.action == "report":
                 report.reported.append(f"{decision.entry.id}: {decision.reason}")
@@ -155,6 +226,28 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
             raise NotFound(f"backup {entry.id} has no readable metadata ({entry.problem}); cannot pin it")
         repo.write_metadata({**entry.metadata, "keep": keep})
         return Backup.from_entry(repo.get(entry.id))
+
+
+def remote_store(config: Config) -> ObjectStore:
+    """The off-site store of the configuration; UsageError if none is configured."""
+    if config.remote is None:
+        raise UsageError("no remote store is configured; set BACKUP_REMOTE_URL (remote.url in config.yaml), see the README's \"Off-site copies\"")
+    from sidecar.storage.objectstore import ObjectStore
+
+    try:
+        return ObjectStore(config.remote)
+    except StoreUnusable as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def check_remote(config: Config | None = None) -> None:
+    """ConfigError (one line naming the problem: bad URL, missing bucket, credentials, unreachable endpoint) if the
+    configured remote store cannot be used."""
+    store = remote_store(_config(config))
+    try:
+        store.check(attempts=1)  # obstore's own retries are enough for a yes/no at start-up
+    except StoreUnusable as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 def validate_data_consistency(config: Config | None = None, dbname: str | None = None) -> ValidationResult:

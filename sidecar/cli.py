@@ -64,17 +64,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the metadata instead of the id")
 
     ls = sub.add_parser("list", help="list backups, newest first")
+    ls.add_argument("--remote", action="store_true", help="the backups in the remote store (BACKUP_REMOTE_URL) instead of the volume")
     ls.add_argument("--json", action="store_true")
 
     v = sub.add_parser("verify", help="check checksums and that a backup decodes to its end")
     v.add_argument("id", metavar="ID|latest")
+    v.add_argument("--remote", action="store_true", help="read back every object of the remote copy and check its sha256 and size")
     v.add_argument("--json", action="store_true")
+
+    cp = sub.add_parser("copy", help="copy backups to the remote store: every pending one (default), or one by id")
+    cp.add_argument("id", nargs="?", default="pending", metavar="ID|latest|pending")
+    cp.add_argument("--json", action="store_true")
 
     r = sub.add_parser("restore", help="restore a backup (with no id: list backups)")
     r.add_argument("id", nargs="?", metavar="ID|latest")
     r.add_argument("--target-db", help="restore into this database instead of the one in DATABASE_URL")
     r.add_argument("--in-place", action="store_true", help="drop and recreate objects in the live database (not atomic)")
     r.add_argument("--force", action="store_true", help="swap in the restored database even if its row counts differ")
+    r.add_argument("--from-remote", action="store_true", help="stream the backup straight from the remote store (BACKUP_REMOTE_URL), not the volume")
     r.add_argument("--json", action="store_true")
 
     pv = sub.add_parser("previous", help="the <db>__pre_restore_* databases earlier restores kept, and which restore.keep_previous_* gives up")
@@ -116,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     va = sub.add_parser("validate", help="check data consistency now (exit 1 with findings)")
     va.add_argument("--json", action="store_true")
 
-    vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables)")
+    vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables) and that the remote store, if any, is usable")
     vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
 
     ck = sub.add_parser("check", help="check the setup works: connection, rights, pg_dump, volume, encryption keys (exit 1 on a problem)")
@@ -126,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "validate-config":
+        if config.remote:  # usable, not only well-formed: bad URL, missing bucket, credentials, unreachable endpoint
+            api.check_remote(config)
         if args.print:
             emit(config.masked())
         else:
@@ -174,15 +183,31 @@ def run(args: argparse.Namespace, config: Config) -> int:
         else:
             print(created.id)
         return OK
+    if args.command == "copy":
+        copied = api.copy_offsite(args.id, config)
+        if args.json:
+            emit({**asdict(copied), "ok": copied.ok})
+        else:
+            for done in copied.copied:
+                print(f"{done.id}: " + ("already complete off-site" if done.already_complete
+                                          else f"copied off-site ({len(done.uploaded)} objects, {human_size(done.bytes)} written)"))
+            if not copied.copied and not copied.failed:
+                print("nothing to copy: every good backup is off-site" if args.id == "pending" else "nothing to copy")
+        if copied.failed:
+            for backup_id, error in copied.failed.items():
+                print(f"error: {backup_id} not copied: {error}", file=sys.stderr)
+            print(f"error: {len(copied.failed)} backups not copied, {copied.left} still pending", file=sys.stderr)
+            return FAILED
+        return OK
     if args.command == "list" or (args.command == "restore" and not args.id):
-        backups = api.list_backups(config)
+        backups = api.list_backups(config, remote=getattr(args, "remote", False) or getattr(args, "from_remote", False))
         if getattr(args, "json", False):
             emit([b.to_json() for b in backups])
         else:
             print_table(backups)
         return OK
     if args.command == "verify":
-        report = api.verify_backup(args.id, config)
+        report = api.verify_backup(args.id, config, remote=args.remote)
         if args.json:
             emit(asdict(report))
         else:
@@ -191,7 +216,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if args.command == "restore":
-        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force)
+        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force, from_remote=args.from_remote)
         if args.json:
             emit(asdict(result))
         else:

@@ -15,6 +15,8 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from sidecar.errors import ConfigError
+from sidecar.storage.remote import KEYS as REMOTE_KEYS
+from sidecar.storage.remote import RemoteConfig, cross_checks, masked_value
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_COMPRESSION = "zstd"
@@ -57,6 +59,7 @@ class Config:
     keep_previous_days: int = 7
     data_dir: Path | None = None
     group_readable: bool = False
+    remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -105,6 +108,7 @@ class Config:
             "restore.keep_previous_days": self.keep_previous_days,
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
             "backup.group_readable": self.group_readable,
+            **(self.remote.masked() if self.remote else {"remote.url": None}),
         }
 
     def drill_server(self) -> Config:
@@ -304,6 +308,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "restore.keep_previous_days": ("RESTORE_KEEP_PREVIOUS_DAYS", _int_at_least(0)),
     "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
     "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
+    **REMOTE_KEYS,  # remote.url, remote.endpoint, ...: sidecar/storage/remote.py
 }
 
 
@@ -347,7 +352,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         try:
             values[key] = KEYS[key][1](value)
         except ValueError as exc:
-            shown = "****" if key in ("database.url", "drill.database_url") else repr(value)
+            shown = "****" if key in ("database.url", "drill.database_url") else repr(masked_value(value) if isinstance(value, str) else value)
             problems.append(f"{where}={shown}: {exc}")
 
     if "database.url" not in values and "database.url" not in raw:
@@ -363,6 +368,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         problems.append(
             "BACKUP_ENCRYPTION=true: no recipients; set BACKUP_ENCRYPTION_RECIPIENTS to one or more age public keys (age1...)"
         )
+    remote_fields = {key.split(".", 1)[1]: value for key, value in values.items() if key.startswith("remote.")}
+    remote_names = {key.split(".", 1)[1]: raw[key][0].removesuffix(f" (in {config_path})") if key in raw else variable
+                    for key, (variable, _parser) in REMOTE_KEYS.items()}
+    problems += cross_checks(remote_fields, remote_names, "remote.url" in raw)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -399,6 +408,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         keep_previous_days=values.get("restore.keep_previous_days", 7),
         data_dir=values.get("postgres.data_dir"),
         group_readable=values.get("backup.group_readable", False),
+        remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,
     )
 
 

@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.config import CHECK_NAMES
 from sidecar.repository import FUTURE_TOLERANCE, Entry, Repository, newest_good
+from sidecar.storage import offsite
+from sidecar.storage.remote import RemoteConfig
 
 # no `*_created` series next to every counter and histogram: nothing reads them, and they double the exposition
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -67,6 +69,20 @@ class RepositoryCollector(Collector):
                                 value=len(last_drill[1].get("preexisting") or []) if last_drill else 0)
 
 
+class RemoteCollector(Collector):
+    """The off-site copies, from the records on the volume (sidecar/storage/offsite.py): right while the store is
+    down and after a restart, and no request to the store per scrape."""
+
+    def __init__(self, repo: Repository, remote: RemoteConfig) -> None:
+        self.repo, self.remote = repo, remote
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("pg_backup_remote_last_copy_timestamp_seconds", "End time of the last completed off-site copy (0 if none).",
+                                value=offsite.last_copy_time(self.repo, self.remote))
+        yield GaugeMetricFamily("pg_backup_remote_pending_backups", "Good local backups not yet copied to the remote store.",
+                                value=len(offsite.pending(self.repo, self.remote)))
+
+
 def _iso(text: Any) -> float:
     try:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
@@ -100,8 +116,15 @@ class Metrics:
             self.validation_failures.labels(check=check)
         for operation in ("backup", "restore", "drill"):
             self.in_progress.labels(operation=operation).set(0)
+        self.remote_errors = Counter("pg_backup_remote_errors_total", "Failed operations on the remote store, by operation.", ["operation"], registry=r)
+        self.remote_errors.labels(operation="copy")
         self.last_validation_ok.set(1)
+        self.repo = repo
         r.register(RepositoryCollector(repo))
+
+    def watch_remote(self, remote: RemoteConfig) -> None:
+        """Export the off-site copies' state (a remote store is configured)."""
+        self.registry.register(RemoteCollector(self.repo, remote))
 
     def backup_finished(self, seconds: float, metadata: dict[str, Any] | None) -> None:
         self.duration.observe(seconds)

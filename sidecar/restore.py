@@ -8,10 +8,11 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,8 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
+from sidecar.storage.base import ChunkReader, Store
+from sidecar.storage.copy import find_remote
 from sidecar.streams import Progress, ReadTap, decode, file_sha256, open_stored
 from sidecar.validation import Finding, ValidationResult, split_known, validate
 
@@ -148,20 +151,56 @@ class RestoreReport:
     dropped_previous: list[str] = field(default_factory=list)  # older <db>__pre_restore_* copies dropped by restore.keep_previous_*
 
 
-def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False) -> RestoreReport:
+class Files(Protocol):
+    """Where a backup's files are read from: the volume, or the remote store."""
+
+    def open(self, name: str) -> AbstractContextManager[age.Readable]: ...
+
+
+class _VolumeFiles:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    def open(self, name: str) -> AbstractContextManager[age.Readable]:
+        return open_stored(self.repo.path(name))
+
+
+class _RemoteFiles:
+    """Objects streamed from the store, never written to the volume."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def open(self, name: str) -> AbstractContextManager[age.Readable]:
+        return closing(ChunkReader(self.store.open_read(name)))
+
+
+def restore_backup(config: Config, ref: str, target_db: str | None = None, in_place: bool = False, force: bool = False,
+                   store: Store | None = None) -> RestoreReport:
+    """Restore from the volume, or with `store` straight from the remote store."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("restore"):
-        return _restore(config, repo, ref, target_db, in_place, force)
+        return _restore(config, repo, ref, target_db, in_place, force, store)
 
 
-def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, in_place: bool, force: bool) -> RestoreReport:
+def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, in_place: bool, force: bool,
+             store: Store | None = None) -> RestoreReport:
     clock = time.monotonic()
-    entry = repo.get(ref)
+    files: Files
+    if store is None:
+        entry = repo.get(ref)
+        files = _VolumeFiles(repo)
+    else:
+        entry = find_remote(store, ref)
+        files = _RemoteFiles(store)
     if not entry.good or entry.metadata is None:
         raise SidecarError(f"backup {entry.id} cannot be restored: {entry.status}: {entry.problem}")
     metadata = entry.metadata
     identities = identities_for(config, metadata)
-    problems = check_files(repo, entry)
+    # From the volume every file's sha256 is checked before anything starts; from the remote store in the same single
+    # pass that restores it (remote_entries has checked that every object is there with its size): the restore's
+    # child commits only once the whole file matched, and the swap comes after that.
+    problems = check_files(repo, entry) if store is None else []
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
     target = config.database_name if target_db is None else target_db  # an empty name is refused below, never the live database
@@ -174,13 +213,13 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     admin = _admin_connection(config, target)
     try:
         _drop_leftovers(admin, target)
-        _run_globals(config, repo, metadata, admin_db=admin.info.dbname, identities=identities)
+        _run_globals(config, files, metadata, admin_db=admin.info.dbname, identities=identities)
         exists = _database_exists(admin, target)
         if in_place:
             if not exists:
                 raise UsageError(f"--in-place: database {target!r} does not exist; leave out --in-place to create it")
             log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
-            _load(config, repo, metadata, target, identities, clean=True)
+            _load(config, files, metadata, target, identities, clean=True)
             mismatches, checked, new, known = _check_restored(config, target, metadata)
             return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
                                  checked.to_json() if checked else None, _lines(new), _lines(known))
@@ -189,7 +228,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
         _check_space(config, admin, metadata, entry.id)
         _create_database(admin, scratch, metadata)
         try:
-            _load(config, repo, metadata, scratch, identities, clean=False)
+            _load(config, files, metadata, scratch, identities, clean=False)
             mismatches, checked, new, known = _check_restored(config, scratch, metadata)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
@@ -404,7 +443,7 @@ def _summary(sessions: list[str]) -> str:
     return ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))) or "none"
 
 
-def _run_globals(config: Config, repo: Repository, metadata: dict[str, Any], admin_db: str | None, identities: age.Identities | None) -> None:
+def _run_globals(config: Config, files: Files, metadata: dict[str, Any], admin_db: str | None, identities: age.Identities | None) -> None:
     item = metadata["files"].get("globals")
     if not item:
         return
@@ -412,10 +451,10 @@ def _run_globals(config: Config, repo: Repository, metadata: dict[str, Any], adm
     conninfo, env = postgres.child_env(config.with_database(admin_db or "postgres"))
     child = Child([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"],
                   env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "creating roles")
+    _pump(child, files, item, metadata["compression"], identities, "creating roles")
 
 
-def _load(config: Config, repo: Repository, metadata: dict[str, Any], dbname: str, identities: age.Identities | None, clean: bool) -> None:
+def _load(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None, clean: bool) -> None:
     conninfo, env = postgres.child_env(config.with_database(dbname))
     if metadata["format"] == "custom":
         argv = [postgres.find_tool("pg_restore", config.pg_bin_dir), f"--dbname={conninfo}", "--exit-on-error", "--single-transaction", "--no-password"]
@@ -426,23 +465,25 @@ def _load(config: Config, repo: Repository, metadata: dict[str, Any], dbname: st
     child = Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     item = metadata["files"]["dump"]
     trailer = PLAIN_TRAILER if metadata["format"] == "plain" else None
-    _pump(child, repo.path(item["name"]), item["checksum"], metadata["compression"], identities, "restore", trailer)
+    _pump(child, files, item, metadata["compression"], identities, "restore", trailer)
 
 
-def _pump(child: Child, path: Path, checksum: str, compression: str, identities: age.Identities | None, what: str,
+def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, identities: age.Identities | None, what: str,
           trailer: bytes | None = None) -> None:
     """Stream a stored file, decoded, into a child's stdin. stdin is closed (so the child commits) only
     after the whole file decoded cleanly and its sha256 matched again; otherwise the child is killed."""
     assert child.proc.stdin is not None
     sink = _Tail(256, child.proc.stdin.write)
     try:
-        with open_stored(path) as handle:
-            source = ReadTap(handle, Progress(f"{what} ({path.name})", total=path.stat().st_size), hashing=True)
+        name, checksum = item["name"], item["checksum"]
+        with files.open(name) as handle:
+            source = ReadTap(handle, Progress(f"{what} ({name})", total=item["size"]), hashing=True)
             decode(source, sink, compression, identities)
         if trailer and trailer not in sink.tail:
-            raise SidecarError(f"{path.name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
-        if source.hexdigest() != checksum:
-            raise ChecksumMismatch(f"{path.name} changed while it was read (sha256 no longer matches); nothing was committed")
+            raise SidecarError(f"{name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
+        if source.hexdigest() != checksum or source.size != item["size"]:
+            raise ChecksumMismatch(f"{name}: sha256 {source.hexdigest()} ({source.size} bytes) does not match the metadata "
+                                   f"({checksum}, {item['size']} bytes): it changed or is damaged; nothing was committed")
         child.proc.stdin.close()
     except BrokenPipeError:
         pass  # the child stopped reading: its exit status and stderr tell why

@@ -62,6 +62,8 @@ def needs_catch_up(newest_good: datetime | None, cron: str, tz: str, now: dateti
 RESTORES_DIR = ".restores"
 INTERRUPTED = ("the sidecar stopped during this restore; the live database is either the old or the restored one, never half-restored "
                "(docs/reliability.md): check it, then send a new request_id to restore again")
+OFFSITE_RETRY = (15.0, 900.0)  # seconds: the first retry of a failed off-site copy, and the longest wait between retries (doubling)
+OFFSITE_RECHECK = 600.0  # seconds between looks for pending backups when nothing woke the copier
 REMEMBERED = 1000  # finished runs and restores answered by /v1/runs and /v1/restores; older ones are forgotten
 
 
@@ -92,6 +94,9 @@ class Daemon:
         self.restores: dict[str, dict[str, Any]] = {}
         self.request_ids: dict[str, str] = {}
         self._requests_lock = threading.Lock()
+        self._offsite_wake = threading.Event()
+        if config.remote is not None:
+            metrics.watch_remote(config.remote)
         self._load_restores()
 
     # --- operations: one at a time, each a child process -------------------------------------------
@@ -183,6 +188,8 @@ class Daemon:
         finally:
             self.metrics.in_progress.labels(operation="backup").set(0)
             self.metrics.backup_finished(time.monotonic() - started, metadata)
+            if metadata:
+                self._offsite_wake.set()  # the backup copied itself; a failed copy is the copier's to retry
             try:
                 if metadata and self.config.drill_after_backup and not self.stopping.is_set():
                     self._drill(metadata["id"])
@@ -315,10 +322,55 @@ class Daemon:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
 
+    # --- off-site copies ---------------------------------------------------------------------------
+
+    def copy_pending(self) -> bool:
+        """One round of copying the pending backups to the remote store; True when none is left."""
+        from sidecar.storage.objectstore import ObjectStore
+        from sidecar.storage.offsite import copy_pending, pending
+
+        assert self.config.remote is not None
+        if not pending(self.repo, self.config.remote):
+            return True
+        try:
+            report = copy_pending(self.repo, ObjectStore(self.config.remote), self.config.remote)
+        except SidecarError as exc:  # the store cannot even be set up (credentials missing)
+            self.metrics.remote_errors.labels(operation="copy").inc()
+            log.error("off-site copies pending: %s", exc, extra={"event": "offsite_copy_failed"})
+            return False
+        if report.failed:
+            self.metrics.remote_errors.labels(operation="copy").inc(len(report.failed))
+        for done in report.copied:
+            log.info("backup %s copied off-site (%d bytes written)", done.id, done.bytes, extra={"event": "offsite_copied", "backup_id": done.id})
+        return report.left == 0
+
+    def _offsite_loop(self) -> None:
+        """Copies pending backups at start-up, after each backup, and every OFFSITE_RECHECK; after a failure, again
+        with a doubling wait until they are all copied."""
+        wait = 0.0
+        backoff = OFFSITE_RETRY[0]
+        while not self.stopping.is_set():
+            self._offsite_wake.wait(wait)
+            self._offsite_wake.clear()
+            if self.stopping.is_set():
+                return
+            try:
+                done = self.copy_pending()
+            except Exception:  # never let the copier die: the next round tries again
+                log.exception("off-site copier: unexpected error")
+                done = False
+            if done:
+                wait, backoff = OFFSITE_RECHECK, OFFSITE_RETRY[0]
+            else:
+                wait, backoff = backoff, min(backoff * 2, OFFSITE_RETRY[1])
+                log.warning("off-site copies pending; next try in %.0fs", wait, extra={"event": "retry", "next_try_seconds": wait})
+
     # --- the loop ---------------------------------------------------------------------------------
 
     def loop(self) -> None:
         cfg = self.config
+        if cfg.remote is not None:
+            threading.Thread(target=self._offsite_loop, name="offsite", daemon=True).start()
         newest = newest_good(self.repo.entries(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:

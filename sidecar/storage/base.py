@@ -107,6 +107,34 @@ def chunks_of(data: Chunks, size: int = CHUNK_SIZE) -> Iterator[bytes]:
                 yield bytes(chunk)
 
 
+class ChunkReader:
+    """A binary reader (`read(size)`) over chunks (Store.open_read), holding at most one chunk at a time."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self._offset = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            rest = self._buffer[self._offset:] + b"".join(self._chunks)
+            self._buffer, self._offset = b"", 0
+            return rest
+        while self._offset >= len(self._buffer):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._buffer, self._offset = chunk, 0
+        data = self._buffer[self._offset:self._offset + size]
+        self._offset += len(data)
+        return data
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
 class Hashing:
     """Passes chunks through while counting them and computing their sha256; checks an expected digest at the end."""
 

@@ -133,6 +133,26 @@ def remote_entries(store: Store) -> list[Entry]:
     return sorted(entries, key=lambda e: e.id, reverse=True)
 
 
+def find_remote(store: Store, ref: str) -> Entry:
+    """A remote backup by id, or 'latest' (the same choice as on the volume: the newest good backup that has not
+    failed its restore drill)."""
+    from sidecar.errors import NotFound
+    from sidecar.repository import choose_latest
+
+    entries = remote_entries(store)
+    if ref == "latest":
+        entry, note = choose_latest(entries, datetime.now(UTC))
+        if entry is None:
+            raise NotFound(f"no good backup in {store.description}; copy one with 'pg-backup-sidecar copy pending'")
+        log.info("%s", note)
+        return entry
+    parse_id(ref)
+    for entry in entries:
+        if entry.id == ref:
+            return entry
+    raise NotFound(f"no backup {ref} in {store.description}; run 'pg-backup-sidecar list --remote' to see the ids")
+
+
 def verify_remote(store: Store, metadata: Mapping[str, Any]) -> None:
     """Stream every file of a remote backup and compare its sha256 and size with the metadata; ChecksumMismatch
     naming the first file that differs (a flipped byte, a truncated object)."""

@@ -178,12 +178,12 @@ class ObjectStore:
                                                                    state.attempt_number, state.outcome.exception() if state.outcome else ""))
         return retrying(once)
 
-    def check(self) -> None:
+    def check(self, attempts: int = 2) -> None:
         """Raise StoreUnusable naming the problem if the store cannot be listed (bad bucket, credentials, endpoint)."""
         def first_page() -> None:
             for _batch in obstore.list(self._store, chunk_size=1):
                 break
-        self._call("list", "", first_page, attempts=2)
+        self._call("list", "", first_page, attempts=attempts)
 
     # --- the Store interface ----------------------------------------------------------------------
 

@@ -12,10 +12,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.config import _bool, _int_at_least, _text
 from sidecar.errors import ConfigError
 
-_days = _int_at_least(0)  # 0 keeps everything
+# sidecar.config folds KEYS into its own and imports this module, so config's value parsers are reached at call time
+
+
+def _text(value: Any) -> str:
+    from sidecar import config
+
+    return config._text(value)
+
+
+def _bool(value: Any) -> bool:
+    from sidecar import config
+
+    return config._bool(value)
+
+
+def _days(value: Any) -> int:  # 0 keeps everything
+    from sidecar import config
+
+    parsed: int = config._int_at_least(0)(value)
+    return parsed
 
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure": "az"}
 SSE_VALUES = ("AES256", "aws:kms")
@@ -155,7 +173,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
 }
 
 
-def _masked(text: str) -> str:
+def masked_value(text: str) -> str:
     """A value as it may be shown in an error: credentials written into a URL are replaced."""
     return re.sub(r"(//)[^/@\s]*@", r"\1****@", text)
 
@@ -172,7 +190,7 @@ def parse_remote(values: Mapping[str, Any]) -> RemoteConfig | None:
         try:
             parsed[key.split(".", 1)[1]] = parser(raw)
         except ValueError as exc:
-            shown = repr(_masked(str(raw))) if isinstance(raw, (str, int, bool)) and len(str(raw)) < 200 else "(value)"
+            shown = repr(masked_value(str(raw))) if isinstance(raw, (str, int, bool)) and len(str(raw)) < 200 else "(value)"
             problems.append(f"{variable}={shown}: {exc}")
     url_given = str(values.get(KEYS["remote.url"][0]) or "").strip() != ""
     problems += cross_checks(parsed, {k.split(".", 1)[1]: v for k, (v, _p) in KEYS.items()}, url_given)

@@ -82,6 +82,17 @@ BAD_VALUES = {
     "restore.keep_previous_days": "-3",
     "postgres.data_dir": "",
     "backup.group_readable": "for the group",
+    "remote.url": "ftp://backups/db",
+    "remote.endpoint": "s3.example.com",
+    "remote.region": "Europe West",
+    "remote.retention_days": "-1",
+    "remote.sse": "rot13",
+    "remote.kms_key_id": "",
+    "remote.storage_class": "cold storage",
+    "remote.allow_http": "sometimes",
+    "remote.access_key_id_file": "/nonexistent/key",
+    "remote.secret_access_key_file": "/nonexistent/secret",
+    "remote.session_token_file": "/nonexistent/token",
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.errors import LockHeld, NotFound, SidecarError
-from sidecar.streams import disk_error, remove_quietly
+from sidecar.streams import disk_error, fsync_dir, remove_quietly
 
 ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})-(\d{3})Z")
 METADATA_SUFFIX = ".metadata.json"
@@ -439,14 +439,6 @@ class Repository:
             yield
         finally:
             os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:

@@ -224,6 +224,14 @@ def disk_error(exc: OSError, path: Path) -> SidecarError:
     return SidecarError(f"cannot write {path} ({exc.strerror})")
 
 
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_quietly(path: Path) -> None:
     try:
         path.unlink()

@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from sidecar.storage.base import CHUNK_SIZE, Chunks, Deleted, Hashing, ObjectExists, ObjectInfo, ObjectMissing, PutResult, StorageError, check_name, chunks_of, sha256_of
+from sidecar.streams import fsync_dir
 
 PARTIAL_SUFFIX = ".partial"  # the repository's own in-progress files: never listed as objects
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_error(exc: OSError, path: Path) -> StorageError:
@@ -77,7 +70,7 @@ class LocalStore:
                 _unlink(tmp)
             else:
                 _disk(lambda: os.rename(tmp, final), final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             _unlink(tmp)
             raise
@@ -136,7 +129,7 @@ class LocalStore:
             return Deleted.MISSING
         except OSError as exc:
             raise StorageError(f"cannot delete {path} ({exc.strerror})") from None
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return Deleted.DELETED
 
 

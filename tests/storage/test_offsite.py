@@ -171,6 +171,13 @@ def test_the_store_killed_mid_upload_leaves_the_local_backup_and_nothing_listed_
     assert cli(env, "verify", taken, "--remote").returncode == 0
 
 
+def flip_a_byte(store: Any, name: str) -> None:
+    """Damage a remote object in place (as bit rot or tampering would), bypassing create-only."""
+    data = bytearray(b"".join(store.open_read(name)))
+    data[len(data) // 2] ^= 0x01
+    store.put_stream(name, [bytes(data)], create_only=False)
+
+
 def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(cluster: Cluster, db: str, env: dict[str, str],
                                                                                seaweed: SeaweedServer, prefix: str) -> None:
     cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 5000) g", db)
@@ -178,10 +185,7 @@ def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(
     taken = backup_id(env)
     [backup] = listed(env, "--remote")
     dump = backup["files"]["dump"]["name"]
-    store = seaweed.store(prefix)
-    data = bytearray(b"".join(store.open_read(dump)))
-    data[len(data) // 2] ^= 0x01
-    store.put_stream(dump, [bytes(data)], create_only=False)
+    flip_a_byte(seaweed.store(prefix), dump)
     result = cli(env, "verify", taken, "--remote", check=False)
     assert result.returncode == 1, result.stderr
     assert f"{taken}: BAD" in result.stdout and dump in result.stdout and "do not restore from it" in result.stdout
@@ -239,10 +243,7 @@ def test_a_flipped_byte_in_a_remote_object_makes_restore_from_remote_refuse_and_
     taken = backup_id(env)
     [backup] = listed(env, "--remote")
     dump = backup["files"]["dump"]["name"]
-    store = seaweed.store(prefix)
-    data = bytearray(b"".join(store.open_read(dump)))
-    data[len(data) // 2] ^= 0x01
-    store.put_stream(dump, [bytes(data)], create_only=False)
+    flip_a_byte(seaweed.store(prefix), dump)
     cluster.psql("INSERT INTO t VALUES (-1, 'after the backup')", db)
     result = cli(env, "restore", taken, "--from-remote", check=False)
     assert result.returncode == 3, result.stderr

@@ -12,20 +12,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sidecar import backup as _backup
 from sidecar import check as _check
-from sidecar import restore as _restore
 from sidecar.check import CheckReport
 from sidecar.config import Config, load_config
 from sidecar.errors import ChecksumMismatch, ConfigError, NotFound, SidecarError, UsageError
+from sidecar.logical import backup as _backup
+from sidecar.logical import restore as _restore
+from sidecar.logical.restore import DrillReport, RestoreReport, VerifyReport
+from sidecar.logical.validation import ValidationResult, validate
 from sidecar.repository import Entry, Repository
-from sidecar.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.retention import Policy, classify
 from sidecar.storage import offsite as _offsite
 from sidecar.storage.base import StoreUnusable
 from sidecar.storage.copy import find_remote, remote_entries, verify_remote
 from sidecar.storage.offsite import PendingReport
-from sidecar.validation import ValidationResult, validate
 
 if TYPE_CHECKING:
     from sidecar.storage.objectstore import ObjectStore

@@ -16,6 +16,7 @@ from typing import Any
 
 from sidecar import __version__, api, logs
 from sidecar.config import Config, load_config, unknown_variables
+from sidecar.daemon import DAEMON_PID_VARIABLE
 from sidecar.errors import ConfigError, SidecarError, UsageError
 
 OK, FOUND_PROBLEM, USAGE, FAILED = 0, 1, 2, 3
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(line)
         return OK if setup.ok else (FAILED if not setup.connected else FOUND_PROBLEM)
     if args.command == "run":
-        from sidecar.daemon import run_daemon
+        from sidecar.daemon.run import run_daemon
 
         return run_daemon(config, args.config)
     if args.command == "drill":
@@ -230,14 +231,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
             for line in result.preexisting_findings:
                 print(f"  already present when the backup was taken (not caused by the restore): {line}")
             if result.ended_sessions:
-                from sidecar.restore import _summary
+                from sidecar.logical.restore import _summary
 
                 print(f"ended {len(result.ended_sessions)} sessions on {result.database} to swap: {_summary(result.ended_sessions)}")
             if result.previous_database:
                 print(f"the previous database is kept as {result.previous_database}")
         return OK
     if args.command == "previous":
-        from sidecar.restore import manage_previous
+        from sidecar.logical.restore import manage_previous
 
         previous = manage_previous(config, prune=args.prune)
         if args.json:
@@ -267,7 +268,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
-DAEMON_PID_VARIABLE = "SIDECAR_DAEMON_PID"
 PR_SET_PDEATHSIG = 1
 
 
@@ -327,7 +327,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "restore-job":
             import yaml
 
-            from sidecar.jobs import restore_job
+            from sidecar.daemon.jobs import restore_job
 
             extra: dict[str, Any] = {"image": args.image} if args.image else {}
             if args.request_id:
@@ -335,7 +335,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
             return OK
         if args.command == "restore-request":
-            from sidecar.client import restore_request
+            from sidecar.daemon.client import restore_request
 
             return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout)
         if args.command in ("validate-config", "check", "run"):

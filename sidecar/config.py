@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +17,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sidecar.errors import ConfigError
 from sidecar.storage.remote import KEYS as REMOTE_KEYS
 from sidecar.storage.remote import RemoteConfig, cross_checks, masked_value
+from sidecar.values import Parser
+from sidecar.values import boolean as _bool
+from sidecar.values import int_at_least as _int_at_least
+from sidecar.values import text as _text
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_COMPRESSION = "zstd"
@@ -138,40 +142,6 @@ def mask_url(url: str) -> str:
 
 
 # key in config.yaml -> (environment variable, parser)
-Parser = Callable[[Any], Any]
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
-        raise ValueError("must be a non-empty string")
-    return str(value).strip()
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _int_at_least(minimum: int, maximum: int | None = None) -> Parser:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("must be an integer")
-        try:
-            number = int(str(value).strip())
-        except ValueError:
-            raise ValueError("must be an integer") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"must be {bound}")
-        return number
-
-    return parse
 
 
 def _compression(value: Any) -> str:

@@ -36,7 +36,7 @@ class JsonLines(JsonFormatter):
 
 
 class Lines(logging.Formatter):
-    """2026-11-26T12:00:00.123+00:00 INFO sidecar.backup: message event=backup_completed backup_id=..."""
+    """2026-11-26T12:00:00.123+00:00 INFO sidecar.logical.backup: message event=backup_completed backup_id=..."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{name}={getattr(record, name)}" for name in FIELDS if getattr(record, name, None) is not None)

@@ -24,7 +24,7 @@ ID_PATTERN = re.compile(r"backup_(\d{4})-(\d{2})-(\d{2})T(\d{2})-(\d{2})-(\d{2})
 METADATA_SUFFIX = ".metadata.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".lock"
-RESTORES_DIR = ".restores"  # the daemon's restore records (sidecar/scheduler.py)
+RESTORES_DIR = ".restores"  # the daemon's restore records (sidecar/daemon/scheduler.py)
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 log = logging.getLogger(__name__)

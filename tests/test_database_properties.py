@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from sidecar.dbprops import split_list
 from sidecar.embedded import Cluster
+from sidecar.logical.dbprops import split_list
 from sidecar.postgres import find_tool
 from tests.conftest import backup_id, cli
 

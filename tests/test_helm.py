@@ -194,8 +194,8 @@ def test_restore_job_prints_a_valid_job_equivalent_to_the_charts() -> None:
 
 
 def test_a_printed_restore_job_is_named_after_its_request_id_only() -> None:
+    from sidecar.daemon.jobs import restore_job
     from sidecar.errors import UsageError
-    from sidecar.jobs import restore_job
 
     job = restore_job("latest", "rel", "db", request_id="orders-fix")
     assert job == restore_job("latest", "rel", "db", request_id="orders-fix")  # the same request prints the same Job

@@ -15,8 +15,8 @@ from sidecar import api
 from sidecar.config import load_config
 from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
+from sidecar.logical.restore import previous_to_drop
 from sidecar.postgres import find_tool
-from sidecar.restore import previous_to_drop
 from tests.conftest import backup_id, cli, tmpfs
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.embedded import Cluster
+from sidecar.logical.validation import Finding, split_known
 from sidecar.postgres import find_tool
-from sidecar.validation import Finding, split_known
 from tests.conftest import backup_id, cli, fingerprint
 
 STRANGE = (Path(__file__).parent / "data" / "strange.sql").read_text()

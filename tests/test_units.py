@@ -299,7 +299,7 @@ def test_progress_lines_give_bytes_so_far_share_and_rate(caplog: pytest.LogCaptu
 
 
 def test_the_daemon_remembers_the_newest_runs_only() -> None:
-    from sidecar.scheduler import REMEMBERED, _forget_oldest
+    from sidecar.daemon.scheduler import REMEMBERED, _forget_oldest
 
     records = {f"run-{i}": {"id": f"run-{i}", "request_id": f"r{i}"} for i in range(REMEMBERED + 5)}
     forgotten = _forget_oldest(records)

@@ -13,27 +13,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
-
-# sidecar.config folds KEYS into its own and imports this module, so config's value parsers are reached at call time
-
-
-def _text(value: Any) -> str:
-    from sidecar import config
-
-    return config._text(value)
-
-
-def _bool(value: Any) -> bool:
-    from sidecar import config
-
-    return config._bool(value)
+from sidecar.values import boolean as _bool
+from sidecar.values import int_at_least
+from sidecar.values import text as _text
 
 
 def _days(value: Any) -> int:  # 0 keeps everything
-    from sidecar import config
-
-    parsed: int = config._int_at_least(0)(value)
+    parsed: int = int_at_least(0)(value)
     return parsed
+
 
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure": "az"}
 SSE_VALUES = ("AES256", "aws:kms")

@@ -142,5 +142,5 @@ def test_kill_9_of_the_daemon_mid_backup_takes_its_backup_with_it_and_a_restart_
     finally:
         assert restarted.stop() == 0
     first = json.loads(restarted.log.read_text().splitlines()[0])  # cleaned at start-up, before anything else
-    assert first["logger"] == "sidecar.daemon" and "removed leftovers" in first["message"] and "2099" in first["message"], first
+    assert first["logger"] == "sidecar.daemon.run" and "removed leftovers" in first["message"] and "2099" in first["message"], first
     assert cli(env, "verify", backup["id"], check=False).returncode == 0

@@ -108,7 +108,7 @@ def test_postgresql_down_at_schedule_time_and_back_after_30_s_is_retried_with_ba
 def test_a_backup_stamped_in_the_future_neither_hides_the_backup_age_nor_gets_the_newest_pruned(cluster: Cluster, db: str, env: dict[str, str]) -> None:
     from prometheus_client import generate_latest
 
-    from sidecar.metrics import Metrics
+    from sidecar.daemon.metrics import Metrics
     from sidecar.repository import Repository
     from tests.test_daemon import sample
 

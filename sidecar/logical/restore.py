@@ -17,16 +17,17 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from sidecar import age, dbprops, postgres
-from sidecar.backup import count_rows
+from sidecar import age, postgres
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
+from sidecar.logical import dbprops
+from sidecar.logical.backup import count_rows
+from sidecar.logical.validation import Finding, ValidationResult, split_known, validate
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
 from sidecar.storage.base import ChunkReader, Store
 from sidecar.storage.copy import find_remote
 from sidecar.streams import Progress, ReadTap, decode, file_sha256, open_stored
-from sidecar.validation import Finding, ValidationResult, split_known, validate
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def _post_when_idle(server: str, token: str, body: dict[str, Any], timeout: floa
 
 
 def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT) -> int:
-    from sidecar.server import api_token
+    from sidecar.daemon.server import api_token
 
     if timeout < 0:
         raise UsageError(f"--timeout {timeout:g}: must be 0 or more seconds")

@@ -28,9 +28,9 @@ from waitress.task import ErrorTask
 
 from sidecar import api, postgres
 from sidecar.config import Config
+from sidecar.daemon.scheduler import Daemon
 from sidecar.errors import NotFound, SidecarError
 from sidecar.repository import parse_id
-from sidecar.scheduler import Daemon
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024

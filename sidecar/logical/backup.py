@@ -11,13 +11,14 @@ from typing import Any
 
 import psycopg
 
-from sidecar import __version__, dbprops, postgres, roles
+from sidecar import __version__, postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
+from sidecar.logical import dbprops, roles
+from sidecar.logical.validation import validate
 from sidecar.postgres import Child
 from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.streams import HashingFile, Progress, ReadTap, encode
-from sidecar.validation import validate
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from cronsim import CronSim
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from sidecar import postgres
-from sidecar.cli import DAEMON_PID_VARIABLE
 from sidecar.config import Config
+from sidecar.daemon import DAEMON_PID_VARIABLE
+from sidecar.daemon.metrics import Metrics, completed_at
 from sidecar.errors import SidecarError
-from sidecar.metrics import Metrics, completed_at
 from sidecar.repository import Repository, iso_timestamp, newest_good, write_atomically
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import threading
 from typing import Any
 
 from sidecar.config import Config
+from sidecar.daemon.metrics import Metrics
+from sidecar.daemon.scheduler import Daemon
+from sidecar.daemon.server import DatabaseProbe, api_token, make_server
 from sidecar.errors import LockHeld, SidecarError
-from sidecar.metrics import Metrics
 from sidecar.repository import Repository
-from sidecar.scheduler import Daemon
-from sidecar.server import DatabaseProbe, api_token, make_server
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,24 +57,79 @@ MEASURED = (
 )
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+WHO = ("client", "postgres", "seaweedfs", "others")
+
+
 def load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def process_cpu(pid: int, reaped: bool = True) -> float:
+    """CPU seconds (user + system) of a process, with those of its children it has waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15 if reaped else 13]) / TICK
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process, of its children reaped, and of its children alive (a server's workers)."""
+    total = process_cpu(root)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == root:
+                total += process_cpu(int(entry.name))
+    return total
+
+
+def machine_cpu() -> float:
+    """CPU seconds every process of the machine has used (user, nice, system, irq, softirq, steal)."""
+    jiffies = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(jiffies[:3]) + sum(jiffies[5:8])) / TICK
+
+
+def own_cpu() -> float:
+    """This process and the children it has waited for (the CLI and its pg_dump, aws)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 class Figures:
-    """Seconds (and other values) per case over the rounds, with the 1-minute load average around each measure."""
+    """Seconds (and other values) per case over the rounds, with the 1-minute load average around each measure and
+    the CPU seconds used meanwhile by the client (this bench and the processes it ran), PostgreSQL, SeaweedFS and
+    everything else on the machine (the other jobs sharing it)."""
 
     def __init__(self) -> None:
         self.values: dict[str, list[float]] = {}
         self.loads: dict[str, list[tuple[float, float]]] = {}
+        self.cpu: dict[str, list[dict[str, float]]] = {}
+        self.postgres_pid = 0
+        self.seaweed_pid = 0
+
+    def cpu_now(self) -> dict[str, float]:
+        return {"client": own_cpu(), "postgres": tree_cpu(self.postgres_pid) if self.postgres_pid else 0.0,
+                "seaweedfs": tree_cpu(self.seaweed_pid) if self.seaweed_pid else 0.0, "machine": machine_cpu()}
 
     def measure(self, case: str, action: Callable[[], Any]) -> Any:
-        before, began = load(), time.monotonic()
+        before, cpu, began = load(), self.cpu_now(), time.monotonic()
         result = action()
         seconds = time.monotonic() - began
+        used = {k: v - cpu[k] for k, v in self.cpu_now().items()}
+        used["others"] = max(0.0, used.pop("machine") - used["client"] - used["postgres"] - used["seaweedfs"])
+        self.cpu.setdefault(case, []).append(used)
         self.add(case, seconds, (before, load()))
-        print(f"#   {case}: {seconds:.2f} s (load {before:.2f} -> {load():.2f})", flush=True)
+        print(f"#   {case}: {seconds:.2f} s (load {before:.2f} -> {load():.2f}; CPU s: "
+              + ", ".join(f"{k} {used[k]:.1f}" for k in WHO) + ")", flush=True)
         return result
+
+    def cpu_median(self, case: str) -> str:
+        return " / ".join(f"{statistics.median(r[k] for r in self.cpu[case]):.1f}" for k in WHO) if case in self.cpu else "-"
 
     def add(self, case: str, value: float, loads: tuple[float, float] | None = None) -> None:
         self.values.setdefault(case, []).append(value)
@@ -162,6 +218,8 @@ def main() -> None:
     rss: dict[str, list[int]] = {}
     try:
         with Cluster(base=work, port=free_ports(1)[0]) as cluster, SeaweedServer(work / "seaweed", locked_buckets=()) as server:
+            figures.postgres_pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+            figures.seaweed_pid = server.process.pid if server.process else 0
             db = "bench_offsite"
             cluster.psql(f"CREATE DATABASE {db}")
             rows = args.size_mb * ROWS_PER_MB
@@ -219,6 +277,16 @@ def main() -> None:
 def explain(figures: Figures, server: SeaweedServer, dump: Path, base_env: dict[str, str], work: Path, round_: int) -> None:
     """Where the time goes: the upload alone at other part sizes and concurrencies (our ObjectStore, same code, other
     parameters), and a prototype that uploads the dump while it is written."""
+    checked = S3Store(BUCKET, prefix=f"x-checksum-{round_}", endpoint=server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
+                      secret_access_key=SECRET_KEY, client_options={"allow_http": True}, config={"checksum_algorithm": "sha256"})
+    figures.measure("x: obstore.put(Path) with S3 sha256 checksums per part (as ours)", lambda: obstore.put(checked, dump.name, dump))
+
+    def sha256_pass() -> None:
+        digest = hashlib.sha256()
+        with open(dump, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    figures.measure("x: sha256 of the file in Python (our Hashing's work)", sha256_pass)
     for part_mib, concurrency in ((8, 4), (8, 8), (16, 4), (16, 8), (32, 4)):
         store = ObjectStore(server.remote(f"x-{part_mib}-{concurrency}-{round_}"), part_size=part_mib << 20, concurrency=concurrency)
 
@@ -269,17 +337,20 @@ def report(args: argparse.Namespace, figures: Figures, rss: dict[str, list[int]]
     rounds = args.rounds
     a = figures.median("a: backup, no remote")
     print(f"\nDatabase {size} ({args.size_mb} MB asked), dump file {dump_bytes / 1e6:.0f} MB; medians of {rounds} rounds")
-    print("\n| case | median (s) | rounds (s) | vs (a) | load before/after (1 min) |\n|---|---|---|---|---|")
+    print("\n| case | median (s) | rounds (s) | vs (a) | CPU s: client / postgres / seaweedfs / others | load before/after (1 min) |"
+          "\n|---|---|---|---|---|---|")
     for case in figures.values:
         if case.startswith(("a:", "b:")) or case.startswith("x: backup"):
             m = figures.median(case)
-            print(f"| {case} | {m:.2f} | {figures.spread(case)} | {m / a:.2f}x | {figures.load_range(case)} |")
+            print(f"| {case} | {m:.2f} | {figures.spread(case)} | {m / a:.2f}x | {figures.cpu_median(case)} | {figures.load_range(case)} |")
     ours = figures.median("c: our copy path (copy_backup -> ObjectStore.put_stream)")
-    print(f"\n| upload of the finished dump ({dump_bytes / 1e6:.0f} MB) | median (s) | MB/s | vs ours | load |\n|---|---|---|---|---|")
+    print(f"\n| upload of the finished dump ({dump_bytes / 1e6:.0f} MB) | median (s) | MB/s | vs ours | CPU s: client / postgres / seaweedfs / others | load |"
+          "\n|---|---|---|---|---|---|")
     for case in figures.values:
-        if case.startswith(("c:", "x: put_stream")):
+        if case.startswith(("c:", "x: put_stream", "x: obstore", "x: sha256")):
             m = figures.median(case)
-            print(f"| {case[3:]} | {m:.2f} ({figures.spread(case)}) | {dump_bytes / 1e6 / m:.1f} | {m / ours:.2f}x | {figures.load_range(case)} |")
+            print(f"| {case[3:]} | {m:.2f} ({figures.spread(case)}) | {dump_bytes / 1e6 / m:.1f} | {m / ours:.2f}x | {figures.cpu_median(case)} "
+                  f"| {figures.load_range(case)} |")
     print("\n| peak RSS of the backup process (VmHWM) | rounds (MiB) |\n|---|---|")
     for key, label in (("a", "a: no remote"), ("b", "b: with the off-site copy")):
         print(f"| {label} | {'/'.join(str(v // 1024) for v in rss[key])} |")

@@ -7,7 +7,8 @@ copy path vs plain obstore.put vs `aws s3 cp`, and peak RSS: side by side in one
 
 Starts a throwaway PostgreSQL (sidecar.embedded.Cluster) and SeaweedFS (tests/storage/seaweed.py, as the tests do).
 Every case runs once per round, interleaved; medians of the rounds are printed with the load average read before
-and after each measure (the machine may be shared). Results are recorded by hand in bench/RESULTS.md."""
+and after each measure and the CPU seconds used meanwhile by the client, PostgreSQL, SeaweedFS and everything else on
+the machine (it may be shared: then SeaweedFS and the other jobs take CPU from the backup, see bench/RESULTS.md). Results are recorded by hand in bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -242,6 +243,8 @@ def main() -> None:
                 # (b) the same backup with its off-site copy: the process ends once the copy is complete
                 remote_dir = work / f"remote-{round_}"
                 env_b = {**base_env, "BACKUP_DIR": str(remote_dir), **server.environment(f"b-{round_}")}
+                if args.explain:
+                    overlap(figures, server, base_env, work, round_)
                 out, logs, peak = figures.measure("b: backup + off-site copy", lambda env=env_b: run_cli(env, "backup"))  # type: ignore[misc]
                 rss.setdefault("b", []).append(peak)
                 backup_id = out.strip().splitlines()[-1]
@@ -267,16 +270,16 @@ def main() -> None:
                 figures.measure("c: aws s3 cp", lambda d=dump, r=round_: aws_cp(server, d, f"c-aws-{r}/{d.name}", work))  # type: ignore[misc]
                 shutil.rmtree(remote_dir)
                 if args.explain:
-                    explain(figures, server, dump, base_env, work, round_)
+                    explain(figures, server, dump, round_)
             report(args, figures, rss, dump_bytes, size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         print(f"# uptime at end: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}", flush=True)
 
 
-def explain(figures: Figures, server: SeaweedServer, dump: Path, base_env: dict[str, str], work: Path, round_: int) -> None:
-    """Where the time goes: the upload alone at other part sizes and concurrencies (our ObjectStore, same code, other
-    parameters), and a prototype that uploads the dump while it is written."""
+def explain(figures: Figures, server: SeaweedServer, dump: Path, round_: int) -> None:
+    """Where the time goes in the upload alone: S3 checksums, our sha256 pass, other part sizes and concurrencies (our
+    ObjectStore, same code, other parameters)."""
     checked = S3Store(BUCKET, prefix=f"x-checksum-{round_}", endpoint=server.endpoint, region="us-east-1", access_key_id=ACCESS_KEY,
                       secret_access_key=SECRET_KEY, client_options={"allow_http": True}, config={"checksum_algorithm": "sha256"})
     figures.measure("x: obstore.put(Path) with S3 sha256 checksums per part (as ours)", lambda: obstore.put(checked, dump.name, dump))
@@ -294,8 +297,11 @@ def explain(figures: Figures, server: SeaweedServer, dump: Path, base_env: dict[
             with open(dump, "rb") as handle:
                 s.put_stream(dump.name, handle)
         figures.measure(f"x: put_stream {part_mib} MiB parts x {concurrency}", put)
-    # copy while written: the backup (no remote) runs; this process follows its .partial dump file and uploads it
-    # with our part size and concurrency, hashing as it goes; done when both are
+
+
+def overlap(figures: Figures, server: SeaweedServer, base_env: dict[str, str], work: Path, round_: int) -> None:
+    """Copy while written: the backup (no remote) runs; this process follows its .partial dump file and uploads it with
+    our part size and concurrency, hashing as it goes; done when both are. A prototype, measured right after (a)."""
     directory = work / f"follow-{round_}"
     env = {**base_env, "BACKUP_DIR": str(directory)}
     plain = plain_store(server, f"x-follow-{round_}")

@@ -193,15 +193,24 @@ def follow(path_glob: Callable[[], list[Path]], stop: threading.Event) -> Iterat
         time.sleep(0.02)
     partial = found[0]
     final = partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX))
+    pending = bytearray()  # whole 1 MiB chunks, as copy_backup reads them, not whatever the writer flushed last
     with open(partial, "rb") as handle:
         while True:
-            chunk = handle.read(1 << 20)
+            chunk = handle.read((1 << 20) - len(pending))
             if chunk:
-                yield chunk
+                pending += chunk
+                if len(pending) == 1 << 20:
+                    yield bytes(pending)
+                    pending.clear()
                 continue
             if final.exists() or stop.is_set():  # committed: the rest is already in the file
-                while chunk := handle.read(1 << 20):
-                    yield chunk
+                while chunk := handle.read((1 << 20) - len(pending)):
+                    pending += chunk
+                    if len(pending) == 1 << 20:
+                        yield bytes(pending)
+                        pending.clear()
+                if pending:
+                    yield bytes(pending)
                 return
             time.sleep(0.02)
 

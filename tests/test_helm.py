@@ -41,9 +41,10 @@ MATRIX: dict[str, dict[str, Any]] = {
     "off-site alone, chart's secret, Azure": {
         "postgresql": {"enabled": False},
         "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"},
-        "remote": {"url": "s3://backups", "endpoint": "https://minio.example:9000", "accessKeyId": "AKIAEXAMPLEKEY", "secretAccessKey": "s3cr3t-never-in-env"},
+        "remote": {"url": "s3://backups", "endpoint": "https://minio.example:9000", "accessKeyId": "AKIAEXAMPLEKEY", "secretAccessKey": "s3cr3t-never-in-env",
+                   "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"}},
         "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
-        "podLabels": {"azure.workload.identity/use": "true"},
+        "podLabels": {"azure.workload.identity/use": "true"}, 
         "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
 }
 
@@ -129,7 +130,10 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"remote": {"url": "gs://bucket", "region": "eu-central-1"}}, {"remote": {"uri": "s3://bucket"}},
                                     {"networkPolicy": {"objectStore": {"ports": [0]}}}, {"networkPolicy": {"objectStore": {"cidrs": ["10.0.0.0"]}}},
                                     {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
-                                    {"metrics": {"prometheusRule": {"pendingFor": "2 hours"}}}], ids=str)
+                                    {"metrics": {"prometheusRule": {"pendingFor": "2 hours"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"AZURE_CLIENT_SECRET": "x"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -439,6 +443,7 @@ def test_remote_keys_reach_the_sidecar_only_as_files_of_a_secret_never_as_enviro
         env = {e["name"]: e for e in sidecar["env"]}
         assert all("valueFrom" not in e for e in sidecar["env"])  # no secretKeyRef: a key in the environment would reach children
         files = {name: env[name]["value"] for name in env if name.startswith("BACKUP_REMOTE_")}
+        assert {name: env[name]["value"] for name in env if name.startswith("AWS_")} == values["remote"].get("extraEnv", {})
         expected = {"BACKUP_REMOTE_ACCESS_KEY_ID_FILE", "BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE"} | (
             {"BACKUP_REMOTE_SESSION_TOKEN_FILE"} if "existingSecret" in values["remote"] else set())
         assert set(files) == expected

@@ -107,6 +107,11 @@ seccompProfile:
     {{- if include "sidecar.identitySecret" . }}
     - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
     {{- end }}
+    {{- if .Values.remote.url }}
+    {{- range $name, $value := .Values.remote.extraEnv }}
+    - {name: {{ $name }}, value: {{ $value | quote }}}
+    {{- end }}
+    {{- end }}
     {{- if include "sidecar.remoteSecret" . }}
     {{- /* paths only: the keys are files of a Secret volume, never environment values */}}
     - {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}

@@ -44,7 +44,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "remote": {"url": "s3://backups", "endpoint": "https://minio.example:9000", "accessKeyId": "AKIAEXAMPLEKEY", "secretAccessKey": "s3cr3t-never-in-env",
                    "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"}},
         "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
-        "podLabels": {"azure.workload.identity/use": "true"}, 
+        "podLabels": {"azure.workload.identity/use": "true"},
         "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
 }
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.errors import SidecarError
-from sidecar.repository import Entry, Repository, iso_timestamp, write_atomically
+from sidecar.repository import ID_PATTERN, Entry, Repository, iso_timestamp, write_atomically
 from sidecar.storage.base import Chunks, Deleted, ObjectInfo, PutResult, StorageError, Store
 from sidecar.storage.copy import CopyResult, copy_backup
 from sidecar.storage.remote import RemoteConfig
@@ -81,7 +81,9 @@ def last_copy_time(repo: Repository, remote: RemoteConfig) -> float:
     except OSError:
         return newest
     for path in paths:
-        record = read_record(repo, path.name.removesuffix(".json"))
+        if not ID_PATTERN.fullmatch(backup_id := path.name.removesuffix(".json")):
+            continue  # counters.json, verified.json: not copy records
+        record = read_record(repo, backup_id)
         if record and record.get("url") == remote.url and record.get("endpoint") == remote.endpoint:
             try:
                 newest = max(newest, datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp())

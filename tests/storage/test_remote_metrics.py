@@ -111,6 +111,7 @@ def test_the_last_verified_remote_copy_is_read_from_the_volume_and_never_goes_ba
     offsite.record_verified(repo, remote, "backup_2026-11-26T02-00-00-000Z", at)
     offsite.record_verified(repo, remote, "backup_2026-11-25T02-00-00-000Z", at - timedelta(days=1))  # an older verify, later
     assert scrape(repo, remote).get_sample_value("pg_backup_remote_last_verify_timestamp_seconds") == at.timestamp()
+    assert scrape(repo, remote).get_sample_value("pg_backup_remote_last_copy_timestamp_seconds") == 0  # a verify is not a copy
     assert scrape(repo, other).get_sample_value("pg_backup_remote_last_verify_timestamp_seconds") == 0  # another remote: not verified
 
 

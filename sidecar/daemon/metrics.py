@@ -82,12 +82,12 @@ class RemoteCollector(Collector):
         self.repo, self.remote = repo, remote
 
     def collect(self) -> Iterator[Metric]:
-        entries = self.repo.entries()
+        entries, copied = self.repo.entries(), offsite.copies(self.repo, self.remote)  # each record read once per scrape
         yield GaugeMetricFamily("pg_backup_remote_last_copy_timestamp_seconds", "End time of the last completed off-site copy (0 if none).",
-                                value=offsite.last_copy_time(self.repo, self.remote))
+                                value=offsite.last_copy_time(self.repo, self.remote, copied))
         yield GaugeMetricFamily("pg_backup_remote_pending_backups", "Good local backups not yet copied to the remote store.",
-                                value=len(offsite.pending(self.repo, self.remote, entries)))
-        newest = offsite.newest_copied(self.repo, self.remote, entries)
+                                value=len(offsite.pending(self.repo, self.remote, entries, copied)))
+        newest = offsite.newest_copied(self.repo, self.remote, entries, copied)
         yield GaugeMetricFamily("pg_backup_remote_age_seconds",
                                 "Seconds since the newest backup that is off-site ended: what a lost cluster would lose (+Inf if none).",
                                 value=time.time() - completed_at(newest) if newest else math.inf)

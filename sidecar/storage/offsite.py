@@ -53,13 +53,31 @@ def read_record(repo: Repository, backup_id: str) -> dict[str, object] | None:
 
 def is_copied(repo: Repository, backup_id: str, remote: RemoteConfig) -> bool:
     record = read_record(repo, backup_id)
-    return record is not None and record.get("url") == remote.url and record.get("endpoint") == remote.endpoint
+    return record is not None and same_remote(record, remote)
 
 
-def pending(repo: Repository, remote: RemoteConfig, entries: list[Entry] | None = None) -> list[Entry]:
+def copies(repo: Repository, remote: RemoteConfig) -> dict[str, float]:
+    """{backup id: Unix time of its copy} for every completed copy to `remote` recorded on the volume, each record read
+    once (a scrape of the metrics uses it for the pending count, the newest off-site backup and the last copy)."""
+    found: dict[str, float] = {}
+    try:
+        paths = list((repo.dir / OFFSITE_DIR).glob("*.json"))
+    except OSError:
+        return found
+    for path in paths:
+        if not ID_PATTERN.fullmatch(backup_id := path.name.removesuffix(".json")):
+            continue  # counters.json, verified.json: not copy records
+        record = _read_json(path)
+        if same_remote(record, remote):
+            found[backup_id] = _iso_time(record.get("at"))
+    return found
+
+
+def pending(repo: Repository, remote: RemoteConfig, entries: list[Entry] | None = None, copied: dict[str, float] | None = None) -> list[Entry]:
     """Good local backups not yet copied to `remote`, oldest first (the order they are copied in)."""
     listed = repo.entries() if entries is None else entries
-    return sorted((e for e in listed if e.good and not is_copied(repo, e.id, remote)), key=lambda e: e.id)
+    done = copies(repo, remote) if copied is None else copied
+    return sorted((e for e in listed if e.good and e.id not in done), key=lambda e: e.id)
 
 
 def _iso_time(text: object) -> float:
@@ -73,29 +91,17 @@ def same_remote(record: dict[str, Any], remote: RemoteConfig) -> bool:
     return record.get("url") == remote.url and record.get("endpoint") == remote.endpoint
 
 
-def last_copy_time(repo: Repository, remote: RemoteConfig) -> float:
+def last_copy_time(repo: Repository, remote: RemoteConfig, copied: dict[str, float] | None = None) -> float:
     """Unix time of the newest completed copy to `remote` recorded on the volume (0 if none)."""
-    newest = 0.0
-    try:
-        paths = list((repo.dir / OFFSITE_DIR).glob("*.json"))
-    except OSError:
-        return newest
-    for path in paths:
-        if not ID_PATTERN.fullmatch(backup_id := path.name.removesuffix(".json")):
-            continue  # counters.json, verified.json: not copy records
-        record = read_record(repo, backup_id)
-        if record and record.get("url") == remote.url and record.get("endpoint") == remote.endpoint:
-            try:
-                newest = max(newest, datetime.fromisoformat(str(record["at"]).replace("Z", "+00:00")).timestamp())
-            except (KeyError, ValueError):
-                continue
-    return newest
+    return max((copies(repo, remote) if copied is None else copied).values(), default=0.0)
 
 
-def newest_copied(repo: Repository, remote: RemoteConfig, entries: list[Entry] | None = None) -> Entry | None:
+def newest_copied(repo: Repository, remote: RemoteConfig, entries: list[Entry] | None = None,
+                  copied: dict[str, float] | None = None) -> Entry | None:
     """The newest good local backup that is off-site in `remote` (None if none is): what a lost cluster restores."""
     listed = repo.entries() if entries is None else entries
-    return max((e for e in listed if e.good and is_copied(repo, e.id, remote)), key=lambda e: e.id, default=None)
+    done = copies(repo, remote) if copied is None else copied
+    return max((e for e in listed if e.good and e.id in done), key=lambda e: e.id, default=None)
 
 
 # --- counters and facts on the volume, for the daemon's metrics ---------------------------------------------------

@@ -118,7 +118,11 @@ def _copy_new_backup(config: Config, backup_id: str) -> None:
     error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     try:
-        store = remote_store(config)
+        try:
+            store = remote_store(config)
+        except SidecarError:
+            _offsite.count_error(repo, "copy")  # pg_backup_remote_errors_total; copy_entry counts its own failures
+            raise
         copied = _offsite.copy_entry(repo, repo.get(backup_id), store, store.remote)
     except SidecarError as exc:
         log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "

@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.storage.conftest import seaweed  # noqa: F401 - the real S3 server fixture (tests/storage), for a daemon with a remote store
+
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
@@ -29,6 +31,21 @@ MATRIX: dict[str, dict[str, Any]] = {
                       "validation": {"checks": {"orders_have_lines": "SELECT 1"}},
                       "nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "db", "operator": "Exists"}]},
     "encryption, key in the cluster": {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT], "identity": {"value": IDENTITY}}}},
+    "off-site, existing secret, IRSA": {
+        "remote": {"url": "s3://backups/db", "region": "eu-central-1", "retentionDays": 90, "sse": "aws:kms", "kmsKeyId": "alias/backups",
+                   "storageClass": "STANDARD_IA", "existingSecret": "s3-keys",
+                   "existingSecretKeys": {"accessKeyId": "AWS_ACCESS_KEY_ID", "secretAccessKey": "AWS_SECRET_ACCESS_KEY", "sessionToken": "token"}},
+        "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/backups"}},
+        "networkPolicy": {"enabled": True, "objectStore": {"cidrs": ["52.219.0.0/16"], "ports": [443]}},
+        "metrics": {"prometheusRule": {"enabled": True}}},
+    "off-site alone, chart's secret, Azure": {
+        "postgresql": {"enabled": False},
+        "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"},
+        "remote": {"url": "s3://backups", "endpoint": "https://minio.example:9000", "accessKeyId": "AKIAEXAMPLEKEY", "secretAccessKey": "s3cr3t-never-in-env",
+                   "extraEnv": {"AWS_STS_REGIONAL_ENDPOINTS": "regional"}},
+        "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
+        "podLabels": {"azure.workload.identity/use": "true"},
+        "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
 }
 
 
@@ -103,7 +120,20 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"backup": {"encryption": {"enabled": True, "recipients": [RECIPIENT]}}, "restore": {"enabled": True, "requestId": "r1"}},
                                     {"backup": {"encryption": {"identity": {"value": "not-a-key"}}}},
                                     {"backup": {"persistence": {"size": "20 GB"}}}, {"postgresql": {"podDisruptionBudget": {"maxUnavailable": -1}}},
-                                    {"postgresql": {"probes": {"liveness": {"failureThreshold": 0}}}}], ids=str)
+                                    {"postgresql": {"probes": {"liveness": {"failureThreshold": 0}}}},
+                                    {"remote": {"url": "https://bucket.s3.amazonaws.com/x"}}, {"remote": {"url": "s3://Bad_Bucket!/x"}},
+                                    {"remote": {"url": "s3://key:secret@bucket/x"}}, {"remote": {"url": "s3://bucket/x?versionId=1"}},
+                                    {"remote": {"url": "s3://bucket", "endpoint": "minio:9000"}},
+                                    {"remote": {"url": "s3://bucket", "endpoint": "http://minio:9000"}},
+                                    {"remote": {"url": "s3://bucket", "sse": "aes"}}, {"remote": {"url": "s3://bucket", "kmsKeyId": "alias/k"}},
+                                    {"remote": {"url": "s3://bucket", "accessKeyId": "AKIA"}}, {"remote": {"url": "s3://bucket", "retentionDays": -1}},
+                                    {"remote": {"url": "gs://bucket", "region": "eu-central-1"}}, {"remote": {"uri": "s3://bucket"}},
+                                    {"networkPolicy": {"objectStore": {"ports": [0]}}}, {"networkPolicy": {"objectStore": {"cidrs": ["10.0.0.0"]}}},
+                                    {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
+                                    {"metrics": {"prometheusRule": {"pendingFor": "2 hours"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"AZURE_CLIENT_SECRET": "x"}}},
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}}], ids=str)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
     try:
@@ -141,8 +171,11 @@ def test_a_restore_job_asks_the_sidecar_with_the_request_id_it_was_given() -> No
     assert not any(v.get("persistentVolumeClaim") for v in job["spec"]["template"]["spec"]["volumes"])
 
 
+REMOTE = {"url": "s3://backups/db"}
+
+
 def rule_groups(tmp_path: Path) -> Path:
-    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}, "remote": REMOTE}) if d["kind"] == "PrometheusRule"]
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     return path
@@ -230,14 +263,17 @@ def test_the_sidecar_can_never_make_the_database_pod_not_ready(cluster: Any, db:
         assert running.stop() == 0
 
 
-def test_the_alerts_use_only_metrics_the_daemon_exports(env: dict[str, str], tmp_path: Path) -> None:
+def test_the_alerts_and_dashboard_use_only_metrics_the_daemon_exports(env: dict[str, str], tmp_path: Path,
+                                                                        seaweed: Any) -> None:  # noqa: F811 - the fixture imported above
     import re
 
     from tests.test_daemon import Running, idle
 
     alerts = (CHART / "files" / "alerts.yaml").read_text()
-    used = set(re.findall(r"\bpg_backup_[a-z_]+", alerts))
-    running = Running({**env, "BACKUP_ON_START": "true"}, tmp_path / "d.log")
+    used = set(re.findall(r"\bpg_backup_[a-z_]+", alerts + (CHART / "files" / "dashboard.json").read_text()))
+    # with a remote store, as the off-site alerts and panels expect (a real S3 server)
+    remote = seaweed.environment("helm-" + tmp_path.name[-12:].lower().replace("_", "-"))
+    running = Running({**env, **remote, "BACKUP_ON_START": "true"}, tmp_path / "d.log")
     try:
         exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(running), flags=re.M))
     finally:
@@ -250,8 +286,9 @@ def test_alerts_and_dashboard_key_on_namespace_and_job_never_on_the_pod_ip(tmp_p
 
     promtool = shutil.which("promtool")
     assert promtool, "promtool (Debian package prometheus) is required"
-    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}}) if d["kind"] == "PrometheusRule"]
+    [rule] = [d for d in render({"metrics": {"prometheusRule": {"enabled": True}}, "remote": REMOTE}) if d["kind"] == "PrometheusRule"]
     alerts = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert {"PgBackupRemoteCopyTooOld", "PgBackupRemoteBacklog", "PgBackupRemoteErrors"} <= {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
     panels = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     variables = [v.get("query", "") for v in dashboard["templating"]["list"]]
@@ -386,3 +423,121 @@ def test_the_restore_job_of_a_later_upgrade_never_restores_over_the_live_databas
         assert 'pg_backup_restores_total{result="success"} 1.0' in request(running.base, "/metrics")[1]
     finally:
         assert running.stop() == 0
+
+
+# --- off-site copies ------------------------------------------------------------------------------------------------
+
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [found] = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    return found
+
+
+def test_remote_keys_reach_the_sidecar_only_as_files_of_a_secret_never_as_environment_values() -> None:
+    import json
+
+    for case in ("off-site, existing secret, IRSA", "off-site alone, chart's secret, Azure"):
+        values = MATRIX[case]
+        docs = render(values)
+        pod = workload(docs)["spec"]["template"]["spec"]
+        sidecar = next(c for c in pod["containers"] if c["name"] == "backup-sidecar")
+        env = {e["name"]: e for e in sidecar["env"]}
+        assert all("valueFrom" not in e for e in sidecar["env"])  # no secretKeyRef: a key in the environment would reach children
+        files = {name: env[name]["value"] for name in env if name.startswith("BACKUP_REMOTE_")}
+        assert {name: env[name]["value"] for name in env if name.startswith("AWS_")} == values["remote"].get("extraEnv", {})
+        expected = {"BACKUP_REMOTE_ACCESS_KEY_ID_FILE", "BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE"} | (
+            {"BACKUP_REMOTE_SESSION_TOKEN_FILE"} if "existingSecret" in values["remote"] else set())
+        assert set(files) == expected
+        # each path is a file of the remote-credentials Secret volume, read-only, with the key the values name
+        [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == "remote-credentials"]
+        assert mount["readOnly"] is True and all(path.startswith(mount["mountPath"] + "/") for path in files.values())
+        secret = next(v for v in pod["volumes"] if v["name"] == "remote-credentials")["secret"]
+        assert {f"{mount['mountPath']}/{item['path']}" for item in secret["items"]} == set(files.values())
+        if "existingSecret" in values["remote"]:
+            assert secret["secretName"] == "s3-keys"
+            assert {i["key"] for i in secret["items"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "token"}
+        else:
+            [created] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret["secretName"]]
+            assert {i["key"] for i in secret["items"]} == set(created["data"])
+        # the key values appear in no manifest but their Secret
+        for doc in docs:
+            if doc["kind"] != "Secret":
+                text = json.dumps(doc)
+                assert "s3cr3t-never-in-env" not in text and "AKIAEXAMPLEKEY" not in text, doc["kind"]
+        [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+        remote = yaml.safe_load(config["data"]["config.yaml"])["remote"]
+        assert remote["url"] == values["remote"]["url"] and "secret" not in json.dumps(remote)
+
+
+def test_without_a_remote_the_chart_renders_no_remote_settings_alerts_or_egress_policy() -> None:
+    docs = render(MATRIX["everything on"])
+    sidecar = sidecar_container(docs, "StatefulSet")
+    assert not [e for e in sidecar["env"] if e["name"].startswith("BACKUP_REMOTE_")]
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    assert "remote" not in yaml.safe_load(config["data"]["config.yaml"])
+    [rule] = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert not [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"].startswith("PgBackupRemote")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"] == ["rel-pg-backup-sidecar-api"]
+
+
+def test_with_a_remote_and_network_policies_the_pods_may_reach_dns_the_object_store_and_the_database_only() -> None:
+    for case, database_port in (("off-site, existing secret, IRSA", None), ("off-site alone, chart's secret, Azure", 5432)):
+        docs = render(MATRIX[case])
+        [egress] = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-egress")]
+        assert egress["spec"]["policyTypes"] == ["Egress"]
+        assert egress["spec"]["podSelector"]["matchLabels"].items() <= workload(docs)["spec"]["template"]["metadata"]["labels"].items()
+        rules = egress["spec"]["egress"]
+        ports = [sorted((p["port"], p["protocol"]) for p in r["ports"]) for r in rules]
+        assert [(53, "TCP"), (53, "UDP")] in ports
+        store = MATRIX[case]["networkPolicy"]["objectStore"]
+        [to_store] = [r for r in rules if sorted(p["port"] for p in r["ports"]) == store["ports"]]
+        assert [peer["ipBlock"]["cidr"] for peer in to_store.get("to", [])] == store.get("cidrs", [])
+        assert ([(database_port, "TCP")] in ports) == (database_port is not None)
+        assert len(rules) == 2 + (database_port is not None)  # nothing else may leave the pod
+
+
+def test_workload_identity_comes_from_the_service_account_and_the_api_token_is_not_mounted() -> None:
+    docs = render(MATRIX["off-site, existing secret, IRSA"])
+    [account] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/backups"}
+    assert account["automountServiceAccountToken"] is False
+    pod = workload(docs)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] and pod["automountServiceAccountToken"] is False
+    azure = render(MATRIX["off-site alone, chart's secret, Azure"])
+    assert workload(azure)["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert "serviceAccountName" not in workload(render({}))["spec"]["template"]["spec"]  # no account asked for: the namespace's default
+    for docs in (render({}), render(MATRIX["everything on"])):
+        assert all(p.get("automountServiceAccountToken") is False for p in pods(docs))  # workload, restore Job, helm test: none calls the API
+
+
+def test_a_pod_rendered_with_a_remote_and_its_key_secret_reaches_the_store(tmp_path: Path, seaweed: Any) -> None:  # noqa: F811
+    """What the kubelet would do with the rendered pod: the ConfigMap and the Secret's keys become files, the env points at
+    them; the sidecar's own validate-config then checks the store (a real SeaweedFS: bucket, credentials) and lists it."""
+    import base64
+    import json
+
+    from tests.conftest import cli
+    from tests.storage.seaweed import ACCESS_KEY, SECRET_KEY
+    from tests.storage.test_offsite import offline_env
+
+    values = {"remote": {"url": f"s3://backups/helm-{tmp_path.name[-8:].lower().replace('_', '-')}", "endpoint": seaweed.endpoint,
+                         "region": "us-east-1", "allowHttp": True, "accessKeyId": ACCESS_KEY, "secretAccessKey": SECRET_KEY}}
+    docs = render(values)
+    sidecar = sidecar_container(docs, "StatefulSet")
+    pod = workload(docs)["spec"]["template"]["spec"]
+    pod_env = {e["name"]: e["value"] for e in sidecar["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    secret = next(v for v in pod["volumes"] if v["name"] == "remote-credentials")["secret"]
+    [created] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret["secretName"]]
+    for item in secret["items"]:
+        path = tmp_path / "remote" / item["path"]
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(base64.b64decode(created["data"][item["key"]]))
+    files = {name: str(tmp_path / "remote" / value.removeprefix(mounts["remote-credentials"] + "/"))
+             for name, value in pod_env.items() if name.startswith("BACKUP_REMOTE_")}
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    run_env = {**offline_env(), **files, "SIDECAR_CONFIG": str(tmp_path / "config.yaml")}  # no AWS_* keys: only the files
+    assert cli(run_env, "validate-config").stdout.strip() == "configuration is valid"
+    shown = json.loads(cli(run_env, "validate-config", "--print").stdout)
+    assert shown["remote.url"] == values["remote"]["url"] and SECRET_KEY not in json.dumps(shown)
+    assert json.loads(cli(run_env, "list", "--remote", "--json").stdout) == []  # the store answers with these keys (nothing copied yet)

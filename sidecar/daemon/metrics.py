@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
@@ -69,18 +69,41 @@ class RepositoryCollector(Collector):
                                 value=len(last_drill[1].get("preexisting") or []) if last_drill else 0)
 
 
+REMOTE_OPERATIONS = ("copy",)  # always exported (at 0 until the first one), so increase() sees the first event
+
+
 class RemoteCollector(Collector):
-    """The off-site copies, from the records on the volume (sidecar/storage/offsite.py): right while the store is
-    down and after a restart, and no request to the store per scrape."""
+    """The off-site copies, from what is on the volume (sidecar/storage/offsite.py): the copy records, and the counters
+    that every process writing to the store adds to (the daemon, its backup children, `copy` run by hand), so every
+    upload and failure is counted once whichever process did it. Right while the store is down and after a restart, and
+    no request to the store per scrape. No label carries the URL, the bucket or a key."""
 
     def __init__(self, repo: Repository, remote: RemoteConfig) -> None:
         self.repo, self.remote = repo, remote
 
     def collect(self) -> Iterator[Metric]:
+        entries, copied = self.repo.entries(), offsite.copies(self.repo, self.remote)  # each record read once per scrape
         yield GaugeMetricFamily("pg_backup_remote_last_copy_timestamp_seconds", "End time of the last completed off-site copy (0 if none).",
-                                value=offsite.last_copy_time(self.repo, self.remote))
+                                value=offsite.last_copy_time(self.repo, self.remote, copied))
         yield GaugeMetricFamily("pg_backup_remote_pending_backups", "Good local backups not yet copied to the remote store.",
-                                value=len(offsite.pending(self.repo, self.remote)))
+                                value=len(offsite.pending(self.repo, self.remote, entries, copied)))
+        newest = offsite.newest_copied(self.repo, self.remote, entries, copied)
+        yield GaugeMetricFamily("pg_backup_remote_age_seconds",
+                                "Seconds since the newest backup that is off-site ended: what a lost cluster would lose (+Inf if none).",
+                                value=time.time() - completed_at(newest) if newest else math.inf)
+        yield GaugeMetricFamily("pg_backup_remote_last_verify_timestamp_seconds",
+                                "Time a remote copy was last read back whole and matched its metadata (verify --remote; 0 if never).",
+                                value=offsite.last_verified_time(self.repo, self.remote))
+        totals = offsite.counters(self.repo)
+        for family, name, text in (
+                ("upload_bytes", "pg_backup_remote_upload_bytes_total", "Bytes written to the remote store, by operation (objects found already there count nothing)."),
+                ("upload_seconds", "pg_backup_remote_upload_seconds_total", "Seconds spent writing objects to the remote store, by operation."),
+                ("errors", "pg_backup_remote_errors_total", "Failed operations on the remote store (after their retries), by operation, whichever process ran them.")):
+            counter = CounterMetricFamily(name.removesuffix("_total"), text, labels=["operation"])
+            values = totals.get(family, {})
+            for operation in sorted({*REMOTE_OPERATIONS, *values}):
+                counter.add_metric([operation], values.get(operation, 0.0))
+            yield counter
 
 
 def _iso(text: Any) -> float:
@@ -116,14 +139,12 @@ class Metrics:
             self.validation_failures.labels(check=check)
         for operation in ("backup", "restore", "drill"):
             self.in_progress.labels(operation=operation).set(0)
-        self.remote_errors = Counter("pg_backup_remote_errors_total", "Failed operations on the remote store, by operation.", ["operation"], registry=r)
-        self.remote_errors.labels(operation="copy")
         self.last_validation_ok.set(1)
         self.repo = repo
         r.register(RepositoryCollector(repo))
 
     def watch_remote(self, remote: RemoteConfig) -> None:
-        """Export the off-site copies' state (a remote store is configured)."""
+        """Export the off-site copies' state and counters (a remote store is configured): see RemoteCollector."""
         self.registry.register(RemoteCollector(self.repo, remote))
 
     def backup_finished(self, seconds: float, metadata: dict[str, Any] | None) -> None:

@@ -327,7 +327,7 @@ class Daemon:
     def copy_pending(self) -> bool:
         """One round of copying the pending backups to the remote store; True when none is left."""
         from sidecar.storage.objectstore import ObjectStore
-        from sidecar.storage.offsite import copy_pending, pending
+        from sidecar.storage.offsite import copy_pending, count_error, pending
 
         assert self.config.remote is not None
         if not pending(self.repo, self.config.remote):
@@ -335,11 +335,9 @@ class Daemon:
         try:
             report = copy_pending(self.repo, ObjectStore(self.config.remote), self.config.remote)
         except SidecarError as exc:  # the store cannot even be set up (credentials missing)
-            self.metrics.remote_errors.labels(operation="copy").inc()
+            count_error(self.repo, "copy")  # counted on the volume (pg_backup_remote_errors_total); copies count their own
             log.error("off-site copies pending: %s", exc, extra={"event": "offsite_copy_failed"})
             return False
-        if report.failed:
-            self.metrics.remote_errors.labels(operation="copy").inc(len(report.failed))
         for done in report.copied:
             log.info("backup %s copied off-site (%d bytes written)", done.id, done.bytes, extra={"event": "offsite_copied", "backup_id": done.id})
         return report.left == 0

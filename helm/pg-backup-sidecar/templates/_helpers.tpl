@@ -41,6 +41,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $id.existingSecret -}}{{ $id.existingSecret }}{{- else if $id.value -}}{{ printf "%s-age-identity" (include "sidecar.fullname" .) }}{{- end -}}
 {{- end -}}
 
+{{/* The Secret holding static S3 keys, or "" (no remote, or the cloud's workload identity / environment) */}}
+{{- define "sidecar.remoteSecret" -}}
+{{- $r := .Values.remote -}}
+{{- if $r.url -}}
+{{- if $r.existingSecret -}}{{ $r.existingSecret }}{{- else if $r.accessKeyId -}}{{ printf "%s-remote" (include "sidecar.fullname" .) }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{ .Values.serviceAccount.name | default (include "sidecar.fullname" .) }}
+{{- else -}}
+{{ .Values.serviceAccount.name }}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level settings the StatefulSet and the Deployment share */}}
+{{- define "sidecar.podIdentity" -}}
+{{- with include "sidecar.serviceAccountName" . }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- end -}}
+
 {{- define "sidecar.backupsClaim" -}}
 {{ .Values.backup.persistence.existingClaim | default (printf "%s-backups" (include "sidecar.fullname" .)) }}
 {{- end -}}
@@ -83,6 +107,19 @@ seccompProfile:
     {{- if include "sidecar.identitySecret" . }}
     - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
     {{- end }}
+    {{- if .Values.remote.url }}
+    {{- range $name, $value := .Values.remote.extraEnv }}
+    - {name: {{ $name }}, value: {{ $value | quote }}}
+    {{- end }}
+    {{- end }}
+    {{- if include "sidecar.remoteSecret" . }}
+    {{- /* paths only: the keys are files of a Secret volume, never environment values */}}
+    - {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}
+    - {name: BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE, value: /etc/pg-backup-sidecar/remote/secret-access-key}
+    {{- if and .Values.remote.existingSecret .Values.remote.existingSecretKeys.sessionToken }}
+    - {name: BACKUP_REMOTE_SESSION_TOKEN_FILE, value: /etc/pg-backup-sidecar/remote/session-token}
+    {{- end }}
+    {{- end }}
   securityContext:
     {{- include "sidecar.containerSecurity" . | nindent 4 }}
   livenessProbe:
@@ -110,6 +147,9 @@ seccompProfile:
     {{- if include "sidecar.identitySecret" . }}
     - {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
     {{- end }}
+    {{- if include "sidecar.remoteSecret" . }}
+    - {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}
+    {{- end }}
 {{- end -}}
 
 {{- define "sidecar.volumes" -}}
@@ -132,5 +172,23 @@ seccompProfile:
     secretName: {{ . }}
     defaultMode: 0440
     items: [{key: {{ $.Values.backup.encryption.identity.key | default "identity.txt" }}, path: identity.txt}]
+{{- end }}
+{{- with include "sidecar.remoteSecret" . }}
+{{- $keys := $.Values.remote.existingSecretKeys }}
+- name: remote-credentials
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      {{- if $.Values.remote.existingSecret }}
+      - {key: {{ $keys.accessKeyId | quote }}, path: access-key-id}
+      - {key: {{ $keys.secretAccessKey | quote }}, path: secret-access-key}
+      {{- with $keys.sessionToken }}
+      - {key: {{ . | quote }}, path: session-token}
+      {{- end }}
+      {{- else }}
+      - {key: access-key-id, path: access-key-id}
+      - {key: secret-access-key, path: secret-access-key}
+      {{- end }}
 {{- end }}
 {{- end -}}

@@ -15,6 +15,7 @@ import pytest
 
 from sidecar.embedded import Cluster
 from sidecar.postgres import find_tool
+from tests.storage.seaweed import SeaweedServer
 
 DATASETS = Path(__file__).resolve().parent / "data"  # sample databases, each with its licence file, inside the repository
 _names = itertools.count()
@@ -107,3 +108,9 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server

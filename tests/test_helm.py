@@ -13,8 +13,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.storage.conftest import seaweed  # noqa: F401 - the real S3 server fixture (tests/storage), for a daemon with a remote store
-
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
@@ -264,7 +262,7 @@ def test_the_sidecar_can_never_make_the_database_pod_not_ready(cluster: Any, db:
 
 
 def test_the_alerts_and_dashboard_use_only_metrics_the_daemon_exports(env: dict[str, str], tmp_path: Path,
-                                                                        seaweed: Any) -> None:  # noqa: F811 - the fixture imported above
+                                                                        seaweed: Any) -> None:
     import re
 
     from tests.test_daemon import Running, idle
@@ -509,7 +507,7 @@ def test_workload_identity_comes_from_the_service_account_and_the_api_token_is_n
         assert all(p.get("automountServiceAccountToken") is False for p in pods(docs))  # workload, restore Job, helm test: none calls the API
 
 
-def test_a_pod_rendered_with_a_remote_and_its_key_secret_reaches_the_store(tmp_path: Path, seaweed: Any) -> None:  # noqa: F811
+def test_a_pod_rendered_with_a_remote_and_its_key_secret_reaches_the_store(tmp_path: Path, seaweed: Any) -> None:
     """What the kubelet would do with the rendered pod: the ConfigMap and the Secret's keys become files, the env points at
     them; the sidecar's own validate-config then checks the store (a real SeaweedFS: bucket, credentials) and lists it."""
     import base64

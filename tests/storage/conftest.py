@@ -1,9 +1,8 @@
-"""A real SeaweedFS S3 server for the session, and a fresh prefix on it (or a fresh directory) per test."""
+"""A fresh prefix on the session's SeaweedFS S3 server (the `seaweed` fixture, tests/conftest.py), or a fresh directory, per test."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,6 @@ import pytest
 from sidecar.storage.base import Store
 from sidecar.storage.local import LocalStore
 from tests.storage.seaweed import SeaweedServer
-
-
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
-        yield server
 
 
 @pytest.fixture

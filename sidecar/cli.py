@@ -102,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("drill", help="restore drill: restore into a scratch database, validate, drop it, record the outcome")
     dr.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    dr.add_argument("--from-remote", action="store_true", help="stream the backup from the remote store (as DRILL_FROM_REMOTE=true): proves the off-site copy restores")
     dr.add_argument("--json", action="store_true")
 
     rr = sub.add_parser("restore-request", help="ask a running sidecar to restore (the Kubernetes restore Job's command)")
@@ -154,12 +155,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
         return run_daemon(config, args.config)
     if args.command == "drill":
-        drilled = api.drill_backup(args.id, config)
+        drilled = api.drill_backup(args.id, config, from_remote=True if args.from_remote else None)
         if args.json:
             emit(asdict(drilled))
         else:
             verdict = "FAILED" if not drilled.ok else "SKIPPED" if drilled.skipped else "PASSED"
-            print(f"{drilled.backup_id}: restore drill {verdict} in {drilled.duration_seconds:.1f}s" + (f": {drilled.skipped}" if drilled.skipped else ""))
+            where = "" if drilled.source == "volume" else f" from {drilled.source}"
+            print(f"{drilled.backup_id}: restore drill{where} {verdict} in {drilled.duration_seconds:.1f}s" + (f": {drilled.skipped}" if drilled.skipped else ""))
             for line in drilled.findings:
                 print(f"  {line}")
             if drilled.preexisting_findings:

@@ -60,6 +60,23 @@ def test_the_daemon_drills_from_the_remote_copy_and_restores_from_the_remote_by_
     assert SECRET_KEY not in log and ACCESS_KEY not in log
 
 
+def test_the_daemons_drill_from_the_remote_of_a_backup_that_could_not_be_copied_is_skipped_with_the_reason_logged(
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS x", db)
+    env = {**env, **seaweed.environment(prefix, bucket="no-such-bucket"), "DRILL_AFTER_BACKUP": "true", "DRILL_FROM_REMOTE": "true",
+           "BACKUP_ON_START": "true"}
+    running = Running(env, tmp_path / "daemon.log")
+    try:
+        metrics = running.wait_for(lambda: (m := request(running.base, "/metrics")[1])
+                                   and sample(m, 'pg_backup_drills_total{result="skipped"}') == 1 and m, "the drill to be skipped", timeout=120)
+        assert sample(metrics, 'pg_backup_drills_total{result="failure"}') == 0
+        assert sample(metrics, 'pg_backup_runs_total{result="success"}') == 1  # the backup itself is fine, on the volume
+    finally:
+        assert running.stop() == 0
+    [skipped] = [json.loads(line) for line in running.log.read_text().splitlines() if '"drill_skipped"' in line]
+    assert "from the remote store skipped" in skipped["message"] and "is not off-site yet" in skipped["message"]
+
+
 def check_lines(env: dict[str, str]) -> tuple[int, list[str]]:
     result = cli(env, "check", check=False)
     assert "Traceback" not in result.stderr and SECRET_KEY not in result.stdout + result.stderr, result.stderr

@@ -27,7 +27,7 @@ from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
 from sidecar.storage.base import ChunkReader, StorageError, Store
 from sidecar.storage.copy import add_fact, find_remote, verify_remote
-from sidecar.streams import Progress, ReadTap, decode, file_sha256, open_stored
+from sidecar.streams import CHUNK_SIZE, Progress, ReadTap, decode, file_sha256, open_stored
 
 log = logging.getLogger(__name__)
 
@@ -479,12 +479,22 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
         name, checksum = item["name"], item["checksum"]
         with files.open(name) as handle:
             source = ReadTap(handle, Progress(f"{what} ({name})", total=item["size"]), hashing=True)
-            decode(source, sink, compression, identities)
+            try:
+                decode(source, sink, compression, identities)
+            except ChecksumMismatch:
+                raise
+            except SidecarError as exc:
+                # it stopped decoding (corrupt zstd, a failed age MAC): read the rest of the file, streaming, to tell a damaged
+                # file (its sha256 differs: named as such) from anything else; the child never gets its end, so never commits
+                while source.read(CHUNK_SIZE):
+                    pass
+                if source.hexdigest() != checksum or source.size != item["size"]:
+                    raise _damaged(name, source, item, f" ({exc})") from None
+                raise SidecarError(f"{name}: {exc}; nothing was committed") from None
         if trailer and trailer not in sink.tail:
             raise SidecarError(f"{name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
         if source.hexdigest() != checksum or source.size != item["size"]:
-            raise ChecksumMismatch(f"{name}: sha256 {source.hexdigest()} ({source.size} bytes) does not match the metadata "
-                                   f"({checksum}, {item['size']} bytes): it changed or is damaged; nothing was committed")
+            raise _damaged(name, source, item)
         child.proc.stdin.close()
     except BrokenPipeError:
         pass  # the child stopped reading: its exit status and stderr tell why
@@ -492,6 +502,11 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
         child.terminate(grace=1)
         raise
     child.check(what)
+
+
+def _damaged(name: str, source: ReadTap, item: dict[str, Any], why: str = "") -> ChecksumMismatch:
+    return ChecksumMismatch(f"{name}: sha256 {source.hexdigest()} ({source.size} bytes) does not match the metadata "
+                            f"({item['checksum']}, {item['size']} bytes): it changed or is damaged{why}; nothing was committed")
 
 
 def _lines(findings: list[Finding]) -> list[str]:

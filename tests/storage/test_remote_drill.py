@@ -7,6 +7,9 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from sidecar import api
 from sidecar.config import load_config
@@ -43,19 +46,27 @@ def test_a_drill_from_the_remote_restores_the_off_site_copy_even_after_the_volum
     assert cluster.psql("SELECT count(*) FROM t", db) == "5000"
 
 
+def flip_first_byte(store: Any, name: str) -> None:
+    """Damage the first byte of a remote object: the zstd frame no longer decodes at all."""
+    data = bytearray(b"".join(store.open_read(name)))
+    data[0] ^= 0x01
+    store.put_stream(name, [bytes(data)], create_only=False)
+
+
+@pytest.mark.parametrize("where", ["middle", "first"])
 def test_a_drill_from_the_remote_refuses_a_flipped_byte_names_the_object_and_leaves_the_live_database(
-        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str) -> None:
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str, where: str) -> None:
     cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 5000) g", db)
     env = remote_env(env, seaweed, prefix)
     taken = backup_id(env)
     dump = listed(env, "--remote")[0]["files"]["dump"]["name"]
-    flip_a_byte(seaweed.store(prefix), dump)
+    (flip_a_byte if where == "middle" else flip_first_byte)(seaweed.store(prefix), dump)
     cluster.psql("INSERT INTO t VALUES (-1, 'after the backup')", db)
 
     result = cli({**env, "DRILL_FROM_REMOTE": "true"}, "drill", taken, check=False)
     assert result.returncode == 1, result.stderr
     assert f"{taken}: restore drill from s3://" in result.stdout and "FAILED" in result.stdout
-    assert dump in result.stdout and "does not match the metadata" in result.stdout
+    assert f"  {dump}: sha256 " in result.stdout and "does not match the metadata" in result.stdout, result.stdout
     assert cluster.psql("SELECT count(*) FROM t", db) == "5001" and leftovers(cluster, db) == "0"
     [remote] = listed(env, "--remote")
     assert remote["drillStatus"] == "failed" and dump in remote["verified"]["findings"][0]

@@ -29,7 +29,7 @@ from waitress.task import ErrorTask
 from sidecar import api, postgres
 from sidecar.config import Config
 from sidecar.daemon.scheduler import Daemon
-from sidecar.errors import NotFound, SidecarError, UsageError
+from sidecar.errors import ConfigError, NotFound, SidecarError, UsageError
 from sidecar.repository import parse_id
 from sidecar.storage.base import StorageError
 
@@ -246,7 +246,7 @@ class App:
                 return [b.to_json() for b in api.list_backups(daemon.config, remote=remote)]
             except UsageError as exc:  # no remote store configured
                 raise error(400, str(exc)) from None
-            except StorageError as exc:  # the store cannot be read: named, never a secret
+            except (StorageError, ConfigError) as exc:  # the store cannot be set up or read: named, never a secret
                 raise error(502, str(exc)) from None
         if path.startswith("/v1/backups/"):
             try:

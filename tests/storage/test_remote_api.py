@@ -77,6 +77,15 @@ def test_the_daemons_drill_from_the_remote_of_a_backup_that_could_not_be_copied_
     assert "from the remote store skipped" in skipped["message"] and "is not off-site yet" in skipped["message"]
 
 
+def test_a_restore_job_from_the_remote_asks_the_sidecar_for_from_remote() -> None:
+    from sidecar.daemon.jobs import restore_job
+
+    [container] = restore_job("latest", "rel", "ns", from_remote=True, request_id="r1")["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["restore-request", "latest"] and "--from-remote" in container["args"]
+    [plain] = restore_job("latest", "rel", "ns", request_id="r1")["spec"]["template"]["spec"]["containers"]
+    assert "--from-remote" not in plain["args"]
+
+
 def check_lines(env: dict[str, str]) -> tuple[int, list[str]]:
     result = cli(env, "check", check=False)
     assert "Traceback" not in result.stderr and SECRET_KEY not in result.stdout + result.stderr, result.stderr

@@ -20,11 +20,11 @@ from sidecar.logical import backup as _backup
 from sidecar.logical import restore as _restore
 from sidecar.logical.restore import DrillReport, RestoreReport, VerifyReport
 from sidecar.logical.validation import ValidationResult, validate
-from sidecar.repository import Entry, Repository
+from sidecar.repository import Entry, Repository, iso_timestamp
 from sidecar.retention import Policy, classify
 from sidecar.storage import offsite as _offsite
 from sidecar.storage.base import StoreUnusable
-from sidecar.storage.copy import find_remote, remote_entries, verify_remote
+from sidecar.storage.copy import add_fact, find_remote, last_checked, remote_entries, verify_remote
 from sidecar.storage.offsite import PendingReport
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ __all__ = [
     "Backup", "PruneReport", "RestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "CheckReport", "check_setup",
-    "PendingReport", "check_remote", "copy_offsite", "pending_backups",
+    "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
 ]
 
@@ -182,7 +182,33 @@ def verify_backup(ref: str, config: Config | None = None, remote: bool = False) 
         return report
     report.ok = True
     report.notes.append(f"every object read back from {store.description}; sha256 and sizes match the metadata")
+    now = datetime.now(UTC)
+    try:  # a new 'checked' fact object: `list --remote` and last_remote_verification show it
+        add_fact(store, entry.id, "checked", {"at": iso_timestamp(now), "by": "verify"})
+    except SidecarError as exc:
+        report.notes.append(f"not recorded on the remote ({exc})")
+    _note_remote_verified(cfg, entry.id, now)
     return report
+
+
+def _note_remote_verified(cfg: Config, backup_id: str, at: datetime) -> None:
+    """On the volume too (pg_backup_remote_last_verify_timestamp_seconds is read from there at scrape time)."""
+    if cfg.remote is None:
+        return
+    try:
+        _offsite.record_verified(Repository(cfg.backup_dir), cfg.remote, backup_id, at)
+    except OSError as exc:
+        log.warning("the remote verification of %s could not be noted on the volume: %s", backup_id, exc)
+
+
+def last_remote_verification(config: Config | None = None) -> datetime | None:
+    """When a backup in the remote store was last read back whole with every sha256 matching its metadata (a
+    `verify --remote` that passed, or a restore drill from the remote that passed), UTC; None if never, or if no
+    remote is configured. One listing of the store (no object is read); StorageError if the store cannot be listed."""
+    cfg = _config(config)
+    if cfg.remote is None:
+        return None
+    return last_checked(remote_store(cfg))
 
 
 def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False,
@@ -264,6 +290,13 @@ def check_setup(config: Config | None = None) -> CheckReport:
     return _check.check_setup(_config(config))
 
 
-def drill_backup(ref: str = "latest", config: Config | None = None) -> DrillReport:
-    """Restore into a scratch database, validate, compare row counts, drop it; records `verified`."""
-    return _restore.drill_backup(_config(config), ref)
+def drill_backup(ref: str = "latest", config: Config | None = None, from_remote: bool | None = None) -> DrillReport:
+    """Restore into a scratch database, validate, compare row counts, drop it; records `verified`. With `from_remote`
+    (default: drill.from_remote / DRILL_FROM_REMOTE) the backup is streamed from the remote store, and the outcome is
+    also recorded there."""
+    cfg = _config(config)
+    remote = cfg.drill_from_remote if from_remote is None else from_remote
+    report = _restore.drill_backup(cfg, ref, store=remote_store(cfg) if remote else None)
+    if remote and report.ok is True and report.skipped is None:
+        _note_remote_verified(cfg, report.backup_id, datetime.fromisoformat(report.at))
+    return report

@@ -2,8 +2,10 @@
 
 Connects, checks the role's rights (read every table, create databases, own the database, read role
 passwords), pg_dump against the server, the backup volume (writable, free space) and that the age identity
-belongs to a recipient. Every check runs even when an earlier one failed; nothing is changed, except a
-one-byte file written to and removed from the backup volume."""
+belongs to a recipient, and the remote store when one is configured (reachable, bucket there, credentials
+accepted, listable and writable; its backups and the pending copies counted). Every check runs even when an
+earlier one failed; nothing is changed, except a one-byte file written to and removed from the backup volume
+and a small probe object written to and removed from the remote store's `.check/` prefix."""
 
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.postgres import check_dump_version, connect, describe, find_tool, server_info, tool_version
-from sidecar.repository import Repository, newest_good
+from sidecar.repository import METADATA_SUFFIX, Repository, newest_good
+
+if TYPE_CHECKING:
+    from sidecar.storage.objectstore import ObjectStore
 
 SHOWN = 5  # names listed in one line; the rest are counted
 
@@ -53,6 +58,7 @@ def check_setup(config: Config) -> CheckReport:
     _check_tools(config, report, server_major)
     _check_volume(config, report)
     _check_encryption(config, report)
+    _check_remote(config, report)
     return report
 
 
@@ -212,3 +218,60 @@ def _public_keys(path: Path) -> set[str]:
     for identity in age.parse_identities(path):
         keys.add(str(identity.to_public()))
     return keys
+
+
+PROBE_PREFIX = ".check/"  # never listed as a backup (remote listings skip names with '/' or a leading '.')
+
+
+def _check_remote(config: Config, report: CheckReport) -> None:
+    """The remote store: one line per problem, naming which (bad URL, missing bucket, credentials, access, unreachable);
+    the store's own messages name the URL and endpoint, never a key."""
+    if config.remote is None:
+        return
+    from sidecar.storage.base import StorageError
+    from sidecar.storage.objectstore import ObjectStore
+    from sidecar.storage.offsite import pending
+
+    try:
+        store = ObjectStore(config.remote, attempts=1)  # obstore's own retries are enough for a yes/no
+        store.check(attempts=1)
+        names = [info.name for info in store.list("backup_")]
+    except StorageError as exc:
+        report.problems.append(str(exc))
+        return
+    backups = sum(1 for name in names if name.endswith(METADATA_SUFFIX))
+    try:
+        waiting = len(pending(Repository(config.backup_dir), config.remote)) if config.backup_dir.is_dir() else 0
+    except OSError:
+        waiting = 0  # the volume's own check above says why
+    report.checked.append(f"remote {store.description}: reachable, bucket found, credentials accepted, listable; "
+                          f"{backups} backup{'' if backups == 1 else 's'} there, {waiting} waiting to be copied")
+    _probe_remote(store, report)
+
+
+def _probe_remote(store: ObjectStore, report: CheckReport) -> None:
+    """Write a small create-only object under `.check/` and delete it, as a backup's copy and the remote retention do."""
+    import uuid
+
+    import obstore
+
+    from sidecar.storage.base import StorageError
+    from sidecar.storage.objectstore import LOCK_WORDS
+
+    name = f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}"
+    raw = store._store  # the probe name is outside the Store interface's flat names, on purpose
+    try:
+        store._call("put", name, lambda: obstore.put(raw, name, b"pg-backup-sidecar check\n", mode="create"), attempts=1)
+    except StorageError as exc:
+        report.problems.append(f"{exc}: no backup can be copied off-site")
+        return
+    try:
+        store._call("delete", name, lambda: obstore.delete(raw, name), attempts=1)
+    except StorageError as exc:
+        if LOCK_WORDS.search(str(exc.__context__ or exc)):
+            report.notes.append(f"remote {store.description}: the probe object {name} was written but its delete was refused by the "
+                                "bucket's lock or retention policy: fine (Object Lock keeps backups immutable); it expires with the lock")
+        else:
+            report.problems.append(f"{exc}: the remote retention cannot delete old backups (allow delete, or use Object Lock)")
+        return
+    report.checked.append(f"remote {store.description}: a probe object was written (create-only) and deleted")

@@ -102,11 +102,13 @@ def parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("drill", help="restore drill: restore into a scratch database, validate, drop it, record the outcome")
     dr.add_argument("id", nargs="?", default="latest", metavar="ID|latest")
+    dr.add_argument("--from-remote", action="store_true", help="stream the backup from the remote store (as DRILL_FROM_REMOTE=true): proves the off-site copy restores")
     dr.add_argument("--json", action="store_true")
 
     rr = sub.add_parser("restore-request", help="ask a running sidecar to restore (the Kubernetes restore Job's command)")
     rr.add_argument("id", metavar="ID|latest")
     rr.add_argument("--target-db")
+    rr.add_argument("--from-remote", action="store_true", help="the sidecar streams the backup from its remote store (BACKUP_REMOTE_URL), not the volume")
     rr.add_argument("--server", required=True, help="the sidecar's URL, e.g. http://db-0.db:9188")
     rr.add_argument("--request-id", help="idempotency key (default: $RESTORE_REQUEST_ID, else random)")
     rr.add_argument("--wait", action="store_true", help="follow the restore and exit 0 only if it succeeded")
@@ -118,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     rj.add_argument("--namespace", default="default")
     rj.add_argument("--release", default="pg-backup-sidecar", help="the Helm release name")
     rj.add_argument("--target-db")
+    rj.add_argument("--from-remote", action="store_true", help="restore from the sidecar's remote store (BACKUP_REMOTE_URL), not the volume")
     rj.add_argument("--image", default=None, help="the sidecar image (default: this version's)")
     rj.add_argument("--request-id", help="names the Job and is its idempotency key (default: the current UTC time); the same id never restores twice")
 
@@ -154,12 +157,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
         return run_daemon(config, args.config)
     if args.command == "drill":
-        drilled = api.drill_backup(args.id, config)
+        drilled = api.drill_backup(args.id, config, from_remote=True if args.from_remote else None)
         if args.json:
             emit(asdict(drilled))
         else:
             verdict = "FAILED" if not drilled.ok else "SKIPPED" if drilled.skipped else "PASSED"
-            print(f"{drilled.backup_id}: restore drill {verdict} in {drilled.duration_seconds:.1f}s" + (f": {drilled.skipped}" if drilled.skipped else ""))
+            where = "" if drilled.source == "volume" else f" from {drilled.source}"
+            print(f"{drilled.backup_id}: restore drill{where} {verdict} in {drilled.duration_seconds:.1f}s" + (f": {drilled.skipped}" if drilled.skipped else ""))
             for line in drilled.findings:
                 print(f"  {line}")
             if drilled.preexisting_findings:
@@ -332,12 +336,14 @@ def _main(argv: Sequence[str] | None) -> int:
             extra: dict[str, Any] = {"image": args.image} if args.image else {}
             if args.request_id:
                 extra["request_id"] = args.request_id
+            if args.from_remote:
+                extra["from_remote"] = True
             print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
             return OK
         if args.command == "restore-request":
             from sidecar.daemon.client import restore_request
 
-            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout)
+            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout, from_remote=args.from_remote)
         if args.command in ("validate-config", "check", "run"):
             for warning in unknown_variables():  # set but ignored: most likely a typo
                 if args.command == "run":

@@ -64,6 +64,7 @@ class Config:
     data_dir: Path | None = None
     group_readable: bool = False
     remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
+    drill_from_remote: bool = False  # drills restore from the remote copy (drill.from_remote / DRILL_FROM_REMOTE)
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -113,6 +114,7 @@ class Config:
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
             "backup.group_readable": self.group_readable,
             **(self.remote.masked() if self.remote else {"remote.url": None}),
+            "drill.from_remote": self.drill_from_remote,
         }
 
     def drill_server(self) -> Config:
@@ -278,6 +280,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "restore.keep_previous_days": ("RESTORE_KEEP_PREVIOUS_DAYS", _int_at_least(0)),
     "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
     "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
+    "drill.from_remote": ("DRILL_FROM_REMOTE", _bool),
     **REMOTE_KEYS,  # remote.url, remote.endpoint, ...: sidecar/storage/remote.py
 }
 
@@ -342,6 +345,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     remote_names = {key.split(".", 1)[1]: raw[key][0].removesuffix(f" (in {config_path})") if key in raw else variable
                     for key, (variable, _parser) in REMOTE_KEYS.items()}
     problems += cross_checks(remote_fields, remote_names, "remote.url" in raw)
+    if values.get("drill.from_remote") and not remote_fields.get("url") and "remote.url" not in raw:
+        problems.append(f"{raw['drill.from_remote'][0]}=true: drills from the remote copy need a remote store; set BACKUP_REMOTE_URL "
+                        "(remote.url in config.yaml), or leave drills on the volume")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -379,6 +385,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         data_dir=values.get("postgres.data_dir"),
         group_readable=values.get("backup.group_readable", False),
         remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,
+        drill_from_remote=values.get("drill.from_remote", False),
     )
 
 

@@ -46,7 +46,7 @@ def test_a_request_id_reused_for_another_restore_is_refused_with_both_requests_n
         assert "rq-1" in line and f"latest into '{db}_rr2'" in line and f"{first_backup} into '{db}_totally_different'" in line, line
         status, reply = request(running.base, "/v1/restores", method="POST",
                                 body=json.dumps({"backup": "latest", "request_id": "rq-1"}).encode())  # same key, now over the live database
-        assert status == 422 and reply["earlier"]["target_db"] == db + "_rr2" and reply["requested"] == {"backup": "latest", "target_db": None}
+        assert status == 422 and reply["earlier"]["target_db"] == db + "_rr2" and reply["requested"] == {"backup": "latest", "target_db": None, "from_remote": False}
         # the same request again is still the same restore
         status, reply = request(running.base, "/v1/restores", method="POST",
                                 body=json.dumps({"backup": "latest", "request_id": "rq-1", "target_db": db + "_rr2"}).encode())

@@ -74,7 +74,8 @@ def _post_when_idle(server: str, token: str, body: dict[str, Any], timeout: floa
     return result
 
 
-def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT) -> int:
+def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT,
+                    from_remote: bool = False) -> int:
     from sidecar.daemon.server import api_token
 
     if timeout < 0:
@@ -85,13 +86,15 @@ def restore_request(server: str, ref: str, target_db: str | None, request_id: st
     body: dict[str, Any] = {"backup": ref, "request_id": request_id or os.environ.get("RESTORE_REQUEST_ID") or str(uuid.uuid4())}
     if target_db:
         body["target_db"] = target_db
+    if from_remote:
+        body["from_remote"] = True
     status, reply = _post_when_idle(server, token, body, timeout)
     if status == 422:  # the request id was used for another restore
         raise UsageError(str(reply.get("error", reply)))
     if status not in (200, 202):
         raise SidecarError(f"the sidecar refused the restore ({status}): {reply.get('error', reply)}")
     restore_id = reply["id"]
-    print(f"restore {restore_id} of {ref}: {reply['state']}", flush=True)
+    print(f"restore {restore_id} of {ref}{' from the remote store' if reply.get('from_remote') else ''}: {reply['state']}", flush=True)
     if not wait:
         return 0
     last = None

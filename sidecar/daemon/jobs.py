@@ -21,7 +21,7 @@ KUBE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 def restore_job(ref: str, release: str, namespace: str, target_db: str | None = None,
                 image: str = f"ghcr.io/example/pg-backup-sidecar:{__version__}", port: int = 9188,
-                request_id: str | None = None) -> dict[str, Any]:
+                request_id: str | None = None, from_remote: bool = False) -> dict[str, Any]:
     """The restore Job for one request; without request_id, a new one named after the current UTC time."""
     if ref != "latest":
         parse_id(ref)
@@ -36,6 +36,7 @@ def restore_job(ref: str, release: str, namespace: str, target_db: str | None = 
         raise UsageError(f"request id {request_id!r} makes the Job name {name!r} longer than 63 characters: "
                          f"use at most {63 - len(name) + len(request_id)} characters")
     args = ["restore-request", ref, "--server", f"http://{fullname}:{port}", "--wait"] + (["--target-db", target_db] if target_db else [])
+    args += ["--from-remote"] if from_remote else []
     security = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     return {

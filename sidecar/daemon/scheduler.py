@@ -71,8 +71,9 @@ def _now() -> str:
     return iso_timestamp(datetime.now(timezone.utc))
 
 
-def _described(backup: str, target_db: str | None) -> str:
-    return f"{backup} into {target_db!r}" if target_db else f"{backup} over the live database"
+def _described(backup: str, target_db: str | None, from_remote: bool = False) -> str:
+    where = " from the remote store" if from_remote else ""
+    return f"{backup}{where} into {target_db!r}" if target_db else f"{backup}{where} over the live database"
 
 
 def _forget_oldest(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,6 +96,7 @@ class Daemon:
         self.request_ids: dict[str, str] = {}
         self._requests_lock = threading.Lock()
         self._offsite_wake = threading.Event()
+        self._copy_lock = threading.Lock()  # one copying round at a time: the copier thread, or a drill from the remote waiting for its copy
         if config.remote is not None:
             metrics.watch_remote(config.remote)
         self._load_restores()
@@ -214,12 +216,35 @@ class Daemon:
     def _drill(self, backup_id: str) -> None:
         self.metrics.in_progress.labels(operation="drill").set(1)
         try:
+            if self.config.drill_from_remote and (why := self._not_off_site(backup_id)):
+                self.metrics.drills.labels(result="skipped").inc()
+                log.warning("restore drill of %s from the remote store skipped: %s", backup_id, why,
+                            extra={"event": "drill_skipped", "backup_id": backup_id})
+                return
             ok, result = self._cli("drill", backup_id)
             skipped = ok and isinstance(result, dict) and result.get("skipped")
             self.metrics.drills.labels(result="skipped" if skipped else "success" if ok else "failure").inc()
             (log.info if ok else log.error)("restore drill of %s %s", backup_id, f"skipped: {skipped}" if skipped else "passed" if ok else f"failed: {result}")
         finally:
             self.metrics.in_progress.labels(operation="drill").set(0)
+
+    def _not_off_site(self, backup_id: str) -> str | None:
+        """Before a drill from the remote (DRILL_FROM_REMOTE): the backup must be off-site. The backup copied itself when
+        it was taken; if that failed, one copying round is tried now. Why the drill cannot run, or None.
+        'latest' drills the newest backup off-site, whether or not the newest on the volume could be copied."""
+        from sidecar.storage.offsite import is_copied
+
+        assert self.config.remote is not None
+        if backup_id != "latest" and is_copied(self.repo, backup_id, self.config.remote):
+            return None
+        try:
+            self.copy_pending()
+        except Exception:  # a bug: logged; the drill decides below
+            log.exception("off-site copy before the drill failed")
+        if backup_id == "latest" or is_copied(self.repo, backup_id, self.config.remote):
+            return None
+        return (f"{backup_id} is not off-site yet (its copy failed, see the error above; the copier retries it); the drill of the "
+                "off-site copy runs with the next backup or drill schedule, or by hand: pg-backup-sidecar drill ID --from-remote")
 
     def busy(self) -> dict[str, Any]:
         """The 409 answer while an operation runs, naming it as far as the in-progress gauges tell."""
@@ -232,24 +257,26 @@ class Daemon:
         """A restore by its id, else by the request_id it was asked with."""
         return self.restores.get(key) or self.restores.get(self.request_ids.get(key, ""))
 
-    def request_restore(self, backup: str, target_db: str | None, request_id: str) -> tuple[int, dict[str, Any]]:
+    def request_restore(self, backup: str, target_db: str | None, request_id: str, from_remote: bool = False) -> tuple[int, dict[str, Any]]:
         """(HTTP status, restore record). The same request_id always answers with the same restore; the same
-        request_id with another backup or target is a mistake (422), never a second restore."""
+        request_id with another backup, target or source (from_remote) is a mistake (422), never a second restore."""
         with self._requests_lock:
             if request_id in self.request_ids:
                 earlier = self.restores[self.request_ids[request_id]]
-                if (earlier["backup"], earlier.get("target_db")) != (backup, target_db):
+                was_remote = bool(earlier.get("from_remote"))  # records written before from_remote existed restored from the volume
+                if (earlier["backup"], earlier.get("target_db"), was_remote) != (backup, target_db, from_remote):
                     return 422, {"error": f"request_id {request_id!r} was already used for restore {earlier['id']} of "
-                                          f"{_described(earlier['backup'], earlier.get('target_db'))}; this request asks for "
-                                          f"{_described(backup, target_db)}: use a new request_id for a new restore",
-                                 "request_id": request_id, "earlier": {"id": earlier["id"], "backup": earlier["backup"], "target_db": earlier.get("target_db")},
-                                 "requested": {"backup": backup, "target_db": target_db}}
+                                          f"{_described(earlier['backup'], earlier.get('target_db'), was_remote)}; this request asks for "
+                                          f"{_described(backup, target_db, from_remote)}: use a new request_id for a new restore",
+                                 "request_id": request_id, "earlier": {"id": earlier["id"], "backup": earlier["backup"], "target_db": earlier.get("target_db"),
+                                                                       "from_remote": was_remote},
+                                 "requested": {"backup": backup, "target_db": target_db, "from_remote": from_remote}}
                 return 200, earlier
             if not self._run_lock.acquire(blocking=False):
                 return 409, self.busy()
             restore_id = f"restore-{int(time.time() * 1000)}"
             record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
-                                      "state": "running", "progress": None, "error": None, "result": None,
+                                      "from_remote": from_remote, "state": "running", "progress": None, "error": None, "result": None,
                                       "started": _now(), "finished": None}
             self.restores[restore_id] = record
             self.request_ids[request_id] = restore_id
@@ -264,6 +291,7 @@ class Daemon:
         self.metrics.in_progress.labels(operation="restore").set(1)
         try:
             args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
+            args += ["--from-remote"] if record.get("from_remote") else []
             ok, result = self._cli(*args, record=record)
             final = {**record, "state": "succeeded" if ok else "failed", "result": result if ok else None, "error": None if ok else result,
                      "finished": _now()}
@@ -326,6 +354,10 @@ class Daemon:
 
     def copy_pending(self) -> bool:
         """One round of copying the pending backups to the remote store; True when none is left."""
+        with self._copy_lock:
+            return self._copy_pending_round()
+
+    def _copy_pending_round(self) -> bool:
         from sidecar.storage.objectstore import ObjectStore
         from sidecar.storage.offsite import copy_pending, count_error, pending
 

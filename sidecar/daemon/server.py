@@ -29,8 +29,9 @@ from waitress.task import ErrorTask
 from sidecar import api, postgres
 from sidecar.config import Config
 from sidecar.daemon.scheduler import Daemon
-from sidecar.errors import NotFound, SidecarError
+from sidecar.errors import ConfigError, NotFound, SidecarError, UsageError
 from sidecar.repository import parse_id
+from sidecar.storage.base import StorageError
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -240,7 +241,13 @@ class App:
             raise Reply(503 if problem else 200, body)
         self.authorize(environ)
         if path == "/v1/backups":
-            return [b.to_json() for b in api.list_backups(daemon.config)]
+            remote = query_flag(environ, "remote")
+            try:
+                return [b.to_json() for b in api.list_backups(daemon.config, remote=remote)]
+            except UsageError as exc:  # no remote store configured
+                raise error(400, str(exc)) from None
+            except (StorageError, ConfigError) as exc:  # the store cannot be set up or read: named, never a secret
+                raise error(502, str(exc)) from None
         if path.startswith("/v1/backups/"):
             try:
                 return api.get_backup(path.removeprefix("/v1/backups/"), daemon.config).to_json()
@@ -272,14 +279,31 @@ class App:
                 raise Reply(409, daemon.busy())
             raise Reply(202, daemon.runs[run_id])
         if path == "/v1/restores":
-            request = json_body(body, required={"backup", "request_id"}, optional={"target_db"})
-            status, record = daemon.request_restore(request["backup"], request.get("target_db"), request["request_id"])
+            request = json_body(body, required={"backup", "request_id"}, optional={"target_db", "from_remote"}, flags={"from_remote"})
+            from_remote = bool(request.get("from_remote", False))
+            if from_remote and daemon.config.remote is None:
+                raise error(400, "from_remote: no remote store is configured on this sidecar (BACKUP_REMOTE_URL)")
+            status, record = daemon.request_restore(request["backup"], request.get("target_db"), request["request_id"], from_remote)
             raise Reply(status, record)
         raise error(404, f"no such endpoint {path[:100]}")
 
 
-def json_body(body: bytes, required: set[str], optional: set[str]) -> dict[str, str]:
-    """The request's JSON object with string values; 400 naming the problem otherwise."""
+def query_flag(environ: Environ, name: str) -> bool:
+    """`?name=true` / `?name=false` (absent: false); 400 for anything else, or another parameter."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(str(environ.get("QUERY_STRING", "")), keep_blank_values=True)
+    unknown = sorted(set(query) - {name})
+    if unknown:
+        raise error(400, f"unknown query parameters: {', '.join(k[:40] for k in unknown[:5])}; accepted: {name}")
+    values = query.get(name, ["false"])
+    if len(values) != 1 or values[0] not in ("true", "false"):
+        raise error(400, f"{name} must be true or false")
+    return values[0] == "true"
+
+
+def json_body(body: bytes, required: set[str], optional: set[str], flags: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The request's JSON object: string values, except `flags` (true or false); 400 naming the problem otherwise."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -288,9 +312,10 @@ def json_body(body: bytes, required: set[str], optional: set[str]) -> dict[str, 
         raise error(400, "the body must be a JSON object")
     unknown = sorted(set(data) - required - optional)
     missing = sorted(required - set(data))
-    wrong = sorted(k for k, v in data.items() if not isinstance(v, str) or not v or len(v) > 200)
+    wrong = sorted(k for k, v in data.items() if k not in flags and (not isinstance(v, str) or not v or len(v) > 200))
+    not_flags = sorted(k for k, v in data.items() if k in flags and not isinstance(v, bool))
     problems = [f"{label}: {', '.join(keys)}" for label, keys in (("unknown fields", unknown), ("missing fields", missing),
-                ("must be non-empty strings of at most 200 characters", wrong)) if keys]
+                ("must be non-empty strings of at most 200 characters", wrong), ("must be true or false", not_flags)) if keys]
     if problems:
         raise error(400, "; ".join(problems))
     try:

@@ -19,15 +19,15 @@ from psycopg import sql
 
 from sidecar import age, postgres
 from sidecar.config import Config
-from sidecar.errors import ChecksumMismatch, SidecarError, UsageError
+from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.logical import dbprops
 from sidecar.logical.backup import count_rows
 from sidecar.logical.validation import Finding, ValidationResult, split_known, validate
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
-from sidecar.storage.base import ChunkReader, Store
-from sidecar.storage.copy import find_remote
-from sidecar.streams import Progress, ReadTap, decode, file_sha256, open_stored
+from sidecar.storage.base import ChunkReader, StorageError, Store
+from sidecar.storage.copy import add_fact, find_remote, verify_remote
+from sidecar.streams import CHUNK_SIZE, Progress, ReadTap, decode, file_sha256, open_stored
 
 log = logging.getLogger(__name__)
 
@@ -479,12 +479,22 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
         name, checksum = item["name"], item["checksum"]
         with files.open(name) as handle:
             source = ReadTap(handle, Progress(f"{what} ({name})", total=item["size"]), hashing=True)
-            decode(source, sink, compression, identities)
+            try:
+                decode(source, sink, compression, identities)
+            except ChecksumMismatch:
+                raise
+            except SidecarError as exc:
+                # it stopped decoding (corrupt zstd, a failed age MAC): read the rest of the file, streaming, to tell a damaged
+                # file (its sha256 differs: named as such) from anything else; the child never gets its end, so never commits
+                while source.read(CHUNK_SIZE):
+                    pass
+                if source.hexdigest() != checksum or source.size != item["size"]:
+                    raise _damaged(name, source, item, f" ({exc})") from None
+                raise SidecarError(f"{name}: {exc}; nothing was committed") from None
         if trailer and trailer not in sink.tail:
             raise SidecarError(f"{name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
         if source.hexdigest() != checksum or source.size != item["size"]:
-            raise ChecksumMismatch(f"{name}: sha256 {source.hexdigest()} ({source.size} bytes) does not match the metadata "
-                                   f"({checksum}, {item['size']} bytes): it changed or is damaged; nothing was committed")
+            raise _damaged(name, source, item)
         child.proc.stdin.close()
     except BrokenPipeError:
         pass  # the child stopped reading: its exit status and stderr tell why
@@ -492,6 +502,11 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
         child.terminate(grace=1)
         raise
     child.check(what)
+
+
+def _damaged(name: str, source: ReadTap, item: dict[str, Any], why: str = "") -> ChecksumMismatch:
+    return ChecksumMismatch(f"{name}: sha256 {source.hexdigest()} ({source.size} bytes) does not match the metadata "
+                            f"({item['checksum']}, {item['size']} bytes): it changed or is damaged{why}; nothing was committed")
 
 
 def _lines(findings: list[Finding]) -> list[str]:
@@ -539,45 +554,84 @@ class DrillReport:
     findings: list[str] = field(default_factory=list)
     preexisting_findings: list[str] = field(default_factory=list)  # recorded at backup time: reported, do not fail the drill
     skipped: str | None = None  # why the contents were not restored (only the checksums were verified)
+    source: str = "volume"  # where the backup was read from: the volume, or the remote store's URL (DRILL_FROM_REMOTE)
+    recorded: list[str] = field(default_factory=list)  # where the outcome was recorded: the local metadata, the remote fact object
 
 
 NO_IDENTITY = ("the backup is encrypted and this sidecar has no identity to decrypt it (BACKUP_ENCRYPTION_IDENTITY_FILE unset, as when the "
                "secret key is kept outside the cluster): its checksums were verified, its contents not restored")
 
 
-def drill_backup(config: Config, ref: str) -> DrillReport:
-    """Restore a backup into a scratch database on the same server, validate it and compare row counts,
-    drop the scratch database, and record the outcome in the backup's metadata (`verified`)."""
+def _remote_entry(repo: Repository, store: Store, ref: str) -> Entry:
+    """The backup to drill from the remote store; a backup on the volume that is not off-site yet is one line, exit 3."""
+    try:
+        return find_remote(store, ref)
+    except NotFound as exc:
+        if ref == "latest":
+            raise SidecarError(f"no backup to drill from the remote store: {exc}") from None
+        try:
+            local = repo.get(ref)
+        except (NotFound, OSError):
+            raise exc from None
+        raise SidecarError(f"backup {local.id} is not off-site yet: it is on the volume but not in {store.description}; copy it first "
+                           f"('pg-backup-sidecar copy {local.id}'), or drill it from the volume (without --from-remote / DRILL_FROM_REMOTE)") from None
+
+
+def drill_backup(config: Config, ref: str, store: Store | None = None) -> DrillReport:
+    """Restore a backup into a scratch database on the drill server (DRILL_DATABASE_URL, else the live one), validate
+    it and compare row counts, drop the scratch database, and record the outcome in the backup's metadata (`verified`).
+
+    With `store` (DRILL_FROM_REMOTE, --from-remote) the backup is streamed from the remote store instead of the volume,
+    each object's sha256 checked in the same pass, which proves the off-site copy restores. The outcome is then also
+    recorded on the remote as a new 'verified' fact object (a passed drill adds a 'checked' one), and in the local
+    metadata if the backup is on the volume, unless what failed was the remote copy itself (a damaged, missing or
+    unreadable object): the volume's copy is not the one that failed, so `restore latest` still trusts it."""
     from sidecar.repository import iso_timestamp
 
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     clock = time.monotonic()
+    source = "volume" if store is None else store.description
     with repo.lock("drill"):
-        entry = repo.get(ref)
+        entry = repo.get(ref) if store is None else _remote_entry(repo, store, ref)
         if entry.metadata is not None and entry.metadata.get("encrypted") and not config.identity_file:
-            problems = check_files(repo, entry)
+            remote_failed = False
+            if store is None:
+                problems = check_files(repo, entry)
+            else:
+                try:
+                    verify_remote(store, entry.metadata)
+                    problems = []
+                except SidecarError as exc:
+                    problems, remote_failed = [str(exc)], True
             at = iso_timestamp(datetime.now(UTC))
-            repo.write_metadata({**entry.metadata, "verified": {"at": at, "ok": False if problems else None, "skipped": NO_IDENTITY, "findings": problems}})
+            verified = {"at": at, "ok": False if problems else None, "skipped": NO_IDENTITY, "findings": problems}
+            recorded = _record_drill(repo, store, entry.id, verified, remote_failed)
             (log.error if problems else log.warning)("restore drill of %s: %s", entry.id, "; ".join(problems) if problems else f"skipped: {NO_IDENTITY}",
                                                      extra={"event": "drill_failed" if problems else "drill_skipped", "backup_id": entry.id})
-            return DrillReport(entry.id, not problems, at, "", round(time.monotonic() - clock, 3), problems, skipped=NO_IDENTITY)
+            return DrillReport(entry.id, not problems, at, "", round(time.monotonic() - clock, 3), problems, skipped=NO_IDENTITY,
+                               source=source, recorded=recorded)
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         scratch = f"{config.database_name[:MAX_NAME - 24]}__drill_{stamp}"
         findings: list[str] = []
         known: list[str] = []
+        remote_failed = False
         server = config.drill_server()  # a separate server (drill.database_url), or the live database's own
         if not config.drill_database_url:
             log.info("restore drill into %s on the live database's server (set DRILL_DATABASE_URL to drill on another one)", scratch)
+        if store is not None:
+            log.info("restore drill of %s streamed from the remote store %s", entry.id, store.description)
         admin = _admin_connection(server, config.database_name)
         try:
             _drop_leftovers(admin, config.database_name)
         finally:
             admin.close()
         try:
-            report = _restore(server, repo, entry.id, scratch, in_place=False, force=True)
+            report = _restore(server, repo, entry.id, scratch, in_place=False, force=True, store=store)
             findings, known = report.mismatches + report.new_findings, report.preexisting_findings
         except SidecarError as exc:
             findings = [str(exc)]
+            # from the remote, a damaged, missing or unreadable object is the off-site copy's failure, not the backup's
+            remote_failed = store is not None and isinstance(exc, (ChecksumMismatch, StorageError))
         finally:
             admin = _admin_connection(server, scratch)
             try:
@@ -585,12 +639,37 @@ def drill_backup(config: Config, ref: str) -> DrillReport:
             finally:
                 admin.close()
         at = iso_timestamp(datetime.now(UTC))
-        result = DrillReport(entry.id, not findings, at, scratch, round(time.monotonic() - clock, 3), findings, known)
-        fresh = repo.get(entry.id)
-        if fresh.metadata is not None:
-            repo.write_metadata({**fresh.metadata, "verified": {"at": at, "ok": result.ok, "findings": findings, "preexisting": known}})
+        verified = {"at": at, "ok": not findings, "findings": findings, "preexisting": known}
+        recorded = _record_drill(repo, store, entry.id, verified, remote_failed)
+        result = DrillReport(entry.id, not findings, at, scratch, round(time.monotonic() - clock, 3), findings, known, source=source, recorded=recorded)
     already = f" ({len(known)} findings already present when the backup was taken)" if known else ""
-    (log.info if result.ok else log.error)("restore drill of %s: %s%s", entry.id, "passed" if result.ok else "; ".join(findings[:3]), already,
+    where = "" if store is None else f" (from {store.description})"
+    (log.info if result.ok else log.error)("restore drill of %s%s: %s%s", entry.id, where, "passed" if result.ok else "; ".join(findings[:3]), already,
                                            extra={"event": "drill_passed" if result.ok else "drill_failed", "backup_id": entry.id,
                                                   "duration_seconds": result.duration_seconds})
     return result
+
+
+def _record_drill(repo: Repository, store: Store | None, backup_id: str, verified: dict[str, Any], remote_failed: bool) -> list[str]:
+    """Write a drill's outcome where it belongs (see drill_backup); the places it was written to."""
+    recorded = []
+    if store is not None:
+        verified = {**verified, "source": store.description}
+        try:
+            add_fact(store, backup_id, "verified", verified)
+            if verified["ok"] is True:
+                add_fact(store, backup_id, "checked", {"at": verified["at"], "by": "drill"})
+            recorded.append(f"remote {store.description}")
+        except SidecarError as exc:
+            log.warning("the drill's outcome for %s could not be recorded on the remote store: %s", backup_id, exc)
+    if remote_failed:
+        log.warning("the off-site copy of %s failed its drill; the volume's copy (if any) keeps its own drill status", backup_id)
+        return recorded
+    try:
+        fresh = repo.get(backup_id)
+    except (NotFound, OSError):
+        return recorded  # not on the volume (dropped there, or a server that lost its volume)
+    if fresh.metadata is not None:
+        repo.write_metadata({**fresh.metadata, "verified": verified})
+        recorded.append("volume")
+    return recorded

@@ -14,13 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import ChecksumMismatch
+from sidecar.errors import ChecksumMismatch, NotFound
 from sidecar.repository import ID_PATTERN, METADATA_SUFFIX, Entry, format_id, parse_id
 from sidecar.storage.base import ObjectInfo, ObjectMissing, StorageError, Store, sha256_of
 
 log = logging.getLogger(__name__)
 
-FACT_KINDS = {"pin": "keep", "verified": "verified"}  # fact kind in the object name -> the metadata field it sets
+# fact kind in the object name -> the metadata field it sets: a pin, the last restore drill's result (as the local
+# metadata's `verified`), and the last time every object was read back and matched its sha256 (verify --remote, or a
+# drill from the remote that passed)
+FACT_KINDS = {"pin": "keep", "verified": "verified", "checked": "checked"}
 
 
 @dataclass
@@ -77,12 +80,28 @@ def fact_name(backup_id: str, kind: str, at: datetime) -> str:
 
 
 def add_fact(store: Store, backup_id: str, kind: str, value: Any, at: datetime | None = None) -> str:
-    """Record a later fact about a remote backup as a new object: kind 'pin' (value: bool) or 'verified' (the
-    drill's result dict). Nothing is rewritten, so a bucket with Object Lock accepts it."""
+    """Record a later fact about a remote backup as a new object: kind 'pin' (value: bool), 'verified' (the
+    drill's result dict) or 'checked' (every object read back and matched: {at, by}). Nothing is rewritten, so a bucket with Object Lock accepts it."""
     moment = at or datetime.now(UTC)
     name = fact_name(backup_id, kind, moment)
     store.put_stream(name, [json.dumps({"id": backup_id, "kind": kind, "at": moment.astimezone(UTC).isoformat(), "value": value}).encode()])
     return name
+
+
+def last_checked(store: Store) -> datetime | None:
+    """When a remote backup whose metadata object exists was last read back whole with every sha256 matching (its
+    newest 'checked' fact), from the object names alone: one listing, no reads. None if never."""
+    names = {info.name for info in store.list("backup_")}
+    newest: datetime | None = None
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 4 and parts[1] == "checked" and parts[3] == "json" and parts[0] + METADATA_SUFFIX in names:
+            try:
+                at = parse_id("backup_" + parts[2])
+            except NotFound:  # not one of our names
+                continue
+            newest = at if newest is None or at > newest else newest
+    return newest
 
 
 def _load_json(store: Store, name: str) -> Any:
@@ -136,7 +155,6 @@ def remote_entries(store: Store) -> list[Entry]:
 def find_remote(store: Store, ref: str) -> Entry:
     """A remote backup by id, or 'latest' (the same choice as on the volume: the newest good backup that has not
     failed its restore drill)."""
-    from sidecar.errors import NotFound
     from sidecar.repository import choose_latest
 
     entries = remote_entries(store)

@@ -93,6 +93,7 @@ BAD_VALUES = {
     "remote.access_key_id_file": "/nonexistent/key",
     "remote.secret_access_key_file": "/nonexistent/secret",
     "remote.session_token_file": "/nonexistent/token",
+    "drill.from_remote": "from the bucket",
 }
 
 

@@ -253,25 +253,21 @@ def _probe_remote(store: ObjectStore, report: CheckReport) -> None:
     """Write a small create-only object under `.check/` and delete it, as a backup's copy and the remote retention do."""
     import uuid
 
-    import obstore
-
-    from sidecar.storage.base import StorageError
-    from sidecar.storage.objectstore import LOCK_WORDS
+    from sidecar.storage.base import Deleted, StorageError
 
     name = f"{PROBE_PREFIX}probe-{uuid.uuid4().hex}"
-    raw = store._store  # the probe name is outside the Store interface's flat names, on purpose
     try:
-        store._call("put", name, lambda: obstore.put(raw, name, b"pg-backup-sidecar check\n", mode="create"), attempts=1)
+        store.put_probe(name)
     except StorageError as exc:
         report.problems.append(f"{exc}: no backup can be copied off-site")
         return
     try:
-        store._call("delete", name, lambda: obstore.delete(raw, name), attempts=1)
+        outcome = store.delete_probe(name)
     except StorageError as exc:
-        if LOCK_WORDS.search(str(exc.__context__ or exc)):
-            report.notes.append(f"remote {store.description}: the probe object {name} was written but its delete was refused by the "
-                                "bucket's lock or retention policy: fine (Object Lock keeps backups immutable); it expires with the lock")
-        else:
-            report.problems.append(f"{exc}: the remote retention cannot delete old backups (allow delete, or use Object Lock)")
+        report.problems.append(f"{exc}: the remote retention cannot delete old backups (allow delete, or use Object Lock)")
+        return
+    if outcome is Deleted.KEPT_BY_LOCK:
+        report.notes.append(f"remote {store.description}: the probe object {name} was written but its delete was refused by the "
+                            "bucket's lock or retention policy: fine (Object Lock keeps backups immutable); it expires with the lock")
         return
     report.checked.append(f"remote {store.description}: a probe object was written (create-only) and deleted")

@@ -233,6 +233,21 @@ class ObjectStore:
             raise
         return Deleted.DELETED
 
+    def put_probe(self, name: str) -> None:
+        """Write a small create-only object `name` under a hidden prefix such as `.check/` (outside the flat names
+        backups use), once, no retry: what a backup's copy needs. StorageError if refused."""
+        self._call("put", name, lambda: obstore.put(self._store, name, b"pg-backup-sidecar check\n", mode="create"), attempts=1)
+
+    def delete_probe(self, name: str) -> Deleted:
+        """Delete what put_probe wrote, once: DELETED, KEPT_BY_LOCK (refused by a lock), or StorageError."""
+        try:
+            self._call("delete", name, lambda: obstore.delete(self._store, name), attempts=1)
+        except StorageError as exc:
+            if LOCK_WORDS.search(str(exc.__context__ or exc)):
+                return Deleted.KEPT_BY_LOCK
+            raise
+        return Deleted.DELETED
+
     def put_stream(self, name: str, data: Chunks, *, create_only: bool = True, sha256: str | None = None) -> PutResult:
         check_name(name)
         if create_only:

@@ -360,7 +360,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                             "or set SIDECAR_STATE_DIR for the sidecar's own small state")
         if not problems:
             backup_dir = state_directory(values.get("backup.state_dir"), raw.get("backup.state_dir", ("SIDECAR_STATE_DIR", None))[0], problems)
-    elif "backup.state_dir" in raw:
+    elif "backup.state_dir" in values:
         problems.append(f"{raw['backup.state_dir'][0]} applies only without a volume (BACKUP_VOLUME=false); with a volume the state is kept in BACKUP_DIR")
     if problems:
         raise ConfigError(problems)

@@ -25,7 +25,7 @@ from sidecar.config import Config
 from sidecar.daemon import DAEMON_PID_VARIABLE
 from sidecar.daemon.metrics import Metrics, completed_at
 from sidecar.errors import SidecarError
-from sidecar.repository import Repository, iso_timestamp, newest_good, write_atomically
+from sidecar.repository import Entry, Repository, iso_timestamp, newest_good, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class Daemon:
             if metadata:
                 self._offsite_wake.set()  # the backup copied itself; a failed copy is the copier's to retry
             try:
-                if metadata and self.config.drill_after_backup and not self.stopping.is_set():
+                # no volume (BACKUP_VOLUME=false): drills from the remote copy are not built yet, so none is run
+                if metadata and self.config.drill_after_backup and self.config.volume and not self.stopping.is_set():
                     self._drill(metadata["id"])
             finally:
                 self._run_lock.release()
@@ -367,11 +368,25 @@ class Daemon:
 
     # --- the loop ---------------------------------------------------------------------------------
 
+    def _backups(self) -> list[Entry]:
+        """The backups the catch-up rule looks at: the volume's, or without a volume the remote store's (none if it
+        cannot be listed now: a catch-up backup then runs, as with an empty volume)."""
+        if self.config.volume or self.config.remote is None:
+            return self.repo.entries()
+        from sidecar.storage.copy import remote_entries
+        from sidecar.storage.objectstore import ObjectStore
+
+        try:
+            return remote_entries(ObjectStore(self.config.remote))
+        except SidecarError as exc:
+            log.warning("cannot list the remote store at start-up (%s); the catch-up rule sees no backup", exc)
+            return []
+
     def loop(self) -> None:
         cfg = self.config
         if cfg.remote is not None:
             threading.Thread(target=self._offsite_loop, name="offsite", daemon=True).start()
-        newest = newest_good(self.repo.entries(), datetime.now(timezone.utc), include_future=False)
+        newest = newest_good(self._backups(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:
             self.start_backup("run_on_start")

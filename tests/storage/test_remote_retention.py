@@ -23,7 +23,7 @@ from sidecar.repository import METADATA_SUFFIX, format_id
 from sidecar.storage.copy import TOMBSTONE_SUFFIX, add_fact, copy_backup, delete_remote, metadata_bytes, remote_entries
 from sidecar.storage.local import LocalStore
 from sidecar.storage.objectstore import ObjectStore
-from tests.conftest import cli
+from tests.conftest import Cluster, cli
 from tests.storage.seaweed import ACCESS_KEY, LOCKED_BUCKET, SECRET_KEY, SeaweedServer
 from tests.storage.test_object_store import make_backup
 
@@ -95,6 +95,17 @@ def test_a_backup_pinned_on_the_volume_is_kept_on_the_remote_too(seaweed: Seawee
     out = cli(env, "prune").stdout.splitlines()
     assert f"remote {store.description}: deleted 0, kept 2" in out
     assert listed(env) == [newer, older]
+
+
+def test_a_backup_prunes_the_remote_after_its_copy_as_the_daemon_does_after_each_backup(
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    store = seaweed.store(prefix)
+    [expired] = remote_backups(store, tmp_path, [40])
+    cluster.psql("CREATE TABLE t AS SELECT 1 AS one", db)
+    env = {**env, **seaweed.environment(prefix), "DRILL_AFTER_BACKUP": "false"}
+    taken = cli(env, "backup").stdout.strip().splitlines()[-1]  # the daemon runs this same command for each backup
+    assert listed(env) == [taken]  # copied, then the remote pruned: 40 days is past the default 30
+    assert not any(name.startswith(expired) for name in names(store))
 
 
 def test_the_leftovers_of_an_interrupted_remote_delete_are_not_listed_and_the_next_prune_removes_them(

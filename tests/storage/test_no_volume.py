@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sidecar import age
 from tests.conftest import Cluster, cli, fingerprint, load_dataset
 from tests.storage.seaweed import SECRET_KEY, SeaweedServer
 
@@ -72,9 +73,11 @@ def test_a_no_volume_backup_of_300_mb_streams_through_under_100_mb(cluster: Clus
                                                                       prefix: str, tmp_path: Path) -> None:
     from tests.test_memory_decode import LIMIT_MIB, measured
 
-    # ~300 MB of dump text that zstd-1 brings to ~60 MB: several multipart parts
-    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) || repeat('x', 60) || md5((g * 7)::text) AS h FROM generate_series(1, 2500000) g", db)
-    env = {**no_volume(env, seaweed, prefix, tmp_path), "VALIDATION_ENABLED": "false"}
+    # ~300 MB of dump text that zstd-1 brings to ~40 MB: several multipart parts
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) || repeat('x', 110) AS h FROM generate_series(1, 2000000) g", db)
+    _secret, public = age.generate_identity()  # the whole pipeline: pg_dump -> zstd -> age -> sha256 -> multipart upload
+    env = {**no_volume(env, seaweed, prefix, tmp_path), "VALIDATION_ENABLED": "false", "BACKUP_ENCRYPTION": "true",
+           "BACKUP_ENCRYPTION_RECIPIENTS": public}
     backed_up, backup_mib = measured(env, "backup")
     [backup] = listed(env)
     print(f"no-volume backup: {backup['size'] >> 20} MiB uploaded, peak RSS {backup_mib} MiB")
@@ -104,3 +107,30 @@ def test_no_volume_without_a_remote_or_with_a_backup_dir_is_one_config_error_eac
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("config error: BACKUP_DIR is set but BACKUP_VOLUME=false") and SECRET_KEY not in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_the_daemon_without_a_volume_backs_up_to_the_bucket_prunes_it_and_restores_from_it_by_request(
+        cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    from tests.storage.test_remote_retention import remote_backups
+    from tests.test_daemon import TOKEN, Running, backup_run, request
+
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g", db)
+    [expired] = remote_backups(seaweed.store(prefix), tmp_path, [40])
+    env = {**no_volume(env, seaweed, prefix, tmp_path), "BACKUP_ON_START": "false", "BACKUP_SCHEDULE": "0 0 1 1 *"}
+    running = Running(env, tmp_path / "daemon.log")
+    try:
+        run = backup_run(running)
+        assert run["state"] == "succeeded", run
+        assert [b["id"] for b in request(running.base, "/v1/backups")[1]] == [run["backup"]]  # pruned: 40 days > 30
+        body = json.dumps({"backup": run["backup"], "request_id": "r-1", "target_db": f"{db}_copy"}).encode()
+        status, restore = request(running.base, "/v1/restores", method="POST", body=body, token=TOKEN)
+        assert status == 202, restore
+        done = running.wait_for(lambda: (r := request(running.base, f"/v1/restores/{restore['id']}")[1])["state"] != "running" and r,
+                                "the restore", timeout=120)
+        assert done["state"] == "succeeded", done
+    finally:
+        assert running.stop() == 0
+    assert cluster.psql("SELECT count(*) FROM t", f"{db}_copy") == "1000"
+    assert any((tmp_path / "state" / ".restores").iterdir())  # the request's record, in the state directory
+    log = running.log.read_text()
+    assert "drill" not in log.lower() and "Traceback" not in log and expired not in {b["id"] for b in listed(env)}

@@ -119,16 +119,17 @@ def _config(config: Config | None) -> Config:
 def create_backup(config: Config | None = None, label: str | None = None, keep: bool = False, prune: bool = True) -> Backup:
     """Take a backup now, then prune by the retention policy (a failed prune does not fail the backup)."""
     cfg = _config(config)
+    copied = True
     if not cfg.volume:  # straight to the remote store
         store = remote_store(cfg)
         metadata = _backup.create_backup(cfg, label=label, keep=keep, store=store)
     else:
         metadata = _backup.create_backup(cfg, label=label, keep=keep)
         if cfg.remote is not None:
-            _copy_new_backup(cfg, metadata["id"])
-    if prune:  # after the copy: the remote is pruned with the new backup in it
+            copied = _copy_new_backup(cfg, metadata["id"])
+    if prune:  # after the copy, so the remote is pruned with the new backup in it; not when the copy just failed (one error is enough)
         try:
-            pruned = prune_backups(cfg)
+            pruned = prune_backups(cfg, remote=copied)
             if pruned.remote is not None and pruned.remote.error:
                 log.error("backup %s succeeded but pruning %s failed: %s", metadata["id"], pruned.remote.store, pruned.remote.error)
         except SidecarError as exc:
@@ -138,7 +139,7 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
     return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
 
 
-def _copy_new_backup(config: Config, backup_id: str) -> None:
+def _copy_new_backup(config: Config, backup_id: str) -> bool:
     """The off-site copy of a backup just committed locally. A failure does not fail the backup: it is logged (one
     error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
@@ -148,9 +149,10 @@ def _copy_new_backup(config: Config, backup_id: str) -> None:
     except SidecarError as exc:
         log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
                   "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
-        return
+        return False
     log.info("backup %s copied off-site to %s (%d bytes)", backup_id, store.description, copied.bytes,
              extra={"event": "offsite_copied", "backup_id": backup_id})
+    return True
 
 
 def copy_offsite(ref: str = "pending", config: Config | None = None) -> PendingReport:
@@ -234,9 +236,10 @@ def remote_retention_policy(config: Config) -> Policy:
     return replace(local, days=days) if days else Policy(days=0, timezone=local.timezone)
 
 
-def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
-    """Delete what the retention policy lets go, on the volume and (with a remote store) on the remote with its own days.
-    A remote that cannot be reached is reported in `report.remote.error`; the volume is pruned regardless."""
+def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None, remote: bool = True) -> PruneReport:
+    """Delete what the retention policy lets go, on the volume and (with a remote store, unless `remote` is False) on the
+    remote with its own days. A remote that cannot be reached is reported in `report.remote.error`; the volume is
+    pruned regardless."""
     cfg = _config(config)
     moment = now or datetime.now(UTC)
     repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
@@ -256,7 +259,7 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 log.warning("%s: %s", decision.entry.id, decision.reason)
             else:
                 report.kept.append(decision.entry.id)
-        if cfg.remote is not None:
+        if cfg.remote is not None and remote:
             report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
     return report
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,8 @@ from sidecar.logical.validation import ValidationResult, validate
 from sidecar.repository import Entry, Repository, iso_timestamp
 from sidecar.retention import Policy, classify
 from sidecar.storage import offsite as _offsite
-from sidecar.storage.base import StoreUnusable
-from sidecar.storage.copy import add_fact, find_remote, last_checked, remote_entries, verify_remote
+from sidecar.storage.base import Deleted, StoreUnusable
+from sidecar.storage.copy import add_fact, delete_remote, find_remote, last_checked, remote_entries, remote_leftovers, verify_remote
 from sidecar.storage.offsite import PendingReport
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Backup", "PruneReport", "RestoreReport", "VerifyReport",
+    "Backup", "PruneReport", "RemotePruneReport", "RestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
@@ -87,12 +87,29 @@ class Backup:
 
 
 @dataclass
+class RemotePruneReport:
+    """Retention on the remote store: what was deleted, kept, kept by the bucket's lock, and the leftovers of
+    interrupted deletes or copies that were removed (or, in a dry run, would be)."""
+
+    store: str
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    reported: list[str] = field(default_factory=list)
+    kept_by_lock: dict[str, str] = field(default_factory=dict)  # backup id -> what the lock kept
+    leftovers: list[str] = field(default_factory=list)          # object names
+    decisions: list[dict[str, str]] = field(default_factory=list)
+    error: str | None = None  # the store could not be pruned (the volume's prune is done regardless)
+
+
+@dataclass
 class PruneReport:
     deleted: list[str]
     kept: list[str]
     reported: list[str]
     dry_run: bool
     decisions: list[dict[str, str]] = field(default_factory=list)  # {id, action, reason} for every backup, newest first
+    remote: RemotePruneReport | None = None  # with a remote store configured
+    volume: bool = True  # False: no backup volume (BACKUP_VOLUME=false), only `remote` means anything
 
 
 def _config(config: Config | None) -> Config:
@@ -102,18 +119,27 @@ def _config(config: Config | None) -> Config:
 def create_backup(config: Config | None = None, label: str | None = None, keep: bool = False, prune: bool = True) -> Backup:
     """Take a backup now, then prune by the retention policy (a failed prune does not fail the backup)."""
     cfg = _config(config)
-    metadata = _backup.create_backup(cfg, label=label, keep=keep)
-    if prune:
+    copied = True
+    if not cfg.volume:  # straight to the remote store
+        store = remote_store(cfg)
+        metadata = _backup.create_backup(cfg, label=label, keep=keep, store=store)
+    else:
+        metadata = _backup.create_backup(cfg, label=label, keep=keep)
+        if cfg.remote is not None:
+            copied = _copy_new_backup(cfg, metadata["id"])
+    if prune:  # after the copy, so the remote is pruned with the new backup in it; not when the copy just failed (one error is enough)
         try:
-            prune_backups(cfg)
+            pruned = prune_backups(cfg, remote=copied)
+            if pruned.remote is not None and pruned.remote.error:
+                log.error("backup %s succeeded but pruning %s failed: %s", metadata["id"], pruned.remote.store, pruned.remote.error)
         except SidecarError as exc:
             log.error("backup %s succeeded but pruning failed: %s", metadata["id"], exc)
-    if cfg.remote is not None:
-        _copy_new_backup(cfg, metadata["id"])
+    if not cfg.volume:
+        return Backup.from_entry(find_remote(store, metadata["id"]))
     return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
 
 
-def _copy_new_backup(config: Config, backup_id: str) -> None:
+def _copy_new_backup(config: Config, backup_id: str) -> bool:
     """The off-site copy of a backup just committed locally. A failure does not fail the backup: it is logged (one
     error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
@@ -127,9 +153,10 @@ def _copy_new_backup(config: Config, backup_id: str) -> None:
     except SidecarError as exc:
         log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
                   "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
-        return
+        return False
     log.info("backup %s copied off-site to %s (%d bytes)", backup_id, store.description, copied.bytes,
              extra={"event": "offsite_copied", "backup_id": backup_id})
+    return True
 
 
 def copy_offsite(ref: str = "pending", config: Config | None = None) -> PendingReport:
@@ -137,6 +164,8 @@ def copy_offsite(ref: str = "pending", config: Config | None = None) -> PendingR
     backup by id or 'latest'. A backup already complete there is recorded and not uploaded again."""
     cfg = _config(config)
     store = remote_store(cfg)
+    if not cfg.volume:
+        return PendingReport()  # every backup is written to the remote store directly: nothing is ever pending
     repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
     ids = None if ref == "pending" else [repo.get(ref).id]
     return _offsite.copy_pending(repo, store, store.remote, ids)
@@ -146,7 +175,7 @@ def list_backups(config: Config | None = None, remote: bool = False) -> list[Bac
     """Every backup on the volume (or, with `remote`, in the remote store: those whose metadata object exists),
     newest first, with its status."""
     cfg = _config(config)
-    if remote:
+    if remote or not cfg.volume:
         return [Backup.from_entry(e) for e in remote_entries(remote_store(cfg))]
     return [Backup.from_entry(e) for e in Repository(cfg.backup_dir).entries()]
 
@@ -154,20 +183,23 @@ def list_backups(config: Config | None = None, remote: bool = False) -> list[Bac
 def pending_backups(config: Config | None = None) -> list[str]:
     """Ids of good local backups not yet copied to the remote store, oldest first (none without a remote)."""
     cfg = _config(config)
-    if cfg.remote is None:
+    if cfg.remote is None or not cfg.volume:
         return []
     return [e.id for e in _offsite.pending(Repository(cfg.backup_dir), cfg.remote)]
 
 
 def get_backup(ref: str, config: Config | None = None) -> Backup:
-    return Backup.from_entry(Repository(_config(config).backup_dir).get(ref))
+    cfg = _config(config)
+    if not cfg.volume:
+        return Backup.from_entry(find_remote(remote_store(cfg), ref))
+    return Backup.from_entry(Repository(cfg.backup_dir).get(ref))
 
 
 def verify_backup(ref: str, config: Config | None = None, remote: bool = False) -> VerifyReport:
     """Check a backup's checksums and that it decodes; with `remote`, stream every object of the remote copy and
     compare its sha256 and size with the metadata."""
     cfg = _config(config)
-    if not remote:
+    if not remote and cfg.volume:
         return _restore.verify_backup(cfg, ref)
     store = remote_store(cfg)
     entry = find_remote(store, ref)
@@ -217,7 +249,7 @@ def restore_backup(ref: str, config: Config | None = None, target_db: str | None
     file's sha256 checked before anything it carries is committed, and before the swap)."""
     cfg = _config(config)
     return _restore.restore_backup(cfg, ref, target_db=target_db, in_place=in_place, force=force,
-                                   store=remote_store(cfg) if from_remote else None)
+                                   store=remote_store(cfg) if from_remote or not cfg.volume else None)
 
 
 def retention_policy(config: Config) -> Policy:
@@ -225,13 +257,27 @@ def retention_policy(config: Config) -> Policy:
                   monthly=config.keep_monthly, timezone=config.schedule_timezone)
 
 
-def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
+def remote_retention_policy(config: Config) -> Policy:
+    """The local rules with the remote's own days (BACKUP_REMOTE_RETENTION_DAYS; unset: the local days; 0: keep everything)."""
+    local = retention_policy(config)
+    days = config.remote.retention_days if config.remote is not None else None
+    if days is None:
+        return local
+    return replace(local, days=days) if days else Policy(days=0, timezone=local.timezone)
+
+
+def prune_backups(config: Config | None = None, dry_run: bool = False, now: datetime | None = None, remote: bool = True) -> PruneReport:
+    """Delete what the retention policy lets go, on the volume and (with a remote store, unless `remote` is False) on the
+    remote with its own days. A remote that cannot be reached is reported in `report.remote.error`; the volume is
+    pruned regardless."""
     cfg = _config(config)
+    moment = now or datetime.now(UTC)
     repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
     with repo.lock("prune"):
-        decisions = classify(repo.entries(), retention_policy(cfg), now or datetime.now(UTC))
-        report = PruneReport([], [], [], dry_run, [{"id": d.entry.id, "action": d.action, "reason": d.reason} for d in decisions])
-        for decision in decisions:
+        report = PruneReport([], [], [], dry_run, volume=cfg.volume)
+        local = repo.entries() if cfg.volume else []
+        for decision in classify(local, retention_policy(cfg), moment):
+            report.decisions.append({"id": decision.entry.id, "action": decision.action, "reason": decision.reason})
             if decision.action == "delete":
                 report.deleted.append(decision.entry.id)
                 if not dry_run:
@@ -243,6 +289,51 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 log.warning("%s: %s", decision.entry.id, decision.reason)
             else:
                 report.kept.append(decision.entry.id)
+        if cfg.remote is not None and remote:
+            report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
+    return report
+
+
+def _prune_remote(config: Config, repo: Repository, local: list[Entry], dry_run: bool, now: datetime) -> RemotePruneReport:
+    """Retention on the remote store: the same rules (never the newest good remote backup, nor one pinned there or on
+    the volume), its own days; then the leftovers of interrupted deletes and copies (see copy.remote_leftovers)."""
+    try:
+        store = remote_store(config)
+    except ConfigError as exc:
+        return RemotePruneReport(config.remote.url if config.remote else "remote", error="; ".join(exc.problems))
+    report = RemotePruneReport(store.description)
+    pinned_here = {e.id for e in local if e.metadata and e.metadata.get("keep")}
+    try:
+        entries = [Entry(e.id, {**e.metadata, "keep": True}, e.status, e.problem) if e.id in pinned_here and e.metadata else e
+                   for e in remote_entries(store)]
+        for decision in classify(entries, remote_retention_policy(config), now):
+            report.decisions.append({"id": decision.entry.id, "action": decision.action, "reason": decision.reason})
+            if decision.action == "report":
+                report.reported.append(f"{decision.entry.id}: {decision.reason}")
+            elif decision.action == "keep":
+                report.kept.append(decision.entry.id)
+            elif dry_run:
+                report.deleted.append(decision.entry.id)
+            else:
+                deleted = delete_remote(store, decision.entry.id)
+                if deleted.outcome == "kept-by-lock":
+                    report.kept_by_lock[deleted.id] = deleted.note
+                    log.info("remote backup %s is past retention (%s) but %s", deleted.id, decision.reason, deleted.note)
+                else:
+                    report.deleted.append(deleted.id)
+                    if deleted.locked:
+                        report.kept_by_lock[deleted.id] = deleted.note
+                    log.info("pruned %s from %s (%s)", deleted.id, store.description, decision.reason)
+        in_progress = {e.id for e in _offsite.pending(repo, config.remote)} if config.volume and config.remote else set()
+        for backup_id, names in remote_leftovers(store, now, in_progress).items():
+            for name in names:
+                if dry_run or store.delete(name) is not Deleted.KEPT_BY_LOCK:
+                    report.leftovers.append(name)
+            if not dry_run:
+                log.info("removed the leftovers of %s from %s (data without metadata: an interrupted delete or copy)", backup_id, store.description)
+    except SidecarError as exc:
+        report.error = str(exc)
+        log.error("pruning %s failed: %s", store.description, exc)
     return report
 
 
@@ -250,6 +341,12 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
     """Pin a backup (retention never deletes it) or release it."""
     cfg = _config(config)
     repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
+    if not cfg.volume:  # a pin on the remote store is a new fact object beside the backup (objects are never rewritten)
+        store = remote_store(cfg)
+        with repo.lock("pin"):
+            found = find_remote(store, ref)
+            add_fact(store, found.id, "pin", keep)
+            return Backup.from_entry(find_remote(store, found.id))
     with repo.lock("pin"):
         entry = repo.get(ref)
         if entry.metadata is None:
@@ -292,10 +389,10 @@ def check_setup(config: Config | None = None) -> CheckReport:
 
 def drill_backup(ref: str = "latest", config: Config | None = None, from_remote: bool | None = None) -> DrillReport:
     """Restore into a scratch database, validate, compare row counts, drop it; records `verified`. With `from_remote`
-    (default: drill.from_remote / DRILL_FROM_REMOTE) the backup is streamed from the remote store, and the outcome is
-    also recorded there."""
+    (default: drill.from_remote / DRILL_FROM_REMOTE; always without a volume) the backup is streamed from the remote
+    store, and the outcome is also recorded there."""
     cfg = _config(config)
-    remote = cfg.drill_from_remote if from_remote is None else from_remote
+    remote = not cfg.volume or (cfg.drill_from_remote if from_remote is None else from_remote)
     report = _restore.drill_backup(cfg, ref, store=remote_store(cfg) if remote else None)
     if remote and report.ok is True and report.skipped is None:
         _note_remote_verified(cfg, report.backup_id, datetime.fromisoformat(report.at))

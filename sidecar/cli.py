@@ -259,11 +259,27 @@ def run(args: argparse.Namespace, config: Config) -> int:
             emit(asdict(pruned))
         else:
             verb = "would delete" if args.dry_run else "deleted"
-            print(f"{verb} {len(pruned.deleted)}, kept {len(pruned.kept)}")
             actions = {"delete": verb, "keep": "keep", "report": "not deleted"}
-            for decision in pruned.decisions:
-                if args.dry_run or decision["action"] != "keep":  # a dry run shows why each backup stays or goes
-                    print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
+            if pruned.volume:
+                print(f"{verb} {len(pruned.deleted)}, kept {len(pruned.kept)}")
+                for decision in pruned.decisions:
+                    if args.dry_run or decision["action"] != "keep":  # a dry run shows why each backup stays or goes
+                        print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
+            if pruned.remote is not None and pruned.remote.error is None:  # the remote side, when one is configured
+                remote = pruned.remote
+                locked = f", {len(remote.kept_by_lock)} kept by lock" if remote.kept_by_lock else ""
+                leftovers = f", {len(remote.leftovers)} leftover objects {'to remove' if args.dry_run else 'removed'}" if remote.leftovers else ""
+                print(f"remote {remote.store}: {verb} {len(remote.deleted)}, kept {len(remote.kept)}{locked}{leftovers}")
+                for decision in remote.decisions:
+                    if decision["id"] in remote.kept_by_lock and decision["id"] not in remote.deleted:
+                        print(f"  kept by lock: {decision['id']}: {remote.kept_by_lock[decision['id']]}")
+                    elif args.dry_run or decision["action"] != "keep":
+                        print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
+                for name in remote.leftovers:
+                    print(f"  {'would remove' if args.dry_run else 'removed'} leftover: {name}")
+        if pruned.remote is not None and pruned.remote.error is not None:
+            print(f"error: remote not pruned: {pruned.remote.error}", file=sys.stderr)
+            return FAILED
         return OK
     if args.command in ("pin", "unpin"):
         changed = api.set_pinned(args.id, args.command == "pin", config)

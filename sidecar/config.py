@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -65,6 +67,7 @@ class Config:
     group_readable: bool = False
     remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
     drill_from_remote: bool = False  # drills restore from the remote copy (drill.from_remote / DRILL_FROM_REMOTE)
+    volume: bool = True  # False (BACKUP_VOLUME=false): no backup volume, backups stream to `remote`; backup_dir is then the state directory
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -113,6 +116,7 @@ class Config:
             "restore.keep_previous_days": self.keep_previous_days,
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
             "backup.group_readable": self.group_readable,
+            "backup.volume": self.volume,
             **(self.remote.masked() if self.remote else {"remote.url": None}),
             "drill.from_remote": self.drill_from_remote,
         }
@@ -281,6 +285,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
     "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
     "drill.from_remote": ("DRILL_FROM_REMOTE", _bool),
+    "backup.volume": ("BACKUP_VOLUME", _bool),
+    "backup.state_dir": ("SIDECAR_STATE_DIR", _path),
     **REMOTE_KEYS,  # remote.url, remote.endpoint, ...: sidecar/storage/remote.py
 }
 
@@ -348,11 +354,26 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if values.get("drill.from_remote") and not remote_fields.get("url") and "remote.url" not in raw:
         problems.append(f"{raw['drill.from_remote'][0]}=true: drills from the remote copy need a remote store; set BACKUP_REMOTE_URL "
                         "(remote.url in config.yaml), or leave drills on the volume")
+    volume = values.get("backup.volume", True)
+    backup_dir = values.get("backup.dir", Path("./backups"))
+    if not volume:  # backups go straight to the remote; the lock and the daemon's records need a private directory
+        where = raw["backup.volume"][0]
+        if not remote_fields.get("url"):
+            problems.append(f"{where}=false needs a remote store: set BACKUP_REMOTE_URL (backups then go straight to the object store), "
+                            "or set BACKUP_VOLUME=true and BACKUP_DIR")
+        if "backup.dir" in raw:
+            problems.append(f"{raw['backup.dir'][0]} is set but {where}=false (no backup volume): remove BACKUP_DIR, "
+                            "or set SIDECAR_STATE_DIR for the sidecar's own small state")
+        if not problems:
+            backup_dir = state_directory(values.get("backup.state_dir"), raw.get("backup.state_dir", ("SIDECAR_STATE_DIR", None))[0], problems)
+    elif "backup.state_dir" in values:
+        problems.append(f"{raw['backup.state_dir'][0]} applies only without a volume (BACKUP_VOLUME=false); with a volume the state is kept in BACKUP_DIR")
     if problems:
         raise ConfigError(problems)
     return Config(
         database_url=values["database.url"],
-        backup_dir=values.get("backup.dir", Path("./backups")),
+        backup_dir=backup_dir,
+        volume=volume,
         retention_days=values.get("backup.retention_days", 30),
         keep_last=values.get("backup.keep_last", 0),
         keep_daily=values.get("backup.keep_daily", 0),
@@ -387,6 +408,30 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,
         drill_from_remote=values.get("drill.from_remote", False),
     )
+
+
+def state_directory(path: Path | None, where: str, problems: list[str]) -> Path:
+    """The private directory (0700, ours, not a link) that holds the lock and the daemon's restore records when there is no
+    backup volume: SIDECAR_STATE_DIR, else `pg-backup-sidecar-<uid>` in the temporary directory ($TMPDIR). Created if missing."""
+    directory = path or Path(tempfile.gettempdir()) / f"pg-backup-sidecar-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, parents=path is not None)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        problems.append(f"{where}={str(directory)!r}: cannot create it ({exc.strerror}); point SIDECAR_STATE_DIR at a writable directory (an emptyDir)")
+        return directory
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        problems.append(f"{where}={str(directory)!r}: not a directory (a link?); remove it or set SIDECAR_STATE_DIR")
+    elif path is not None:  # chosen by the user (an emptyDir is root's 0777 with fsGroup): it only has to be writable
+        if not os.access(directory, os.W_OK | os.X_OK):
+            problems.append(f"{where}={str(directory)!r}: not writable by this user; fix its permissions or point SIDECAR_STATE_DIR elsewhere")
+    elif info.st_uid != os.getuid():  # a predictable name in a shared /tmp: it must be ours and private
+        problems.append(f"{where}={str(directory)!r}: owned by uid {info.st_uid}, not this user ({os.getuid()}); set SIDECAR_STATE_DIR")
+    elif stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+    return directory
 
 
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.

@@ -3,10 +3,12 @@ numbers are right after a restart; events (a backup finished) are counted direct
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +22,38 @@ from sidecar.repository import FUTURE_TOLERANCE, Entry, Repository, newest_good
 from sidecar.storage import offsite
 from sidecar.storage.remote import RemoteConfig
 
+log = logging.getLogger(__name__)
+
+Listing = Callable[[], list[Entry]]
+
+
+class CachedListing:
+    """The backups in the bucket, for a sidecar without a volume (BACKUP_VOLUME=false): a listing costs a request per
+    metadata object, so it is refreshed at most every `ttl` seconds; while the store fails, the last good listing stays
+    (and the failure is logged), so an unreachable bucket does not make every backup look gone."""
+
+    def __init__(self, fetch: Listing, ttl: float = 60.0) -> None:
+        self.fetch, self.ttl = fetch, ttl
+        self._entries: list[Entry] = []
+        self._at = -math.inf
+        self._lock = threading.Lock()
+
+    def __call__(self) -> list[Entry]:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl:
+                try:
+                    self._entries = self.fetch()
+                except Exception as exc:  # noqa: BLE001 - a scrape must answer; the next one tries again
+                    log.warning("the backups in the remote store could not be listed for the metrics: %s", exc)
+                self._at = time.monotonic()
+            return list(self._entries)
+
+    def forget(self) -> None:
+        """A backup was just made: list again at the next scrape."""
+        with self._lock:
+            self._at = -math.inf
+
+
 # no `*_created` series next to every counter and histogram: nothing reads them, and they double the exposition
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -31,11 +65,12 @@ def completed_at(entry: Entry) -> float:
 
 
 class RepositoryCollector(Collector):
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, entries: Listing | None = None) -> None:
         self.repo = repo
+        self.entries = entries or repo.entries  # without a volume: the bucket's backups (CachedListing)
 
     def collect(self) -> Iterator[Metric]:
-        entries = self.repo.entries()
+        entries = self.entries()
         now = time.time()
         # a backup stamped in the future (the clock was ahead, then corrected) would make the age
         # negative for as long as the jump was, and PgBackupTooOld could not fire; it is counted instead
@@ -78,10 +113,20 @@ class RemoteCollector(Collector):
     upload and failure is counted once whichever process did it. Right while the store is down and after a restart, and
     no request to the store per scrape. No label carries the URL, the bucket or a key."""
 
-    def __init__(self, repo: Repository, remote: RemoteConfig) -> None:
-        self.repo, self.remote = repo, remote
+    def __init__(self, repo: Repository, remote: RemoteConfig, in_bucket: Listing | None = None) -> None:
+        self.repo, self.remote, self.in_bucket = repo, remote, in_bucket
 
     def collect(self) -> Iterator[Metric]:
+        if self.in_bucket is not None:  # no volume: every backup is written to the bucket, nothing waits for a copy
+            newest = newest_good(self.in_bucket(), datetime.now(UTC), include_future=False)
+            yield GaugeMetricFamily("pg_backup_remote_last_copy_timestamp_seconds", "End time of the last completed off-site copy (0 if none).",
+                                    value=completed_at(newest) if newest else 0.0)
+            yield GaugeMetricFamily("pg_backup_remote_pending_backups", "Good local backups not yet copied to the remote store.", value=0)
+            yield GaugeMetricFamily("pg_backup_remote_age_seconds",
+                                    "Seconds since the newest backup that is off-site ended: what a lost cluster would lose (+Inf if none).",
+                                    value=time.time() - completed_at(newest) if newest else math.inf)
+            yield from self._shared()
+            return
         entries, copied = self.repo.entries(), offsite.copies(self.repo, self.remote)  # each record read once per scrape
         yield GaugeMetricFamily("pg_backup_remote_last_copy_timestamp_seconds", "End time of the last completed off-site copy (0 if none).",
                                 value=offsite.last_copy_time(self.repo, self.remote, copied))
@@ -91,6 +136,9 @@ class RemoteCollector(Collector):
         yield GaugeMetricFamily("pg_backup_remote_age_seconds",
                                 "Seconds since the newest backup that is off-site ended: what a lost cluster would lose (+Inf if none).",
                                 value=time.time() - completed_at(newest) if newest else math.inf)
+        yield from self._shared()
+
+    def _shared(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("pg_backup_remote_last_verify_timestamp_seconds",
                                 "Time a remote copy was last read back whole and matched its metadata (verify --remote; 0 if never).",
                                 value=offsite.last_verified_time(self.repo, self.remote))
@@ -114,8 +162,9 @@ def _iso(text: Any) -> float:
 
 
 class Metrics:
-    def __init__(self, repo: Repository, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, repo: Repository, registry: CollectorRegistry | None = None, in_bucket: CachedListing | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.in_bucket = in_bucket  # without a volume: the backups are listed from the bucket
         r = self.registry
         self.duration = Histogram("pg_backup_duration_seconds", "Wall time of backups.", registry=r,
                                   buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, math.inf))
@@ -141,11 +190,11 @@ class Metrics:
             self.in_progress.labels(operation=operation).set(0)
         self.last_validation_ok.set(1)
         self.repo = repo
-        r.register(RepositoryCollector(repo))
+        r.register(RepositoryCollector(repo, in_bucket))
 
     def watch_remote(self, remote: RemoteConfig) -> None:
         """Export the off-site copies' state and counters (a remote store is configured): see RemoteCollector."""
-        self.registry.register(RemoteCollector(self.repo, remote))
+        self.registry.register(RemoteCollector(self.repo, remote, self.in_bucket))
 
     def backup_finished(self, seconds: float, metadata: dict[str, Any] | None) -> None:
         self.duration.observe(seconds)
@@ -154,6 +203,8 @@ class Metrics:
             self.last_failure.set(time.time())
             return
         self.runs.labels(result="success").inc()
+        if self.in_bucket is not None:
+            self.in_bucket.forget()
         validation = metadata.get("validation")
         if validation is not None:
             self.last_validation_ok.set(1 if validation["ok"] else 0)

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from sidecar.config import Config
-from sidecar.daemon.metrics import Metrics
+from sidecar.daemon.metrics import CachedListing, Metrics
 from sidecar.daemon.scheduler import Daemon
 from sidecar.daemon.server import DatabaseProbe, api_token, make_server
 from sidecar.errors import LockHeld, SidecarError
@@ -34,7 +34,13 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     repo.ensure()
     _clean_leftovers(repo)
-    metrics = Metrics(repo)
+    in_bucket = None
+    if not config.volume:  # backups live only in the bucket: the metrics list them there (at most once a minute)
+        from sidecar import api
+        from sidecar.storage.copy import remote_entries
+
+        in_bucket = CachedListing(lambda: remote_entries(api.remote_store(config)))
+    metrics = Metrics(repo, in_bucket=in_bucket)
     daemon = Daemon(config, metrics, config_path)
     probe = DatabaseProbe(config, metrics.database_up)
     host, _, port = config.listen.rpartition(":")

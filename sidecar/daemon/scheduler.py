@@ -25,7 +25,7 @@ from sidecar.config import Config
 from sidecar.daemon import DAEMON_PID_VARIABLE
 from sidecar.daemon.metrics import Metrics, completed_at
 from sidecar.errors import SidecarError
-from sidecar.repository import Repository, iso_timestamp, newest_good, write_atomically
+from sidecar.repository import Entry, Repository, iso_timestamp, newest_good, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ class Daemon:
     def _drill(self, backup_id: str) -> None:
         self.metrics.in_progress.labels(operation="drill").set(1)
         try:
-            if self.config.drill_from_remote and (why := self._not_off_site(backup_id)):
+            # without a volume the backup is in the bucket already, and the drill reads it from there
+            if self.config.drill_from_remote and self.config.volume and (why := self._not_off_site(backup_id)):
                 self.metrics.drills.labels(result="skipped").inc()
                 log.warning("restore drill of %s from the remote store skipped: %s", backup_id, why,
                             extra={"event": "drill_skipped", "backup_id": backup_id})
@@ -397,11 +398,25 @@ class Daemon:
 
     # --- the loop ---------------------------------------------------------------------------------
 
+    def _backups(self) -> list[Entry]:
+        """The backups the catch-up rule looks at: the volume's, or without a volume the remote store's (none if it
+        cannot be listed now: a catch-up backup then runs, as with an empty volume)."""
+        if self.config.volume or self.config.remote is None:
+            return self.repo.entries()
+        from sidecar.storage.copy import remote_entries
+        from sidecar.storage.objectstore import ObjectStore
+
+        try:
+            return remote_entries(ObjectStore(self.config.remote))
+        except SidecarError as exc:
+            log.warning("cannot list the remote store at start-up (%s); the catch-up rule sees no backup", exc)
+            return []
+
     def loop(self) -> None:
         cfg = self.config
         if cfg.remote is not None:
             threading.Thread(target=self._offsite_loop, name="offsite", daemon=True).start()
-        newest = newest_good(self.repo.entries(), datetime.now(timezone.utc), include_future=False)
+        newest = newest_good(self._backups(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:
             self.start_backup("run_on_start")

@@ -1,13 +1,20 @@
-"""The backup flow: snapshot, row counts, pg_dump -> sha256 + compress + encrypt -> commit -> prune."""
+"""The backup flow: snapshot, row counts, pg_dump -> sha256 + compress + encrypt -> commit -> prune.
+
+With a volume the files are written as `.partial` and committed by rename; without one (BACKUP_VOLUME=false) they
+stream straight to the remote store (multipart, bounded memory): data objects first, the metadata object last, so
+a remote backup is listed only once complete, and an interrupted upload is aborted, never listed."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -17,7 +24,9 @@ from sidecar.errors import SidecarError
 from sidecar.logical import dbprops, roles
 from sidecar.logical.validation import validate
 from sidecar.postgres import Child
-from sidecar.repository import PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
+from sidecar.repository import METADATA_SUFFIX, PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
+from sidecar.storage.base import PutResult, StorageError, Store
+from sidecar.storage.copy import metadata_bytes
 from sidecar.streams import HashingFile, Progress, ReadTap, encode
 
 log = logging.getLogger(__name__)
@@ -95,12 +104,153 @@ class LockWatch:
             conn.close()
 
 
+class Output(Protocol):
+    """Where one file of a backup is written: a `.partial` file on the volume, or an upload to the remote store."""
+
+    size: int
+
+    def write(self, data: bytes) -> int: ...
+
+    def close(self) -> str: ...  # the sha256; the file is complete (not yet listed: the metadata comes last)
+
+    def abort(self) -> None: ...
+
+
+class _Aborted(Exception):
+    """Raised inside an upload's source when the backup stops: obstore then aborts the multipart upload."""
+
+
+class RemoteUpload:
+    """A writer whose bytes stream to `store.put_stream(name, ...)` in a thread, through a small bounded queue:
+    memory is the queue (QUEUE chunks) plus the store's multipart buffers. `close` waits for the upload and returns
+    its sha256; `abort` makes the source raise, so the store aborts the upload and nothing is left."""
+
+    QUEUE = 8
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store, self.name = store, name
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE)
+        self._stop = threading.Event()
+        self._result: PutResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"upload {name}", daemon=True)
+        self._thread.start()
+
+    def _source(self) -> Iterator[bytes]:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                item = b""
+            if self._stop.is_set():
+                raise _Aborted(f"the backup stopped; the upload of {self.name} is aborted")
+            if item is None:
+                return
+            if item:
+                yield item
+
+    def _run(self) -> None:
+        try:
+            self._result = self.store.put_stream(self.name, self._source())
+        except BaseException as exc:  # handed to the writer's thread
+            self._error = exc
+
+    def _send(self, item: bytes | None) -> None:
+        while True:
+            if not self._thread.is_alive():
+                raise self._failure()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _failure(self) -> BaseException:
+        if isinstance(self._error, StorageError):
+            return self._error
+        return StorageError(f"upload of {self.name} to {self.store.description} failed: {self._error or 'it stopped'}")
+
+    def write(self, data: bytes) -> int:
+        if not data:
+            return 0
+        chunk = bytes(data)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+        self._send(chunk)
+        return len(chunk)
+
+    def close(self) -> str:
+        self._send(None)
+        self._thread.join()
+        if self._error is not None or self._result is None:
+            raise self._failure()
+        digest = self._hash.hexdigest()
+        if self._result.sha256 != digest or self._result.size != self.size:
+            raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes with sha256 "
+                               f"{self._result.sha256}, {self.size} bytes with sha256 {digest} were sent")
+        return digest
+
+    def abort(self) -> None:
+        """Stop: an upload in progress is aborted by the store; one already complete is deleted (its backup never will be)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self._result is not None:
+            try:
+                self.store.delete(self.name)
+            except StorageError as exc:
+                log.warning("could not delete %s of a failed backup (%s); the next prune removes it", self.name, exc)
+
+
+class Destination(Protocol):
+    description: str
+
+    def taken(self) -> set[str]: ...
+
+    def open(self, name: str) -> Output: ...
+
+    def commit(self, metadata: dict[str, Any]) -> None: ...
+
+
+class VolumeDestination:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.description = str(repo.dir)
+
+    def taken(self) -> set[str]:
+        return {e.id for e in self.repo.entries()}
+
+    def open(self, name: str) -> Output:
+        return HashingFile(self.repo.path(name + PARTIAL_SUFFIX))
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        self.repo.commit(metadata)
+
+
+class RemoteDestination:
+    """No volume: every file streams to the store; the metadata object is written last, once each file is complete."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.description = store.description
+
+    def taken(self) -> set[str]:
+        return {info.name.split(".", 1)[0] for info in self.store.list("backup_")}  # any object, not only complete backups
+
+    def open(self, name: str) -> Output:
+        return RemoteUpload(self.store, name)
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        self.store.put_stream(metadata["id"] + METADATA_SUFFIX, [metadata_bytes(metadata)])
+
+
 def dump_format(config: Config) -> str:
     """gzip keeps the spec's `.sql.gz` layout (gunzip | psql); otherwise pg_dump's custom format."""
     return "plain" if config.compression == "gzip" else "custom"
 
 
-def _write_stream(child: Child, out: HashingFile, config: Config) -> None:
+def _write_stream(child: Child, out: Output, config: Config) -> None:
     assert child.proc.stdout is not None
     source = ReadTap(child.proc.stdout, Progress("backup (pg_dump output)"))
     encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
@@ -110,7 +260,7 @@ ROLE_PASSWORDS_LEFT_OUT = ("role passwords were left out: reading them (pg_authi
                            "from this backup have no password until one is set (ALTER ROLE ... PASSWORD)")
 
 
-def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFile) -> bool:
+def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output) -> bool:
     """The roles the database refers to, into `path`. Returns whether their passwords are included."""
     pg_dumpall = postgres.find_tool("pg_dumpall", config.pg_bin_dir)
     conninfo, env = postgres.child_env(config)
@@ -133,8 +283,9 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: HashingFi
     return not extra
 
 
-def create_backup(config: Config, label: str | None = None, keep: bool = False) -> dict[str, Any]:
-    """Take one backup; returns its metadata. Nothing is listed unless it is complete."""
+def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None) -> dict[str, Any]:
+    """Take one backup; returns its metadata. Nothing is listed unless it is complete. With `store` (no volume), the
+    backup streams straight to it; `config.backup_dir` is then only the state directory that holds the lock."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("backup"):
         removed = repo.cleanup()
@@ -142,13 +293,13 @@ def create_backup(config: Config, label: str | None = None, keep: bool = False) 
             log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
         watch = LockWatch(config)  # validation, the row counts and pg_dump all read every table
         try:
-            metadata = _create(config, repo, label, keep)
+            metadata = _create(config, VolumeDestination(repo) if store is None else RemoteDestination(store), label, keep)
         finally:
             watch.stop()
     return metadata
 
 
-def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> dict[str, Any]:
+def _create(config: Config, destination: Destination, label: str | None, keep: bool) -> dict[str, Any]:
     started = datetime.now(UTC)
     clock = time.monotonic()
     pg_dump = postgres.find_tool("pg_dump", config.pg_bin_dir)
@@ -157,7 +308,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
         raise SidecarError(f"backup refused: validation found {len(checked.findings)} problems ({checked.errors[0]}); "
                            "fix them or set validation.block_backup_on_failure: false")
     conn = postgres.connect(config, autocommit=False)
-    files: list[HashingFile] = []
+    files: list[Output] = []
     child: Child | None = None
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -169,17 +320,20 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
         assert snapshot_row is not None
         snapshot = snapshot_row[0]
 
-        backup_id = new_id(started, {e.id for e in repo.entries()})
+        backup_id = new_id(started, destination.taken())
         fmt = dump_format(config)
         encrypted = config.encryption
         dump_name = backup_id + dump_extension(fmt, config.compression, encrypted)
         globals_name = backup_id + globals_extension(config.compression, encrypted)
 
-        globals_file = HashingFile(repo.path(globals_name + PARTIAL_SUFFIX))
+        globals_file = destination.open(globals_name)
         files.append(globals_file)
         role_passwords = _dump_globals(config, conn, globals_file)
+        globals_digest = ""
+        if isinstance(globals_file, RemoteUpload):  # completed before the dump's upload begins; deleted if the backup fails
+            globals_digest = globals_file.close()
 
-        dump_file = HashingFile(repo.path(dump_name + PARTIAL_SUFFIX))
+        dump_file = destination.open(dump_name)
         files.append(dump_file)
         conninfo, env = postgres.child_env(config)
         argv = [pg_dump, f"--dbname={conninfo}", f"--snapshot={snapshot}", "--no-password", "--lock-wait-timeout=5min"]
@@ -205,7 +359,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
         if failure:  # reported first: an error in the snapshot's transaction also makes pg_dump fail
             raise SidecarError(f"backup failed: counting rows: {postgres.describe(failure[0])}; the backup user must be able to read every table")
         child.check("backup")
-        checksums = {name: f.close() for name, f in (("globals", globals_file), ("dump", dump_file))}
+        checksums = {"globals": globals_digest or globals_file.close(), "dump": dump_file.close()}
         files.clear()
         conn.rollback()
 
@@ -243,7 +397,7 @@ def _create(config: Config, repo: Repository, label: str | None, keep: bool) -> 
                 "globals": {"name": globals_name, "size": globals_file.size, "checksum": checksums["globals"]},
             },
         }
-        repo.commit(metadata)
+        destination.commit(metadata)
         log.info("backup %s complete: %d bytes in %.1fs", backup_id, dump_file.size, metadata["durationSeconds"],
                  extra={"event": "backup_completed", "backup_id": backup_id, "duration_seconds": metadata["durationSeconds"], "size_bytes": dump_file.size})
         return metadata

@@ -10,13 +10,13 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sidecar.errors import ChecksumMismatch, NotFound
 from sidecar.repository import ID_PATTERN, METADATA_SUFFIX, Entry, format_id, parse_id
-from sidecar.storage.base import ObjectInfo, ObjectMissing, StorageError, Store, sha256_of
+from sidecar.storage.base import Deleted, ObjectInfo, ObjectMissing, StorageError, Store, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +183,70 @@ def verify_remote(store: Store, metadata: Mapping[str, Any]) -> None:
             raise ChecksumMismatch(f"{store.description}: {item['name']} of {metadata['id']} does not match its metadata "
                                    f"(sha256 {digest}, {size} bytes; expected {item['checksum']}, {item['size']} bytes); "
                                    "the off-site copy is damaged: do not restore from it")
+
+
+# --- retention on the remote ------------------------------------------------------------------------
+
+LEFTOVER_AGE = timedelta(days=1)  # data objects without metadata younger than this may be a copy in progress
+TOMBSTONE_SUFFIX = ".deleting.json"  # written before a delete begins: what remains of an interrupted delete is removed at once
+
+
+@dataclass
+class RemoteDeletion:
+    id: str
+    outcome: str                                               # deleted | kept-by-lock
+    removed: list[str] = field(default_factory=list)           # objects deleted
+    locked: list[str] = field(default_factory=list)            # objects the store refused to delete (Object Lock, retention)
+
+    @property
+    def note(self) -> str:
+        if self.outcome == "kept-by-lock":
+            return "kept by the bucket's lock or retention policy (its metadata could not be deleted); still listed, tried again by the next prune"
+        if self.locked:
+            return f"deleted; {len(self.locked)} of its objects are kept by the bucket's lock or retention policy, tried again by the next prune"
+        return "deleted"
+
+
+def delete_remote(store: Store, backup_id: str) -> RemoteDeletion:
+    """Delete one remote backup: a small tombstone object (`<id>.deleting.json`) first, then its metadata object (from
+    then on it is not listed, so an interrupted delete never leaves a half backup in the listing), then its data
+    objects and facts, the tombstone last. A delete the store refuses (Object Lock, a retention or immutability
+    policy) is not an error: a refused metadata object leaves the backup whole and listed; refused data objects stay
+    as leftovers that a later prune removes once the lock allows it."""
+    parse_id(backup_id)
+    result = RemoteDeletion(backup_id, "deleted")
+    meta_name, tombstone = backup_id + METADATA_SUFFIX, backup_id + TOMBSTONE_SUFFIX
+    store.put_stream(tombstone, [b'{"deleting": true}\n'])  # create-only; the same content again is accepted
+    if store.delete(meta_name) is Deleted.KEPT_BY_LOCK:
+        result.outcome = "kept-by-lock"
+        result.locked.append(meta_name)
+        return result
+    result.removed.append(meta_name)
+    _delete_all(store, [info.name for info in store.list(backup_id + ".") if info.name != tombstone] + [tombstone], result)
+    return result
+
+
+def _delete_all(store: Store, names: list[str], result: RemoteDeletion) -> None:
+    for name in names:
+        (result.locked if store.delete(name) is Deleted.KEPT_BY_LOCK else result.removed).append(name)
+
+
+def remote_leftovers(store: Store, now: datetime, in_progress: frozenset[str] | set[str] = frozenset()) -> dict[str, list[str]]:
+    """{backup id: its objects} for the objects of a backup that has no metadata object: those of an interrupted delete
+    (its tombstone is there), or those of a copy that never finished, once every one of them is older than
+    LEFTOVER_AGE and the backup is not in `in_progress` (a local backup still waiting for its copy)."""
+    groups: dict[str, list[ObjectInfo]] = {}
+    for info in store.list("backup_"):
+        stem = info.name.split(".", 1)[0]
+        if ID_PATTERN.fullmatch(stem):
+            groups.setdefault(stem, []).append(info)
+    leftovers = {}
+    for backup_id, infos in sorted(groups.items()):
+        names = [i.name for i in infos]
+        if backup_id + METADATA_SUFFIX in names:
+            continue
+        if backup_id + TOMBSTONE_SUFFIX in names:
+            leftovers[backup_id] = [n for n in names if n != backup_id + TOMBSTONE_SUFFIX] + [backup_id + TOMBSTONE_SUFFIX]
+        elif backup_id not in in_progress and all(i.modified <= now - LEFTOVER_AGE for i in infos):
+            leftovers[backup_id] = names
+    return leftovers

@@ -127,6 +127,10 @@ class LocalStore:
             path.unlink()
         except FileNotFoundError:
             return Deleted.MISSING
+        except PermissionError as exc:
+            if exc.errno == errno.EPERM and _immutable(path):  # chattr +i: the file system's own lock
+                return Deleted.KEPT_BY_LOCK
+            raise StorageError(f"cannot delete {path} ({exc.strerror})") from None
         except OSError as exc:
             raise StorageError(f"cannot delete {path} ({exc.strerror})") from None
         fsync_dir(self.dir)
@@ -145,6 +149,30 @@ def _disk(action: Callable[[], T], path: Path) -> T:
 
 def _info(name: str, stat: os.stat_result) -> ObjectInfo:
     return ObjectInfo(name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
+
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+
+def _immutable(path: Path) -> bool:
+    """The file carries the immutable or append-only attribute (chattr +i / +a): no one, not even root, deletes it."""
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        return bool(flags[0] & (FS_IMMUTABLE_FL | FS_APPEND_FL))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

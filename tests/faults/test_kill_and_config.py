@@ -82,6 +82,8 @@ BAD_VALUES = {
     "restore.keep_previous_days": "-3",
     "postgres.data_dir": "",
     "backup.group_readable": "for the group",
+    "backup.volume": "no thanks",
+    "backup.state_dir": "",
     "remote.url": "ftp://backups/db",
     "remote.endpoint": "s3.example.com",
     "remote.region": "Europe West",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar import check as _check
@@ -38,6 +39,7 @@ __all__ = [
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
+    "create_base_backup", "list_base_backups", "wal_timelines", "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
 ]
 
 
@@ -263,3 +265,72 @@ def check_setup(config: Config | None = None) -> CheckReport:
 def drill_backup(ref: str = "latest", config: Config | None = None) -> DrillReport:
     """Restore into a scratch database, validate, compare row counts, drop it; records `verified`."""
     return _restore.drill_backup(_config(config), ref)
+
+
+# --- physical: base backups, WAL archiving, point-in-time restore (sidecar/physical, issue 13) -----
+
+def create_base_backup(config: Config | None = None) -> dict[str, Any]:
+    """pg_basebackup through our stages into BACKUP_DIR/base/; returns its metadata. It is good (`list --base`)
+    once the WAL up to its end LSN is archived by `wal-receive`."""
+    from sidecar.physical.base import create_base_backup as create
+
+    return create(_config(config))
+
+
+def list_base_backups(config: Config | None = None) -> list[dict[str, Any]]:
+    """Every base backup, newest first: its metadata with `status` (ok | waiting-for-wal | missing-file | ...) and `problem`."""
+    from sidecar.physical.base import list_base_backups as listing
+
+    return [b.to_json() for b in listing(_config(config))]
+
+
+def wal_timelines(config: Config | None = None) -> list[dict[str, Any]]:
+    """What the WAL archive holds per system and timeline: segments, first, last, gaps."""
+    from sidecar.physical.wal import WalArchive
+
+    return [t.to_json() for t in WalArchive(_config(config).backup_dir).timelines()]
+
+
+def verify_base_backup(ref: str, config: Config | None = None) -> VerifyReport:
+    """sha256 of a base backup's stored file, then every file in its tar against its backup_manifest."""
+    from sidecar.physical.base import verify_base_backup as verify
+
+    backup_id, problems, notes = verify(_config(config), ref)
+    return VerifyReport(backup_id, ok=not problems, problems=problems, notes=notes)
+
+
+def is_base_backup(ref: str, config: Config | None = None) -> bool:
+    from sidecar.physical.base import base_dir
+    from sidecar.repository import METADATA_SUFFIX
+
+    return ref != "latest" and "/" not in ref and (base_dir(_config(config)) / (ref + METADATA_SUFFIX)).is_file()
+
+
+def receive_wal(config: Config | None = None) -> int:
+    """Stream WAL into the archive until SIGTERM/SIGINT (pg_receivewal with a slot, restarted with backoff)."""
+    from sidecar.physical.receiver import Receiver
+
+    return Receiver(_config(config)).run()
+
+
+def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None) -> None:
+    """restore_command's helper: an archived WAL file into `dest`, sha256 checked. NotFound if it is not archived,
+    ChecksumMismatch naming it if it is damaged. Needs no DATABASE_URL."""
+    from sidecar import age
+    from sidecar.physical.wal import WalArchive
+
+    archive = WalArchive(backup_dir)
+    if system_id is None:
+        systems = sorted({t.system_id for t in archive.timelines()})
+        if len(systems) != 1:
+            raise UsageError(f"the archive in {backup_dir} holds {len(systems)} systems; give --system-id")
+        system_id = systems[0]
+    identities = age.parse_identities(identity_file) if identity_file else None
+    archive.fetch(system_id, name, dest, identities)
+
+
+def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path) -> dict[str, Any]:
+    """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote)."""
+    from sidecar.physical.pitr import parse_target, restore_to_data_dir
+
+    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir)

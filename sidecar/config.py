@@ -64,6 +64,10 @@ class Config:
     data_dir: Path | None = None
     group_readable: bool = False
     remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
+    # --- WAL archiving and point-in-time recovery (sidecar/physical) ---
+    wal_archiving: bool = False
+    wal_slot_name: str = "pg_backup_sidecar"
+    wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -113,6 +117,9 @@ class Config:
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
             "backup.group_readable": self.group_readable,
             **(self.remote.masked() if self.remote else {"remote.url": None}),
+            "wal.enabled": self.wal_archiving,
+            "wal.slot_name": self.wal_slot_name,
+            "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
         }
 
     def drill_server(self) -> Config:
@@ -244,6 +251,13 @@ def _path(value: Any) -> Path:
     return Path(_text(value))
 
 
+def _slot_name(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", text):
+        raise ValueError("must be a replication slot name: 1 to 63 lower-case letters, digits or underscores")
+    return text
+
+
 KEYS: dict[str, tuple[str, Parser]] = {
     "database.url": ("DATABASE_URL", _url),
     "backup.dir": ("BACKUP_DIR", _path),
@@ -279,6 +293,10 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "postgres.data_dir": ("POSTGRES_DATA_DIR", _path),
     "backup.group_readable": ("BACKUP_GROUP_READABLE", _bool),
     **REMOTE_KEYS,  # remote.url, remote.endpoint, ...: sidecar/storage/remote.py
+    # WAL archiving and point-in-time recovery (sidecar/physical)
+    "wal.enabled": ("WAL_ARCHIVING", _bool),
+    "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
+    "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
 }
 
 
@@ -379,13 +397,16 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         data_dir=values.get("postgres.data_dir"),
         group_readable=values.get("backup.group_readable", False),
         remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,
+        wal_archiving=values.get("wal.enabled", False),
+        wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
+        wal_spool_dir=values.get("wal.spool_dir"),
     )
 
 
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
 OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
                    "RESTORE_REQUEST_ID")
-OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_")
 # what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
 SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")

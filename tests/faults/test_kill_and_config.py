@@ -93,6 +93,9 @@ BAD_VALUES = {
     "remote.access_key_id_file": "/nonexistent/key",
     "remote.secret_access_key_file": "/nonexistent/secret",
     "remote.session_token_file": "/nonexistent/token",
+    "wal.enabled": "perhaps",
+    "wal.slot_name": "Bad-Slot!",
+    "wal.spool_dir": "",
 }
 
 

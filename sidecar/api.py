@@ -334,3 +334,10 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
     return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir)
+
+
+def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
+    """The daemon's WAL receiver (WAL_ARCHIVING=true): `wal-receive` supervised in a thread until `stop` is set."""
+    from sidecar.physical.receiver import supervise
+
+    return supervise(config_path, stop, pid_variable)

@@ -175,3 +175,38 @@ class Receiver:
             os.close(fd)
             raise LockHeld(f"another WAL receiver runs on {directory} ({path} is locked); only one may stream into a volume") from None
         return fd
+
+
+def supervise(config_path: str | None, stop: threading.Event, pid_variable: str) -> threading.Thread:
+    """For the daemon (WAL_ARCHIVING=true): `wal-receive` as a child process (its log lines pass through to ours),
+    restarted with backoff whenever it exits, SIGTERM when `stop` is set. The child dies with the daemon
+    (`pid_variable` names the daemon for the CLI's parent-death signal)."""
+    import sys
+
+    def loop() -> None:
+        backoff = 1.0
+        while not stop.is_set():
+            argv = [sys.executable, "-m", "sidecar"] + (["--config", config_path] if config_path else []) + ["wal-receive"]
+            env = {**os.environ, "SIDECAR_LOG_FORMAT": "json", pid_variable: str(os.getpid())}
+            started = time.monotonic()
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+            while child.poll() is None and not stop.wait(0.5):
+                pass
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            log.error("the WAL receiver exited with code %s; restarting it in %.0fs", child.returncode, backoff,
+                      extra={"event": "wal_receiver_exited"})
+            stop.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    thread = threading.Thread(target=loop, name="wal-receiver", daemon=True)
+    thread.start()
+    return thread

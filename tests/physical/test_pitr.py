@@ -184,3 +184,26 @@ def test_verify_checks_a_base_backup_against_its_manifest(wal_cluster: WalCluste
     meta_path.write_text(json.dumps(meta))
     bad = cli(env, "verify", base_id, check=False)
     assert bad.returncode == 1 and "PG_VERSION: sha256 differs from the manifest" in bad.stdout, bad.stdout
+
+
+def test_the_daemon_with_wal_archiving_streams_wal_and_restarts_a_killed_receiver(wal_cluster: WalCluster, pitr_env: dict[str, str],
+                                                                                   tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.test_daemon import Running
+
+    backups = Path(pitr_env["BACKUP_DIR"])
+    running = Running({**pitr_env, "WAL_ARCHIVING": "true"}, tmp_path / "daemon.log")
+    try:
+        first = switch(wal_cluster)
+        running.wait_for(lambda: archived(backups, first), f"segment {first} to be archived by the daemon's receiver")
+        [receiver_pid] = subprocess.run(["pgrep", "-P", str(running.proc.pid), "-f", "wal-receive"], capture_output=True, text=True).stdout.split()
+        subprocess.run(["kill", "-9", receiver_pid], check=True)
+        second = switch(wal_cluster)
+        running.wait_for(lambda: archived(backups, second), f"segment {second} to be archived after the receiver was restarted")
+    finally:
+        assert running.stop() == 0
+    assert "the WAL receiver exited" in running.log.read_text()
+    [timeline] = list_wal(pitr_env)
+    assert timeline["gaps"] == []
+    assert wal_cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'") == "0"  # nothing left streaming

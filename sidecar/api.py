@@ -343,3 +343,37 @@ def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) ->
     from sidecar.physical.receiver import supervise
 
     return supervise(config_path, stop, pid_variable)
+
+
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str) -> RestoreReport:
+    """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
+    into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
+    from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
+    row counts, validation, swap when `target_db` exists). The live server's data directory is never touched."""
+    import shutil
+    from dataclasses import replace
+
+    from psycopg.conninfo import make_conninfo
+
+    from sidecar.physical.pitr import ScratchServer, parse_target, restore_to_data_dir, scratch_directory
+
+    cfg = _config(config)
+    target = parse_target(to_time, to_lsn, to_latest)
+    root = scratch_directory()
+    try:
+        result = restore_to_data_dir(cfg, target, root / "data")
+        server = ScratchServer(cfg, root, result.get("serverMajor"))
+        try:
+            server.start()
+            params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
+            scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
+            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"))
+            log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
+            dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),
+                               remote=None, data_dir=None, drill_database_url=None, retention_days=0)
+            taken = _backup.create_backup(dump_cfg, label=f"point-in-time {result['target']} from base backup {result['baseBackup']}")
+        finally:
+            server.stop()
+        return _restore.restore_backup(replace(cfg, backup_dir=root / "repository"), taken["id"], target_db=target_db)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -339,9 +339,19 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         if args.id or args.in_place or args.force or args.from_remote:
             raise UsageError("--to-time/--to-lsn/--to-latest restore from base backups and WAL; leave out the backup id, --in-place, --force and --from-remote")
         if args.target_db is not None:
-            raise UsageError("restore --to-time ... --target-db is not built yet (issue 13); use --into-data-dir DIR and start a server on it")
+            if args.into_data_dir or args.stage_wal is not None:
+                raise UsageError("--target-db and --into-data-dir are two kinds of point-in-time restore; give one")
+            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db)
+            if args.json:
+                emit(asdict(restored))
+            else:
+                print(f"restored {config.database_name} as of {args.to_time or args.to_lsn or 'the latest WAL'} into {restored.database} "
+                      f"({restored.mode}, {restored.duration_seconds:.1f}s, row counts of {restored.tables_checked} tables checked)")
+                if restored.previous_database:
+                    print(f"the previous database is kept as {restored.previous_database}")
+            return OK
         if not args.into_data_dir:
-            raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory)")
+            raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory) or --target-db NAME")
         from pathlib import Path
 
         result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal)

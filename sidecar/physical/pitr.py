@@ -235,3 +235,78 @@ def start_hint(result: dict[str, Any]) -> str:
 
 def is_wal_name(name: str) -> bool:
     return bool(SEGMENT.fullmatch(name) or HISTORY.fullmatch(name))
+
+
+class ScratchServer:
+    """A PostgreSQL of the base backup's major version on a restored data directory, listening only on a Unix socket
+    in its own directory (trust there: only this process's user, or root, can reach that 0700 directory), run as
+    `postgres` when we are root. Started, waited for until recovery has promoted, stopped and removed."""
+
+    def __init__(self, config: Config, root: Path, major: int | None) -> None:
+        from sidecar.postgres import find_tool, tool_version
+
+        self.root = root
+        self.data = root / "data"
+        self.port = 5432
+        self.pg_ctl = find_tool("pg_ctl", config.pg_bin_dir)
+        found, text = tool_version(find_tool("postgres", config.pg_bin_dir))
+        if major is not None and found != major:
+            raise SidecarError(f"the base backup is of PostgreSQL {major} but the server binaries here are {text}; install PostgreSQL {major}'s "
+                               "server (postgresql-{major}) or set PG_BIN_DIR to its bin directory")
+        self.user = SERVER_USER if os.geteuid() == 0 else None
+
+    def _run(self, argv: list[str], check: bool = True) -> str:
+        import subprocess
+
+        from sidecar.postgres import base_env
+
+        done = subprocess.run(argv, user=self.user, capture_output=True, text=True, check=False, cwd="/", env=base_env())
+        if check and done.returncode != 0:
+            raise SidecarError(f"the scratch PostgreSQL failed: {(done.stderr or done.stdout).strip()[-300:]}; {self.log_tail()}")
+        return done.stdout
+
+    def log_tail(self) -> str:
+        try:
+            lines = [x for x in (self.root / "server.log").read_text(errors="replace").splitlines() if "FATAL" in x or "PANIC" in x]
+        except OSError:
+            return "no server log"
+        return "its log says: " + (lines[-1].strip() if lines else "(no FATAL line)")
+
+    def start(self) -> None:
+        hba = self.root / "pg_hba.conf"
+        hba.write_text("local all all trust\n")
+        if self.user:
+            _chown(self.root, self.user)
+        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.root}' -c port={self.port} -c hba_file='{hba}' -c ssl=off "
+                   "-c archive_mode=off -c logging_collector=off -c hot_standby=on")
+        self._run([self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "600", "start"])
+
+    def wait_promoted(self, conninfo: str, timeout: float = 3600) -> None:
+        import time
+
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                    if row is not None and not row[0]:
+                        return
+            except psycopg.OperationalError:
+                if not (self.data / "postmaster.pid").exists():
+                    raise SidecarError(f"the scratch PostgreSQL stopped during recovery; {self.log_tail()}") from None
+            time.sleep(0.5)
+        raise SidecarError(f"the scratch PostgreSQL did not finish recovery in {timeout:.0f}s; {self.log_tail()}")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"], check=False)
+
+
+def scratch_directory() -> Path:
+    """A new 0700 directory for a scratch server (its data directory, socket and log); in TMPDIR, which the server's
+    user must be able to reach (/tmp)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="pg-backup-sidecar-pitr-"))

@@ -228,3 +228,30 @@ def test_the_daemon_with_wal_archiving_streams_wal_and_restarts_a_killed_receive
     [timeline] = list_wal(pitr_env)
     assert timeline["gaps"] == []
     assert wal_cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'") == "0"  # nothing left streaming
+
+
+def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was(wal_cluster: WalCluster, pitr_env: dict[str, str],
+                                                                                  tmp_path: Path) -> None:
+    backups = Path(pitr_env["BACKUP_DIR"])
+    wal_cluster.psql("CREATE DATABASE app")
+    wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY, note text)", "app")
+    env = {**pitr_env, "DATABASE_URL": wal_cluster.url("app")}
+    receiver = Receiver(env, tmp_path / "receiver.log")
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        cli(env, "base-backup")
+        wal_cluster.psql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 100) g", "app")
+        switch(wal_cluster)
+        time.sleep(0.3)
+        target = datetime.now(UTC)
+        time.sleep(0.3)
+        wal_cluster.psql("INSERT INTO t SELECT g, 'after' FROM generate_series(101, 150) g; DELETE FROM t WHERE id <= 10", "app")
+        last = switch(wal_cluster)
+        wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
+    finally:
+        assert receiver.stop() == 0
+    result = cli(env, "restore", "--to-time", target.isoformat(), "--target-db", "app_as_it_was")
+    assert "into app_as_it_was (new-database" in result.stdout, result.stdout
+    assert wal_cluster.psql("SELECT count(*), min(id), max(id), count(DISTINCT note) FROM t", "app_as_it_was") == "100|1|100|1"
+    assert wal_cluster.psql("SELECT count(*) FROM t", "app") == "140"  # the live database is untouched
+    assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*"))  # the scratch server and its directory are gone

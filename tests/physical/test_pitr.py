@@ -255,3 +255,44 @@ def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was
     assert wal_cluster.psql("SELECT count(*), min(id), max(id), count(DISTINCT note) FROM t", "app_as_it_was") == "100|1|100|1"
     assert wal_cluster.psql("SELECT count(*) FROM t", "app") == "140"  # the live database is untouched
     assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*"))  # the scratch server and its directory are gone
+
+
+def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_second_before(wal_cluster: WalCluster, pitr_env: dict[str, str],
+                                                                                               tmp_path: Path) -> None:
+    import psycopg
+
+    backups = Path(pitr_env["BACKUP_DIR"])
+    wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    receiver = Receiver(pitr_env, tmp_path / "receiver.log")
+    committed: dict[int, float] = {}
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        cli(pitr_env, "base-backup")
+        wait_for(lambda: json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["status"] == "ok", "the base backup's WAL")
+        with psycopg.connect(wal_cluster.url("postgres"), autocommit=True) as conn:
+            started = time.monotonic()
+            i = 0
+            while time.monotonic() - started < 3:  # no segment switch: the newest rows live only in the receiver's .partial
+                i += 1
+                conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                committed[i] = time.monotonic()
+                time.sleep(0.002)
+            wal_cluster.stop("immediate")  # kill: no shutdown checkpoint, nothing more is sent
+            killed = time.monotonic()
+        time.sleep(1)
+    finally:
+        assert receiver.stop() == 0
+    assert list((backups / "wal" / "spool").glob("*.partial"))
+    restored = WalCluster(port=54332)
+    try:
+        cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
+        restored.start_existing()
+        restored.wait_promoted()
+        present = {int(x) for x in restored.psql("SELECT id FROM t").split()}
+    finally:
+        restored.destroy()
+    missing = sorted(set(committed) - present)
+    oldest_missing_age = killed - committed[missing[0]] if missing else 0.0
+    print(f"rows committed {len(committed)}, missing after restore --to-latest {len(missing)}, oldest missing committed {oldest_missing_age:.3f}s before the kill")
+    assert oldest_missing_age < 1.0, (len(missing), oldest_missing_age)
+    assert present <= set(committed)

@@ -91,6 +91,11 @@ def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target) -> list
         if archive.record(system, name) is None:
             if last is not None:
                 raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
+            later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
+            if later:
+                log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
+                            "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
+                            extra={"event": "wal_gap"})
             break
         names.append(name)
         segno += 1

@@ -155,17 +155,22 @@ def test_a_missing_segment_is_reported_as_a_gap_and_holds_back_the_base_backup(w
                                                                                tmp_path: Path) -> None:
     names = _archive_some(wal_cluster, pitr_env, tmp_path / "receiver.log", switches=3)
     [base] = json.loads(cli(pitr_env, "list", "--base", "--json").stdout)
-    assert base["status"] == "ok"
-    lost = base["endWal"]
-    for path in Path(pitr_env["BACKUP_DIR"]).glob(f"wal/*/{lost[:8]}/{lost}.*"):
-        path.unlink()
+    assert base["status"] == "ok" and base["endWal"] < names[1]
+
+    def lose(segment: str) -> None:
+        for path in Path(pitr_env["BACKUP_DIR"]).glob(f"wal/*/{segment[:8]}/{segment}.*"):
+            path.unlink()
+
+    lose(names[1])  # after the base backup's end: a restore stops before it, and says so
     shown = cli(pitr_env, "list", "--wal").stdout
-    assert f"GAP: {lost} missing" in shown, shown
+    assert f"GAP: {names[1]} missing" in shown, shown
+    result = cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(tmp_path / "restored"))
+    assert f"segment {names[1]} is missing from the WAL archive (a gap)" in result.stderr and names[2] in result.stderr, result.stderr
+    lose(base["endWal"])  # inside the base backup: it is not good any more
     [base] = json.loads(cli(pitr_env, "list", "--base", "--json").stdout)
-    assert base["status"] == "waiting-for-wal" and lost in base["problem"]
-    result = cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(tmp_path / "restored"), check=False)
-    assert result.returncode == 2 and "no good base backup" in result.stderr and lost in result.stderr, result.stderr
-    assert names
+    assert base["status"] == "waiting-for-wal" and base["endWal"] in base["problem"]
+    result = cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(tmp_path / "again"), check=False)
+    assert result.returncode == 2 and "no good base backup" in result.stderr and base["endWal"] in result.stderr, result.stderr
 
 
 def test_wal_receive_names_the_missing_replication_right_and_pg_hba_line(wal_cluster: WalCluster, pitr_env: dict[str, str]) -> None:

@@ -418,7 +418,7 @@ def _service_link(name: str, value: str) -> bool:
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """One warning per environment variable that looks like ours (BACKUP_*, SIDECAR_*, DRILL_*,
-    VALIDATION_*, RESTORE_*) but is not read by anything, with the closest known name. Set, it is ignored:
+    VALIDATION_*, RESTORE_*, WAL_*) but is not read by anything, with the closest known name. Set, it is ignored:
     a typo in BACKUP_RETENTION_DAYS would otherwise silently keep the default."""
     env = os.environ if environ is None else environ
     known = sorted({variable for variable, _ in KEYS.values() if variable} | set(OTHER_VARIABLES))

@@ -127,7 +127,7 @@ def test_wal_receive_killed_and_restarted_continues_without_a_gap(wal_cluster: W
     backups = Path(pitr_env["BACKUP_DIR"])
     log = tmp_path / "receiver.log"
     wal_cluster.psql("CREATE TABLE t (id int)")
-    for trial in range(3):
+    for trial in range(2):
         receiver = Receiver(pitr_env, log)
         wait_for(lambda r=receiver: "receiving WAL" in log.read_text() and r.proc.poll() is None, "the receiver to start")
         wal_cluster.psql(f"INSERT INTO t VALUES ({trial})")
@@ -277,7 +277,7 @@ def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_
         with psycopg.connect(wal_cluster.url("postgres"), autocommit=True) as conn:
             started = time.monotonic()
             i = 0
-            while time.monotonic() - started < 3:  # no segment switch: the newest rows live only in the receiver's .partial
+            while time.monotonic() - started < 2:  # no segment switch: the newest rows live only in the receiver's .partial
                 i += 1
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
                 committed[i] = time.monotonic()

@@ -300,10 +300,11 @@ def verify_base_backup(ref: str, config: Config | None = None) -> VerifyReport:
 
 
 def is_base_backup(ref: str, config: Config | None = None) -> bool:
+    """Whether `ref` is the id of a base backup (anything that is not exactly an id is not: never a path)."""
     from sidecar.physical.base import base_dir
-    from sidecar.repository import METADATA_SUFFIX
+    from sidecar.repository import ID_PATTERN, METADATA_SUFFIX
 
-    return ref != "latest" and "/" not in ref and (base_dir(_config(config)) / (ref + METADATA_SUFFIX)).is_file()
+    return bool(ID_PATTERN.fullmatch(ref)) and (base_dir(_config(config)) / (ref + METADATA_SUFFIX)).is_file()
 
 
 def receive_wal(config: Config | None = None) -> int:

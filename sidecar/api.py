@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar import check as _check
@@ -38,6 +39,7 @@ __all__ = [
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
+    "create_base_backup", "list_base_backups", "wal_timelines", "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
 ]
 
 
@@ -397,3 +399,116 @@ def drill_backup(ref: str = "latest", config: Config | None = None, from_remote:
     if remote and report.ok is True and report.skipped is None:
         _note_remote_verified(cfg, report.backup_id, datetime.fromisoformat(report.at))
     return report
+
+
+# --- physical: base backups, WAL archiving, point-in-time restore (sidecar/physical, issue 13) -----
+
+def create_base_backup(config: Config | None = None) -> dict[str, Any]:
+    """pg_basebackup through our stages into BACKUP_DIR/base/; returns its metadata. It is good (`list --base`)
+    once the WAL up to its end LSN is archived by `wal-receive`."""
+    from sidecar.physical.base import create_base_backup as create
+
+    return create(_config(config))
+
+
+def list_base_backups(config: Config | None = None) -> list[dict[str, Any]]:
+    """Every base backup, newest first: its metadata with `status` (ok | waiting-for-wal | missing-file | ...) and `problem`."""
+    from sidecar.physical.base import list_base_backups as listing
+
+    return [b.to_json() for b in listing(_config(config))]
+
+
+def wal_timelines(config: Config | None = None) -> list[dict[str, Any]]:
+    """What the WAL archive holds per system and timeline: segments, first, last, gaps."""
+    from sidecar.physical.wal import WalArchive
+
+    return [t.to_json() for t in WalArchive(_config(config).backup_dir).timelines()]
+
+
+def verify_base_backup(ref: str, config: Config | None = None) -> VerifyReport:
+    """sha256 of a base backup's stored file, then every file in its tar against its backup_manifest."""
+    from sidecar.physical.base import verify_base_backup as verify
+
+    backup_id, problems, notes = verify(_config(config), ref)
+    return VerifyReport(backup_id, ok=not problems, problems=problems, notes=notes)
+
+
+def is_base_backup(ref: str, config: Config | None = None) -> bool:
+    """Whether `ref` is the id of a base backup (anything that is not exactly an id is not: never a path)."""
+    from sidecar.physical.base import base_dir
+    from sidecar.repository import ID_PATTERN, METADATA_SUFFIX
+
+    return bool(ID_PATTERN.fullmatch(ref)) and (base_dir(_config(config)) / (ref + METADATA_SUFFIX)).is_file()
+
+
+def receive_wal(config: Config | None = None) -> int:
+    """Stream WAL into the archive until SIGTERM/SIGINT (pg_receivewal with a slot, restarted with backoff)."""
+    from sidecar.physical.receiver import Receiver
+
+    return Receiver(_config(config)).run()
+
+
+def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None) -> None:
+    """restore_command's helper: an archived WAL file into `dest`, sha256 checked. NotFound if it is not archived,
+    ChecksumMismatch naming it if it is damaged. Needs no DATABASE_URL."""
+    from sidecar import age
+    from sidecar.physical.wal import WalArchive
+
+    archive = WalArchive(backup_dir)
+    if system_id is None:
+        systems = sorted({t.system_id for t in archive.timelines()})
+        if len(systems) != 1:
+            raise UsageError(f"the archive in {backup_dir} holds {len(systems)} systems; give --system-id")
+        system_id = systems[0]
+    identities = age.parse_identities(identity_file) if identity_file else None
+    archive.fetch(system_id, name, dest, identities)
+
+
+def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
+                     stage_wal: bool | None = None) -> dict[str, Any]:
+    """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
+    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch."""
+    from sidecar.physical.pitr import parse_target, restore_to_data_dir
+
+    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir, stage_wal)
+
+
+def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
+    """The daemon's WAL receiver (WAL_ARCHIVING=true): `wal-receive` supervised in a thread until `stop` is set."""
+    from sidecar.physical.receiver import supervise
+
+    return supervise(config_path, stop, pid_variable)
+
+
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str) -> RestoreReport:
+    """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
+    into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
+    from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
+    row counts, validation, swap when `target_db` exists). The live server's data directory is never touched."""
+    import shutil
+    from dataclasses import replace
+
+    from psycopg.conninfo import make_conninfo
+
+    from sidecar.physical.pitr import ScratchServer, parse_target, restore_to_data_dir, scratch_directory
+
+    cfg = _config(config)
+    target = parse_target(to_time, to_lsn, to_latest)
+    root = scratch_directory()
+    try:
+        result = restore_to_data_dir(cfg, target, root / "data")
+        server = ScratchServer(cfg, root, result.get("serverMajor"))
+        try:
+            server.start()
+            params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
+            scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
+            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"))
+            log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
+            dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),
+                               remote=None, data_dir=None, drill_database_url=None, retention_days=0)
+            taken = _backup.create_backup(dump_cfg, label=f"point-in-time {result['target']} from base backup {result['baseBackup']}")
+        finally:
+            server.stop()
+        return _restore.restore_backup(replace(cfg, backup_dir=root / "repository"), taken["id"], target_db=target_db)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

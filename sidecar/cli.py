@@ -130,6 +130,26 @@ def parser() -> argparse.ArgumentParser:
     vc = sub.add_parser("validate-config", help="check the configuration's syntax (warns on unknown variables) and that the remote store, if any, is usable")
     vc.add_argument("--print", action="store_true", help="print the effective configuration, secrets masked")
 
+    # --- physical: base backups, WAL archiving, point-in-time restore (issue 13) ---
+    bb = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for point-in-time recovery; good once its WAL is archived")
+    bb.add_argument("--json", action="store_true")
+    sub.add_parser("wal-receive", help="stream WAL (pg_receivewal, replication slot) into the archive until stopped (foreground)")
+    wf = sub.add_parser("wal-fetch", help="restore_command helper: an archived WAL file into DEST (exit 1: not archived; 126: damaged)")
+    wf.add_argument("segment", metavar="SEGMENT")
+    wf.add_argument("dest", metavar="DEST")
+    wf.add_argument("--backup-dir", help="the backup volume (default: $BACKUP_DIR, else ./backups)")
+    wf.add_argument("--system-id", help="the system identifier whose WAL to read (needed when the archive holds several)")
+    wf.add_argument("--identity-file", help="age secret key file for encrypted WAL (default: $BACKUP_ENCRYPTION_IDENTITY_FILE)")
+    r.add_argument("--to-time", metavar="T", help="point-in-time restore to T (ISO 8601 with a time zone, e.g. 2026-11-26T14:32:05Z)")
+    r.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position (e.g. 0/3000028)")
+    r.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
+    r.add_argument("--into-data-dir", metavar="DIR", help="write a data directory (new or empty) that recovers to the target when a server starts on it")
+    r.add_argument("--stage-wal", action=argparse.BooleanOptionalAction, default=None,
+                   help="copy the WAL recovery needs into DIR/pg_wal (self-contained; default when running as root) instead of restore_command = wal-fetch")
+    ls.add_argument("--base", action="store_true", help="base backups (point-in-time recovery) and whether their WAL is archived")
+    ls.add_argument("--wal", action="store_true", help="the WAL archive per system and timeline: first and last segment, gaps")
+    v.add_argument("--base", action="store_true", help="ID|latest is a base backup: sha256, then every file against its backup_manifest")
+
     ck = sub.add_parser("check", help="check the setup works: connection, rights, pg_dump, volume, encryption keys (exit 1 on a problem)")
     ck.add_argument("--json", action="store_true")
     return p
@@ -204,6 +224,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"error: {len(copied.failed)} backups not copied, {copied.left} still pending", file=sys.stderr)
             return FAILED
         return OK
+    physical = _run_physical(args, config)
+    if physical is not None:
+        return physical
     if args.command == "list" or (args.command == "restore" and not args.id):
         backups = api.list_backups(config, remote=getattr(args, "remote", False) or getattr(args, "from_remote", False))
         if getattr(args, "json", False):
@@ -288,6 +311,107 @@ def run(args: argparse.Namespace, config: Config) -> int:
     raise UsageError(f"unknown command {args.command}")
 
 
+def _pitr_requested(args: argparse.Namespace) -> bool:
+    return args.command == "restore" and bool(args.to_time or args.to_lsn or args.to_latest or args.into_data_dir or args.stage_wal is not None)
+
+
+def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
+    """The commands of point-in-time recovery (issue 13); None for every other command."""
+    if args.command == "base-backup":
+        meta = api.create_base_backup(config)
+        if args.json:
+            emit(meta)
+        else:
+            print(meta["id"])
+        return OK
+    if args.command == "wal-receive":
+        return api.receive_wal(config)
+    if args.command == "list" and args.wal:
+        timelines = api.wal_timelines(config)
+        if args.json:
+            emit(timelines)
+        elif not timelines:
+            print("no WAL archived yet")
+        for t in [] if args.json else timelines:
+            gaps = f"  GAP: {', '.join(t['gaps'])} missing" if t["gaps"] else ""
+            print(f"system {t['systemIdentifier']} timeline {t['timeline']}: {t['segments']} segments {t['first']}..{t['last']}{gaps}")
+        return OK
+    if args.command == "list" and args.base:
+        backups = api.list_base_backups(config)
+        if args.json:
+            emit(backups)
+        elif not backups:
+            print("no base backups yet")
+        for b in [] if args.json else backups:
+            status = b["status"] + (f": {b['problem']}" if b["problem"] else "")
+            print(f"{b['id']}  {human_size(b.get('size'))}  LSN {b.get('startLsn', '-')}..{b.get('endLsn', '-')} timeline {b.get('timeline', '-')}  {status}")
+        return OK
+    if args.command == "verify" and (args.base or api.is_base_backup(args.id, config)):
+        report = api.verify_base_backup(args.id, config)
+        if args.json:
+            emit(asdict(report))
+        else:
+            print(f"{report.backup_id}: {'OK' if report.ok else 'BAD'}")
+            for line in report.problems + report.notes:
+                print(f"  {line}")
+        return OK if report.ok else FOUND_PROBLEM
+    if _pitr_requested(args):
+        if args.id or args.in_place or args.force or args.from_remote:
+            raise UsageError("--to-time/--to-lsn/--to-latest restore from base backups and WAL; leave out the backup id, --in-place, --force and --from-remote")
+        if args.target_db is not None:
+            if args.into_data_dir or args.stage_wal is not None:
+                raise UsageError("--target-db and --into-data-dir are two kinds of point-in-time restore; give one")
+            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db)
+            if args.json:
+                emit(asdict(restored))
+            else:
+                print(f"restored {config.database_name} as of {args.to_time or args.to_lsn or 'the latest WAL'} into {restored.database} "
+                      f"({restored.mode}, {restored.duration_seconds:.1f}s, row counts of {restored.tables_checked} tables checked)")
+                if restored.previous_database:
+                    print(f"the previous database is kept as {restored.previous_database}")
+            return OK
+        if not args.into_data_dir:
+            raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory) or --target-db NAME")
+        from pathlib import Path
+
+        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal)
+        if args.json:
+            emit(result)
+        else:
+            from sidecar.physical.pitr import start_hint
+
+            print(f"wrote {result['dataDir']} from base backup {result['baseBackup']} with {result['walSegments']} WAL segments"
+                  f"{' (staged in pg_wal)' if result['walStaged'] else ''}, recovering to {result['target']}")
+            print(start_hint(result))
+        return OK
+    return None
+
+
+def _wal_fetch(args: argparse.Namespace) -> int:
+    """restore_command: 0 restored, 1 not archived (recovery ends there cleanly), 126 damaged and 128 any other failure
+    (PostgreSQL stops recovery on an exit code above 125 instead of taking it for 'not found')."""
+    from pathlib import Path
+
+    from sidecar.errors import ChecksumMismatch, NotFound
+
+    backup_dir = Path(args.backup_dir or os.environ.get("BACKUP_DIR") or "./backups")
+    identity = args.identity_file or os.environ.get("BACKUP_ENCRYPTION_IDENTITY_FILE")
+    try:
+        api.fetch_wal(backup_dir, args.segment, Path(args.dest), args.system_id, Path(identity) if identity else None)
+    except NotFound as exc:
+        print(f"wal-fetch: {exc}", file=sys.stderr)
+        return FOUND_PROBLEM
+    except ChecksumMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return WAL_DAMAGED
+    except (SidecarError, OSError) as exc:
+        print(f"error: wal-fetch {args.segment}: {exc}", file=sys.stderr)
+        return WAL_FETCH_FAILED
+    return OK
+
+
+WAL_DAMAGED, WAL_FETCH_FAILED = 126, 128
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -317,7 +441,7 @@ def _refuse_empty(args: argparse.Namespace) -> None:
         if isinstance(value, str) and not value.strip():
             option = "ID" if name == "id" else "--" + name.replace("_", "-")
             raise UsageError(f"{option} is empty; give a value or leave the option out")
-    if args.command == "restore" and not args.id and (args.target_db is not None or args.in_place or args.force):
+    if args.command == "restore" and not args.id and (args.target_db is not None or args.in_place or args.force) and not _pitr_requested(args):
         raise UsageError("restore options need a backup id: pg-backup-sidecar restore ID|latest [--target-db NAME] (with no id, restore lists the backups)")
 
 
@@ -356,6 +480,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 extra["from_remote"] = True
             print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
             return OK
+        if args.command == "wal-fetch":
+            return _wal_fetch(args)
         if args.command == "restore-request":
             from sidecar.daemon.client import restore_request
 

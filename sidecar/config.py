@@ -68,6 +68,10 @@ class Config:
     remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
     drill_from_remote: bool = False  # drills restore from the remote copy (drill.from_remote / DRILL_FROM_REMOTE)
     volume: bool = True  # False (BACKUP_VOLUME=false): no backup volume, backups stream to `remote`; backup_dir is then the state directory
+    # --- WAL archiving and point-in-time recovery (sidecar/physical) ---
+    wal_archiving: bool = False
+    wal_slot_name: str = "pg_backup_sidecar"
+    wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -119,6 +123,9 @@ class Config:
             "backup.volume": self.volume,
             **(self.remote.masked() if self.remote else {"remote.url": None}),
             "drill.from_remote": self.drill_from_remote,
+            "wal.enabled": self.wal_archiving,
+            "wal.slot_name": self.wal_slot_name,
+            "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
         }
 
     def drill_server(self) -> Config:
@@ -250,6 +257,13 @@ def _path(value: Any) -> Path:
     return Path(_text(value))
 
 
+def _slot_name(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", text):
+        raise ValueError("must be a replication slot name: 1 to 63 lower-case letters, digits or underscores")
+    return text
+
+
 KEYS: dict[str, tuple[str, Parser]] = {
     "database.url": ("DATABASE_URL", _url),
     "backup.dir": ("BACKUP_DIR", _path),
@@ -288,6 +302,10 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "backup.volume": ("BACKUP_VOLUME", _bool),
     "backup.state_dir": ("SIDECAR_STATE_DIR", _path),
     **REMOTE_KEYS,  # remote.url, remote.endpoint, ...: sidecar/storage/remote.py
+    # WAL archiving and point-in-time recovery (sidecar/physical)
+    "wal.enabled": ("WAL_ARCHIVING", _bool),
+    "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
+    "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
 }
 
 
@@ -368,6 +386,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             backup_dir = state_directory(values.get("backup.state_dir"), raw.get("backup.state_dir", ("SIDECAR_STATE_DIR", None))[0], problems)
     elif "backup.state_dir" in values:
         problems.append(f"{raw['backup.state_dir'][0]} applies only without a volume (BACKUP_VOLUME=false); with a volume the state is kept in BACKUP_DIR")
+    if not volume and values.get("wal.enabled"):
+        problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the WAL archive is kept there; off-site WAL is not built yet): "
+                        "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -407,6 +428,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         group_readable=values.get("backup.group_readable", False),
         remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,
         drill_from_remote=values.get("drill.from_remote", False),
+        wal_archiving=values.get("wal.enabled", False),
+        wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
+        wal_spool_dir=values.get("wal.spool_dir"),
     )
 
 
@@ -437,7 +461,7 @@ def state_directory(path: Path | None, where: str, problems: list[str]) -> Path:
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
 OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
                    "RESTORE_REQUEST_ID")
-OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_")
 # what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
 SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")
@@ -449,7 +473,7 @@ def _service_link(name: str, value: str) -> bool:
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """One warning per environment variable that looks like ours (BACKUP_*, SIDECAR_*, DRILL_*,
-    VALIDATION_*, RESTORE_*) but is not read by anything, with the closest known name. Set, it is ignored:
+    VALIDATION_*, RESTORE_*, WAL_*) but is not read by anything, with the closest known name. Set, it is ignored:
     a typo in BACKUP_RETENTION_DAYS would otherwise silently keep the default."""
     env = os.environ if environ is None else environ
     known = sorted({variable for variable, _ in KEYS.values() if variable} | set(OTHER_VARIABLES))

@@ -52,6 +52,12 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     threading.Thread(target=probe.run, args=(daemon.stopping,), name="database-probe", daemon=True).start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("listening on %s; schedule '%s' (%s)", config.listen, config.schedule_cron, config.schedule_timezone)
+    wal_receiver = None
+    if config.wal_archiving:  # issue 13: pg_receivewal into the WAL archive, supervised
+        from sidecar import api
+        from sidecar.daemon import DAEMON_PID_VARIABLE
+
+        wal_receiver = api.start_wal_receiver(config_path, daemon.stopping, DAEMON_PID_VARIABLE)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -61,6 +67,8 @@ def run_daemon(config: Config, config_path: str | None) -> int:
     signal.signal(signal.SIGINT, stop)
     daemon.loop()
     daemon.cancel()
+    if wal_receiver is not None:
+        wal_receiver.join(timeout=35)
     server.shutdown()
     log.info("stopped")
     return 0

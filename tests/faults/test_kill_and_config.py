@@ -96,6 +96,9 @@ BAD_VALUES = {
     "remote.secret_access_key_file": "/nonexistent/secret",
     "remote.session_token_file": "/nonexistent/token",
     "drill.from_remote": "from the bucket",
+    "wal.enabled": "perhaps",
+    "wal.slot_name": "Bad-Slot!",
+    "wal.spool_dir": "",
 }
 
 

@@ -109,6 +109,10 @@ def test_no_volume_without_a_remote_or_with_a_backup_dir_is_one_config_error_eac
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("config error: BACKUP_DIR is set but BACKUP_VOLUME=false") and SECRET_KEY not in result.stderr
     assert not (tmp_path / "b").exists()
+    result = cli({**base, **remote, "WAL_ARCHIVING": "true"}, "validate-config", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "config error: WAL_ARCHIVING=true needs a backup volume (the WAL archive is kept there; off-site WAL is not built yet): "
+        "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false"], result.stderr
 
 
 def test_the_daemon_without_a_volume_backs_up_to_the_bucket_prunes_it_and_restores_from_it_by_request(

@@ -1,0 +1,232 @@
+"""Base backups: pg_basebackup (tar to stdout, no WAL, fast checkpoint, manifest with SHA-256) through our stages
+into BACKUP_DIR/base/. A base backup is good only once the WAL from its start to its end LSN is archived.
+
+    base/<id>.tar.zst[.age]      the tar stream pg_basebackup wrote (backup_manifest inside, at its end)
+    base/<id>.metadata.json      kind "base", LSNs, timeline, system identifier, server version, sha256/size"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sidecar import __version__, age, streams
+from sidecar.config import Config
+from sidecar.errors import NotFound, SidecarError
+from sidecar.physical import tar
+from sidecar.physical.server import identify, require_replication
+from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn, record_segment_size, segment_name, segment_of
+from sidecar.postgres import Child, child_env, find_tool, tool_version
+from sidecar.repository import METADATA_SUFFIX, Repository, iso_timestamp, new_id, parse_id, write_atomically
+
+BASE_DIR = "base"
+log = logging.getLogger(__name__)
+
+
+def base_dir(config: Config) -> Path:
+    return config.backup_dir / BASE_DIR
+
+
+def create_base_backup(config: Config) -> dict[str, Any]:
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
+    directory = base_dir(config)
+    with repo.lock("base-backup"):
+        repo.make_dir(directory)
+        _cleanup(directory)
+        require_replication(config)
+        ident = identify(config)
+        tool = find_tool("pg_basebackup", config.pg_bin_dir)
+        major, tool_text = tool_version(tool)
+        if major < ident["major"]:
+            raise SidecarError(f"{tool} is version {major} but the server is PostgreSQL {ident['major']}; install postgresql-client-{ident['major']} or set PG_BIN_DIR")
+        taken = {p.name.split(".", 1)[0] for p in directory.iterdir()}
+        backup_id = new_id(datetime.now(UTC), taken)
+        name = backup_id + ".tar" + streams.EXTENSIONS[config.compression] + (".age" if config.encryption else "")
+        partial = directory / (name + ".partial")
+        manifest_tmp = directory / f".{backup_id}.manifest.tmp"
+        conninfo, env = child_env(config)
+        argv = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--manifest-checksums=SHA256", "--no-password",
+                "--label", f"pg-backup-sidecar {backup_id}", "-d", conninfo]
+        started = time.monotonic()
+        out = streams.HashingFile(partial)
+        keeper = tar.Keeper(manifest_tmp)
+        parser = tar.TarParser(keeper)
+        child = Child(argv, env)
+        try:
+            assert child.proc.stdout is not None
+            source = _Tee(child.proc.stdout, parser)
+            streams.encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
+            child.check("base backup")
+            parser.close()
+            checksum = out.close()
+            wal_range = tar.manifest_wal_range(manifest_tmp)
+        except BaseException:
+            child.terminate()
+            out.abort()
+            streams.remove_quietly(manifest_tmp)
+            raise
+        streams.remove_quietly(manifest_tmp)
+        finished = datetime.now(UTC)
+        label = tar.label_fields(keeper.label)
+        start_lsn, end_lsn = parse_lsn(wal_range["Start-LSN"]), parse_lsn(wal_range["End-LSN"])
+        timeline = int(wal_range["Timeline"])
+        size = ident["segmentSize"]
+        metadata = {
+            "id": backup_id, "kind": "base", "timestamp": iso_timestamp(parse_id(backup_id)), "finishedAt": iso_timestamp(finished),
+            "startLsn": format_lsn(start_lsn), "endLsn": format_lsn(end_lsn), "timeline": timeline,
+            "startWal": segment_name(timeline, segment_of(start_lsn, size), size),
+            "endWal": segment_name(timeline, segment_of(end_lsn - 1 if end_lsn % size == 0 else end_lsn, size), size),
+            "systemIdentifier": ident["systemIdentifier"], "serverVersion": ident["version"], "serverMajor": ident["major"],
+            "walSegmentSize": size, "pgBasebackupVersion": tool_text, "startTime": label.get("START TIME"),
+            "files": {"base": {"name": name, "size": out.size, "checksum": checksum}},
+            "size": out.size, "checksum": checksum, "compression": config.compression, "compressionLevel": config.compression_level,
+            "encrypted": config.encryption, "members": parser.members, "durationSeconds": round(time.monotonic() - started, 3),
+            "sidecarVersion": __version__,
+        }
+        record_segment_size(WalArchive(config.backup_dir, repo.file_mode, repo.dir_mode), ident["systemIdentifier"], size)
+        write_atomically(directory / (backup_id + METADATA_SUFFIX), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n", repo.file_mode)
+        os.chmod(partial, repo.file_mode)
+        os.rename(partial, directory / name)
+        streams.fsync_dir(directory)
+        log.info("base backup %s: %d bytes, WAL %s..%s on timeline %d", backup_id, out.size, metadata["startLsn"], metadata["endLsn"], timeline,
+                 extra={"event": "base_backup_created", "backup_id": backup_id})
+        return metadata
+
+
+class _Tee:
+    """A reader that shows everything it reads to the tar parser."""
+
+    def __init__(self, source: Any, parser: tar.TarParser) -> None:
+        self._source = source
+        self._parser = parser
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._source.read(streams.CHUNK_SIZE if size < 0 else size)
+        if data:
+            self._parser.write(data)
+        return data
+
+
+def _cleanup(directory: Path) -> None:
+    """Leftovers of an interrupted base backup (called with the lock held)."""
+    for path in directory.iterdir():
+        if path.name.endswith((".partial", ".tmp")):
+            streams.remove_quietly(path)
+            meta = directory / (path.name.split(".", 1)[0].lstrip(".") + METADATA_SUFFIX)
+            if path.name.endswith(".partial"):
+                streams.remove_quietly(meta)
+
+
+@dataclass(frozen=True)
+class BaseBackup:
+    id: str
+    status: str  # ok | waiting-for-wal | missing-file | size-mismatch | unreadable-metadata
+    problem: str
+    metadata: dict[str, Any]
+
+    @property
+    def good(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.metadata, "id": self.id, "status": self.status, "problem": self.problem}
+
+
+def list_base_backups(config: Config) -> list[BaseBackup]:
+    """Every base backup, newest first, with its status: `waiting-for-wal` until the WAL from its start to its end
+    LSN is archived (and it names the first segment missing)."""
+    directory = base_dir(config)
+    if not directory.is_dir():
+        return []
+    archive = WalArchive(config.backup_dir)
+    found = []
+    for path in sorted(directory.glob("backup_*" + METADATA_SUFFIX), reverse=True):
+        backup_id = path.name[: -len(METADATA_SUFFIX)]
+        try:
+            parse_id(backup_id)
+            meta = json.loads(path.read_bytes())
+            item = meta["files"]["base"]
+            if not isinstance(meta, dict) or meta.get("id") != backup_id or not str(item["name"]).startswith(backup_id + ".tar") or "/" in item["name"]:
+                raise ValueError("does not describe this base backup")
+        except (OSError, ValueError, KeyError, TypeError, NotFound) as exc:
+            found.append(BaseBackup(backup_id, "unreadable-metadata", f"{path.name} cannot be read ({exc})", {}))
+            continue
+        stored = directory / item["name"]
+        if not stored.is_file() or stored.is_symlink():
+            found.append(BaseBackup(backup_id, "missing-file", f"{item['name']} is missing", meta))
+            continue
+        if stored.stat().st_size != item["size"]:
+            found.append(BaseBackup(backup_id, "size-mismatch", f"{item['name']} is {stored.stat().st_size} bytes, metadata says {item['size']}", meta))
+            continue
+        size = int(meta["walSegmentSize"])
+        missing = archive.has_segments(meta["systemIdentifier"], int(meta["timeline"]), segment_of(parse_lsn(meta["startLsn"]), size),
+                                       int(meta["endWal"][16:], 16) + int(meta["endWal"][8:16], 16) * (0x100000000 // size), size)
+        if missing:
+            found.append(BaseBackup(backup_id, "waiting-for-wal", f"WAL segment {missing} is not archived yet", meta))
+        else:
+            found.append(BaseBackup(backup_id, "ok", "", meta))
+    return found
+
+
+def get_base_backup(config: Config, ref: str) -> BaseBackup:
+    backups = list_base_backups(config)
+    if ref == "latest":
+        for backup in backups:
+            if backup.good:
+                return backup
+        raise NotFound(f"no good base backup in {base_dir(config)}; take one with 'pg-backup-sidecar base-backup' while 'wal-receive' runs")
+    for backup in backups:
+        if backup.id == ref:
+            return backup
+    raise NotFound(f"no base backup {ref[:60]} in {base_dir(config)}; run 'pg-backup-sidecar list --base'")
+
+
+def identities(config: Config, meta: dict[str, Any]) -> age.Identities | None:
+    if not meta.get("encrypted"):
+        return None
+    if not config.identity_file:
+        raise SidecarError(f"base backup {meta['id']} is encrypted; set BACKUP_ENCRYPTION_IDENTITY_FILE to the age secret key file of one of its recipients")
+    return age.parse_identities(config.identity_file)
+
+
+def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_tmp: Path) -> list[str]:
+    """Stream a base backup through sha256, age, decompression and the tar parser into `handler`; problems found
+    (sha256, truncation, files against the manifest), one line each."""
+    meta = backup.metadata
+    item = meta["files"]["base"]
+    stored = base_dir(config) / item["name"]
+    parser = tar.TarParser(handler)
+    try:
+        with streams.open_stored(stored) as handle:
+            tap = streams.ReadTap(handle, hashing=True)
+            streams.decode(tap, parser, str(meta.get("compression", "none")), identities(config, meta))
+        parser.close()
+        if tap.hexdigest() != item["checksum"]:
+            return [f"{item['name']}: sha256 {tap.hexdigest()} differs from the metadata's {item['checksum']}; the base backup is damaged"]
+        if not manifest_tmp.exists():
+            return ["the base backup has no backup_manifest"]
+        return tar.check_against_manifest(manifest_tmp, handler.digests)
+    finally:
+        streams.remove_quietly(manifest_tmp)
+
+
+def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[str]]:
+    """(id, problems, notes): sha256 of the stored file, then every file in the tar against the manifest."""
+    backup = get_base_backup(config, ref)
+    if backup.status not in ("ok", "waiting-for-wal"):
+        return backup.id, [f"{backup.status}: {backup.problem}"], []
+    digest, _ = streams.file_sha256(base_dir(config) / backup.metadata["files"]["base"]["name"])
+    if digest != backup.metadata["files"]["base"]["checksum"]:
+        return backup.id, [f"{backup.metadata['files']['base']['name']}: sha256 differs from the metadata; the base backup is damaged"], []
+    manifest_tmp = base_dir(config) / f".{backup.id}.verify.manifest.tmp"
+    keeper = tar.Keeper(manifest_tmp, hashing=True)
+    problems = read_base(config, backup, keeper, manifest_tmp)
+    notes = [f"sha256 matches; {len(keeper.digests)} files checked against backup_manifest"] if not problems else []
+    if backup.status == "waiting-for-wal":
+        notes.append(f"waiting for WAL: {backup.problem}")
+    return backup.id, problems, notes

@@ -1,0 +1,121 @@
+"""Pure parts of point-in-time recovery: WAL names and LSNs, gaps, targets, which base backup a restore starts from,
+and the tar parser on a stream cut into odd pieces."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from datetime import UTC, datetime
+
+import pytest
+
+from sidecar.errors import NotFound, UsageError
+from sidecar.physical import tar
+from sidecar.physical.base import BaseBackup
+from sidecar.physical.pitr import Target, choose_base, parse_target
+from sidecar.physical.wal import format_lsn, gaps, parse_lsn, parse_segment, segment_name, segment_of
+
+
+@pytest.mark.parametrize("size", [1 << 20, 16 << 20, 1 << 30])
+def test_segment_names_follow_postgresql_across_a_log_id(size: int) -> None:
+    per = 0x100000000 // size
+    assert segment_name(1, per - 1, size) == f"00000001{0:08X}{per - 1:08X}"
+    assert segment_name(3, per, size) == "000000030000000100000000"
+    for segno in (0, 1, per - 1, per, 5 * per + 7):
+        assert parse_segment(segment_name(2, segno, size), size) == (2, segno)
+
+
+def test_lsns_parse_and_map_to_their_segment() -> None:
+    assert parse_lsn("0/3000028") == 0x3000028 and format_lsn(0x1_0000_0028) == "1/28"
+    assert segment_name(1, segment_of(parse_lsn("0/700100"), 1 << 20), 1 << 20) == "000000010000000000000007"
+    with pytest.raises(ValueError):
+        parse_lsn("0-3000028")
+
+
+def test_gaps_are_the_missing_runs() -> None:
+    assert gaps([1, 2, 3]) == [] and gaps([]) == []
+    assert gaps([1, 3, 4, 9]) == [(2, 2), (5, 8)]
+
+
+def test_a_target_is_exactly_one_of_time_lsn_latest_and_a_time_needs_a_zone() -> None:
+    assert parse_target("2026-11-26T14:32:05Z", None, False).time == datetime(2026, 11, 26, 14, 32, 5, tzinfo=UTC)
+    assert parse_target("2026-11-26T15:32:05+01:00", None, False).time == datetime(2026, 11, 26, 14, 32, 5, tzinfo=UTC)
+    assert parse_target(None, "0/3000028", False).lsn == 0x3000028
+    assert parse_target(None, None, True).kind == "latest"
+    for args in [(None, None, False), ("2026-11-26T14:32:05Z", None, True)]:
+        with pytest.raises(UsageError, match="exactly one"):
+            parse_target(*args)
+    with pytest.raises(UsageError, match="time zone"):
+        parse_target("2026-11-26T14:32:05", None, False)
+    with pytest.raises(UsageError, match="not a time"):
+        parse_target("yesterday", None, False)
+
+
+def _base(backup_id: str, finished: str, end_lsn: str, status: str = "ok") -> BaseBackup:
+    return BaseBackup(backup_id, status, "", {"id": backup_id, "finishedAt": finished, "endLsn": end_lsn})
+
+
+def test_a_restore_starts_from_the_newest_good_base_backup_that_ends_before_the_target() -> None:
+    backups = [_base("c", "2026-11-26T12:00:00.000Z", "0/9000000", "waiting-for-wal"),
+               _base("b", "2026-11-26T10:00:00.000Z", "0/5000000"),
+               _base("a", "2026-11-26T08:00:00.000Z", "0/3000000")]
+    assert choose_base(backups, Target("latest")).id == "b"
+    assert choose_base(backups, parse_target("2026-11-26T11:00:00Z", None, False)).id == "b"
+    assert choose_base(backups, parse_target("2026-11-26T09:00:00Z", None, False)).id == "a"
+    assert choose_base(backups, parse_target(None, "0/4000000", False)).id == "a"
+    with pytest.raises(NotFound, match="no base backup ends before time 2026-11-26T07:00:00.000Z"):
+        choose_base(backups, parse_target("2026-11-26T07:00:00Z", None, False))
+    with pytest.raises(NotFound, match="c waits for WAL"):
+        choose_base(backups[:1], Target("latest"))
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.members: list[tuple[str, str, bytes]] = []
+
+    def begin(self, member: tar.Member) -> None:
+        self.members.append((member.name, member.kind, b""))
+
+    def data(self, chunk: bytes) -> None:
+        name, kind, data = self.members[-1]
+        self.members[-1] = (name, kind, data + chunk)
+
+    def end(self) -> None:
+        pass
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("base")
+        info.type = tarfile.DIRTYPE
+        archive.addfile(info)
+        for name, data in files.items():
+            item = tarfile.TarInfo(name)
+            item.size = len(data)
+            archive.addfile(item, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 511, 512, 513, 1 << 20])
+def test_the_tar_parser_sees_every_member_whatever_the_pieces(piece: int) -> None:
+    files = {"base/1/1259": bytes(range(256)) * 40, "PG_VERSION": b"15\n", "empty": b"", "backup_manifest": b"{}"}
+    stream = _tar(files)
+    seen = _Seen()
+    parser = tar.TarParser(seen)
+    for at in range(0, len(stream), piece):
+        parser.write(stream[at:at + piece])
+    parser.close()
+    assert seen.members == [("base", "dir", b"")] + [(n, "file", d) for n, d in files.items()]
+
+
+def test_a_truncated_or_damaged_tar_stream_is_an_error() -> None:
+    stream = _tar({"PG_VERSION": b"15\n"})
+    parser = tar.TarParser(_Seen())
+    parser.write(stream[:700])
+    with pytest.raises(tar.TarError, match="truncated"):
+        parser.close()
+    damaged = bytearray(stream)
+    damaged[10] ^= 1
+    with pytest.raises(tar.TarError, match="checksum"):
+        tar.TarParser(_Seen()).write(bytes(damaged))

@@ -168,3 +168,21 @@ def test_a_compressed_archive_is_refused_rather_than_miscounted(cluster: Cluster
     archive = subprocess.run([find_tool("pg_dump"), "-Fc", "-d", cluster.url(db)], capture_output=True, check=True).stdout
     with pytest.raises(DumpCountError, match="compressed"):
         count_dump([archive], "custom")
+
+
+def test_tables_the_dump_has_no_rows_for_or_a_dump_not_understood_are_counted_in_the_snapshot(cluster: Cluster, db: str) -> None:
+    import io
+
+    import psycopg
+
+    from sidecar.logical.backup import _row_counts
+    from sidecar.logical.dumpcounts import CountingReader, row_counter
+
+    empty = subprocess.run([find_tool("pg_dump"), "-Fc", "-Z0", "-d", cluster.url(db)], capture_output=True, check=True).stdout
+    cluster.psql("CREATE TABLE t (a int); INSERT INTO t SELECT generate_series(1, 7)", db)
+    for stream in (empty, b"PGDMP\x09\x09\x09 not an archive this code knows"):
+        with psycopg.connect(cluster.url(db)) as conn:
+            tap = CountingReader(io.BytesIO(stream), row_counter("custom"))
+            while tap.read(1 << 20):
+                pass
+            assert _row_counts(conn, tap) == {"public.t": 7}

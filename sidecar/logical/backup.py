@@ -21,7 +21,7 @@ import psycopg
 from sidecar import __version__, postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.logical import dbprops, roles
+from sidecar.logical import dbprops, dumpcounts, roles
 from sidecar.logical.validation import validate
 from sidecar.postgres import Child
 from sidecar.repository import METADATA_SUFFIX, PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
@@ -44,12 +44,12 @@ def table_key(schema: str, table: str) -> str:
     return f"{schema}.{table}"
 
 
-def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact row count of every user table, in the connection's current transaction."""
+def count_rows(conn: psycopg.Connection[Any], tables: list[tuple[str, str]] | None = None) -> dict[str, int]:
+    """Exact row count of every user table (or of `tables`), in the connection's current transaction."""
     from psycopg import sql
 
     counts = {}
-    for schema, table in conn.execute(TABLES).fetchall():
+    for schema, table in conn.execute(TABLES).fetchall() if tables is None else tables:
         query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
         row = conn.execute(query).fetchone()
         counts[table_key(schema, table)] = int(row[0]) if row else 0
@@ -250,10 +250,27 @@ def dump_format(config: Config) -> str:
     return "plain" if config.compression == "gzip" else "custom"
 
 
-def _write_stream(child: Child, out: Output, config: Config) -> None:
+def _write_stream(child: Child, out: Output, config: Config) -> dumpcounts.CountingReader:
     assert child.proc.stdout is not None
-    source = ReadTap(child.proc.stdout, Progress("backup (pg_dump output)"))
+    source = dumpcounts.CountingReader(ReadTap(child.proc.stdout, Progress("backup (pg_dump output)")), dumpcounts.row_counter(dump_format(config)))
     encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
+    return source
+
+
+def _row_counts(conn: psycopg.Connection[Any], tap: dumpcounts.CountingReader) -> dict[str, int]:
+    """Exact row counts, keyed and ordered as count_rows has them, read from pg_dump's own output (one pass
+    over the data). Tables the dump had no rows for, or every table if its output was not understood, are
+    counted with count(*) in the snapshot (`conn` is still in it)."""
+    tables = [(schema, table) for schema, table in conn.execute(TABLES).fetchall()]
+    try:
+        counts, missing = dumpcounts.keyed(tap.result(), tables)
+    except dumpcounts.DumpCountError as exc:
+        log.warning("row counts: %s; counting every table in the snapshot instead (a second read of the data)", exc)
+        return count_rows(conn, tables)
+    if not missing:
+        return counts
+    counted = count_rows(conn, missing)
+    return {key: counts[key] if key in counts else counted[key] for key in (table_key(s, t) for s, t in tables)}
 
 
 ROLE_PASSWORDS_LEFT_OUT = ("role passwords were left out: reading them (pg_authid) needs a superuser; roles restored onto a new server "
@@ -340,25 +357,10 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
         argv += ["--format=plain"] if fmt == "plain" else ["--format=custom", "--compress=0"]
         child = Child(argv, env)
 
-        # the exact row counts run in the same snapshot, on our connection, while pg_dump streams
-        counts: dict[str, int] = {}
-        failure: list[BaseException] = []
-
-        def count() -> None:
-            try:
-                counts.update(count_rows(conn))
-            except BaseException as exc:  # reported below
-                failure.append(exc)
-
-        counter = threading.Thread(target=count, name="row-counts")
-        counter.start()
-        try:
-            _write_stream(child, dump_file, config)
-        finally:
-            counter.join()
-        if failure:  # reported first: an error in the snapshot's transaction also makes pg_dump fail
-            raise SidecarError(f"backup failed: counting rows: {postgres.describe(failure[0])}; the backup user must be able to read every table")
+        # the exact row counts come from the dump's own COPY data as it streams by (same snapshot, one pass)
+        tap = _write_stream(child, dump_file, config)
         child.check("backup")
+        counts = _row_counts(conn, tap)
         checksums = {"globals": globals_digest or globals_file.close(), "dump": dump_file.close()}
         files.clear()
         conn.rollback()

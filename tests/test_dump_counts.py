@@ -1,0 +1,193 @@
+"""Row counts read from pg_dump's own output (one pass over the data) equal count(*) for awkward data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.embedded import Cluster
+from sidecar.logical.dumpcounts import DumpCountError, count_dump
+from sidecar.postgres import find_tool
+
+AWKWARD = r'''
+CREATE TABLE public.texts (id int, body text);
+INSERT INTO public.texts VALUES (1, E'line one\nline two\n'), (2, E'back\\slash'), (3, E'\\.'), (4, E'\\.\n\\.'),
+  (5, '\.'), (6, E'tab\there\r\n'), (7, NULL), (8, ''), (9, E'COPY public.texts (id, body) FROM stdin;\n1\tx\n\\.\n'), (10, 'ünïcode ✓');
+CREATE TABLE public.bytes (b bytea);
+INSERT INTO public.bytes SELECT decode(repeat('0a5c2e0a00ff', g), 'hex') FROM generate_series(0, 50) g;
+CREATE TABLE public.wide (id int, payload text);
+INSERT INTO public.wide SELECT g, repeat(E'x\n\\', 1200000) FROM generate_series(1, 3) g;  -- rows of 4.8 MB: longer than a read
+CREATE TABLE public.empty (a int);
+CREATE TABLE public.nocols ();
+INSERT INTO public.nocols DEFAULT VALUES; INSERT INTO public.nocols DEFAULT VALUES; INSERT INTO public.nocols DEFAULT VALUES;
+CREATE UNLOGGED TABLE public.scratch (a int);
+INSERT INTO public.scratch SELECT generate_series(1, 77);
+CREATE TABLE public.measures (at date, v int) PARTITION BY RANGE (at);
+CREATE TABLE public.measures_2024 PARTITION OF public.measures FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE public.measures_rest PARTITION OF public.measures DEFAULT;
+INSERT INTO public.measures SELECT date '2024-06-01' + g, g FROM generate_series(1, 400) g;
+CREATE TABLE public.animal (name text);
+CREATE TABLE public.dog (good boolean) INHERITS (public.animal);
+INSERT INTO public.animal VALUES ('cat'), ('cow');
+INSERT INTO public.dog VALUES ('rex', true), ('fido', true), ('max', false);
+CREATE SCHEMA "we""ird.schema";
+CREATE TABLE "we""ird.schema"."ta.ble ""x""" (a int);
+INSERT INTO "we""ird.schema"."ta.ble ""x""" SELECT generate_series(1, 12);
+CREATE TABLE "we""ird.schema"."new
+line" (a text);
+INSERT INTO "we""ird.schema"."new
+line" VALUES ('a'), ('b');
+CREATE SCHEMA "sales ünïcode";
+CREATE TABLE "sales ünïcode"."Größe" ("Spalte ""1""" int);
+INSERT INTO "sales ünïcode"."Größe" SELECT generate_series(1, 5);
+CREATE MATERIALIZED VIEW public.texts_view AS SELECT * FROM public.texts;
+SELECT lo_from_bytea(0, decode(repeat('0a', 3000), 'hex'));
+CREATE FUNCTION public.lookalike() RETURNS text LANGUAGE sql AS $$ SELECT '
+COPY public.ghost (a) FROM stdin;
+1
+\.
+' $$;
+CREATE TABLE public.bulk (id int, note text);
+INSERT INTO public.bulk SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+'''
+
+EXACT = r"""
+SELECT format('%s.%s', n.nspname, c.relname), c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%' ORDER BY 1
+"""
+
+
+def exact_counts(cluster: Cluster, db: str) -> dict[str, int]:
+    """count(*) of every table (FROM ONLY: an inheritance parent without its children's rows), as count_rows has it."""
+    import psycopg
+
+    with psycopg.connect(cluster.url(db)) as conn:
+        tables = conn.execute(EXACT).fetchall()
+        return {key: conn.execute(f"SELECT count(*) FROM ONLY {regclass}").fetchone()[0] for key, regclass in tables}  # type: ignore[index]
+
+
+@pytest.fixture
+def awkward(cluster: Cluster, db: str) -> str:
+    cluster.psql(AWKWARD, db)
+    return db
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])  # custom format (-Fc -Z0), and plain (the .sql.gz layout)
+def test_the_row_counts_in_a_backups_metadata_equal_count_star_for_awkward_data(cluster: Cluster, awkward: str, env: dict[str, str], compression: str) -> None:
+    cluster.psql(f'ALTER DATABASE "{awkward}" SET log_statement = \'all\'')
+    log = cluster.root / "server.log"
+    before = log.stat().st_size
+    meta = json.loads(cli({**env, "BACKUP_COMPRESSION": compression}, "backup", "--json").stdout)
+    backup = meta["id"]
+    with log.open("rb") as f:
+        f.seek(before)
+        statements = f.read().decode(errors="replace")
+    assert meta["format"] == ("plain" if compression == "gzip" else "custom")
+    expected = exact_counts(cluster, awkward)
+    assert meta["rowCounts"] == expected
+    assert expected["public.wide"] == 3 and expected["public.nocols"] == 3 and expected["public.empty"] == 0 and expected["public.animal"] == 2
+    assert 'we"ird.schema.ta.ble "x"' in expected and "public.measures" not in expected and "public.ghost" not in expected
+    # one pass: the tables were read by pg_dump only, no count(*) of each beside it
+    assert "COPY public.bulk" in statements and "count(*) FROM ONLY" not in statements
+    # and a restore compares the restored tables with these counts (it fails on a mismatch)
+    cli(env, "restore", backup, "--target-db", f"{awkward}_copy")
+
+
+def test_a_backup_whose_pg_dump_fails_mid_way_records_no_counts(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    # a table that pg_dump (row_security off) may not read in full: it fails at that table, after the others' data
+    owner = f"owner_{db}"
+    cluster.psql(f'CREATE ROLE "{owner}" LOGIN; ALTER DATABASE "{db}" OWNER TO "{owner}"')
+    cluster.psql(f'SET ROLE "{owner}"; CREATE TABLE aaa (a int); INSERT INTO aaa SELECT generate_series(1, 1000);'
+                 f"CREATE TABLE zzz (a int); INSERT INTO zzz VALUES (1), (2); ALTER TABLE zzz ENABLE ROW LEVEL SECURITY;"
+                 f"ALTER TABLE zzz FORCE ROW LEVEL SECURITY; CREATE POLICY odd ON zzz USING (a % 2 = 1)", db)
+    result = cli({**env, "DATABASE_URL": cluster.url(db, user=owner)}, "backup", check=False)
+    assert result.returncode == 3, result.stderr
+    assert "row-level security" in result.stderr and "Traceback" not in result.stderr
+    assert not list(Path(env["BACKUP_DIR"]).glob("*.metadata.json"))
+
+
+# -- the parser alone, on real dumps cut at random places
+
+
+@pytest.fixture(scope="module")
+def dumps(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]:
+    db = f"dumps_{os.getpid()}"
+    cluster.psql(f'CREATE DATABASE "{db}"')
+    cluster.psql(AWKWARD.replace("1200000", "120000"), db)  # rows of 480 kB: still longer than pg_dump's own buffers
+    pg_dump = find_tool("pg_dump")
+    out = {fmt: subprocess.run([pg_dump, f"--format={fmt}", *(["--compress=0"] if fmt == "custom" else []), "-d", cluster.url(db)],
+                               capture_output=True, check=True).stdout for fmt in ("custom", "plain")}
+    out["expected"] = json.dumps(exact_counts(cluster, db)).encode()
+    yield out
+    cluster.psql(f'DROP DATABASE "{db}"')
+
+
+def _keyed(counts: dict[tuple[str, str], int]) -> dict[str, int]:
+    return {f"{s}.{t}": n for (s, t), n in counts.items()}
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_the_parser_counts_a_whole_dump_exactly(dumps: dict[str, bytes], fmt: str) -> None:
+    expected = json.loads(dumps["expected"])
+    counts = _keyed(count_dump([dumps[fmt]], fmt))
+    assert {k: v for k, v in counts.items() if k in expected} == expected
+    assert set(expected) <= set(counts)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from(["custom", "plain"]))
+def test_the_same_dump_fed_in_random_chunk_sizes_gives_the_same_counts(dumps: dict[str, bytes], data: st.DataObject, fmt: str) -> None:
+    whole = dumps[fmt]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=200)))
+    small = data.draw(st.integers(1, 64))  # and one stretch fed a few bytes at a time
+    at = data.draw(st.integers(0, len(whole)))
+    cuts = sorted({*cuts, *range(at, min(len(whole), at + 4000), small)})
+    chunks = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+    assert count_dump(chunks, fmt) == count_dump([whole], fmt)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), fmt=st.sampled_from(["custom", "plain"]))
+def test_a_dump_cut_short_gives_no_counts(dumps: dict[str, bytes], data: st.DataObject, fmt: str) -> None:
+    whole = dumps[fmt]
+    end = data.draw(st.integers(0, len(whole) - 1))
+    try:
+        counts = count_dump([whole[:end]], fmt)
+    except DumpCountError:
+        return
+    # a plain dump cut after its closing comment (in the last lines, e.g. `\unrestrict`) has all its data: the counts
+    # are the whole dump's (and pg_dump's exit status, checked by the backup, tells the cut); never other counts
+    assert fmt == "plain" and b"-- PostgreSQL database dump complete" in whole[:end] and counts == count_dump([whole], fmt)
+
+
+def test_a_compressed_archive_is_refused_rather_than_miscounted(cluster: Cluster, db: str) -> None:
+    cluster.psql("CREATE TABLE t (a int); INSERT INTO t SELECT generate_series(1, 10)", db)
+    archive = subprocess.run([find_tool("pg_dump"), "-Fc", "-d", cluster.url(db)], capture_output=True, check=True).stdout
+    with pytest.raises(DumpCountError, match="compressed"):
+        count_dump([archive], "custom")
+
+
+def test_tables_the_dump_has_no_rows_for_or_a_dump_not_understood_are_counted_in_the_snapshot(cluster: Cluster, db: str) -> None:
+    import io
+
+    import psycopg
+
+    from sidecar.logical.backup import _row_counts
+    from sidecar.logical.dumpcounts import CountingReader, row_counter
+
+    empty = subprocess.run([find_tool("pg_dump"), "-Fc", "-Z0", "-d", cluster.url(db)], capture_output=True, check=True).stdout
+    cluster.psql("CREATE TABLE t (a int); INSERT INTO t SELECT generate_series(1, 7)", db)
+    for stream in (empty, b"PGDMP\x09\x09\x09 not an archive this code knows"):
+        with psycopg.connect(cluster.url(db)) as conn:
+            tap = CountingReader(io.BytesIO(stream), row_counter("custom"))
+            while tap.read(1 << 20):
+                pass
+            assert _row_counts(conn, tap) == {"public.t": 7}

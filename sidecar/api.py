@@ -19,7 +19,9 @@ from sidecar.config import Config, load_config
 from sidecar.errors import ChecksumMismatch, ConfigError, NotFound, SidecarError, UsageError
 from sidecar.logical import backup as _backup
 from sidecar.logical import restore as _restore
+from sidecar.logical import server as _server
 from sidecar.logical.restore import DrillReport, RestoreReport, VerifyReport
+from sidecar.logical.server import SetRestoreReport
 from sidecar.logical.validation import ValidationResult, validate
 from sidecar.repository import Entry, Repository, iso_timestamp
 from sidecar.retention import Policy, classify
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Backup", "PruneReport", "RemotePruneReport", "RestoreReport", "VerifyReport",
+    "Backup", "PruneReport", "RemotePruneReport", "RestoreReport", "SetRestoreReport", "VerifyReport",
     "ValidationResult", "validate_data_consistency", "DrillReport", "drill_backup",
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
@@ -122,11 +124,12 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
     """Take a backup now, then prune by the retention policy (a failed prune does not fail the backup)."""
     cfg = _config(config)
     copied = True
+    create = _server.create_set if cfg.databases else _backup.create_backup  # BACKUP_DATABASES: a whole server's set
     if not cfg.volume:  # straight to the remote store
         store = remote_store(cfg)
-        metadata = _backup.create_backup(cfg, label=label, keep=keep, store=store)
+        metadata = create(cfg, label=label, keep=keep, store=store)
     else:
-        metadata = _backup.create_backup(cfg, label=label, keep=keep)
+        metadata = create(cfg, label=label, keep=keep)
         if cfg.remote is not None:
             copied = _copy_new_backup(cfg, metadata["id"])
     if prune:  # after the copy, so the remote is pruned with the new backup in it; not when the copy just failed (one error is enough)
@@ -246,12 +249,25 @@ def last_remote_verification(config: Config | None = None) -> datetime | None:
 
 
 def restore_backup(ref: str, config: Config | None = None, target_db: str | None = None, in_place: bool = False, force: bool = False,
-                   from_remote: bool = False) -> RestoreReport:
+                   from_remote: bool = False, database: str | None = None) -> RestoreReport | SetRestoreReport:
     """Restore a backup from the volume, or with `from_remote` straight from the remote store (one streaming pass, each
-    file's sha256 checked before anything it carries is committed, and before the swap)."""
+    file's sha256 checked before anything it carries is committed, and before the swap). A whole server's set
+    (BACKUP_DATABASES) restores every database, roles first, or only `database`: a SetRestoreReport."""
     cfg = _config(config)
-    return _restore.restore_backup(cfg, ref, target_db=target_db, in_place=in_place, force=force,
-                                   store=remote_store(cfg) if from_remote or not cfg.volume else None)
+    store = remote_store(cfg) if from_remote or not cfg.volume else None
+    if database is not None or _is_set(cfg, ref, store):
+        if target_db is not None or in_place:
+            raise UsageError("a whole server's backup set restores each database under its own name: leave out --target-db and --in-place")
+        return _server.restore_set(cfg, ref, database=database, force=force, store=store)
+    return _restore.restore_backup(cfg, ref, target_db=target_db, in_place=in_place, force=force, store=store)
+
+
+def _is_set(cfg: Config, ref: str, store: ObjectStore | None) -> bool:
+    try:
+        entry = find_remote(store, ref) if store is not None else Repository(cfg.backup_dir).get(ref)
+    except (NotFound, OSError):
+        return False  # the restore itself says what is wrong
+    return _server.is_set(entry.metadata)
 
 
 def retention_policy(config: Config) -> Policy:

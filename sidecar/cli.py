@@ -43,6 +43,11 @@ def print_table(backups: list[api.Backup]) -> None:
         rows.append((b.id, b.timestamp, human_size(b.size), b.compression or "-",
                      "-" if b.encrypted is None else ("yes" if b.encrypted else "no"),
                      b.drill if b.metadata else "-", b.validation if b.metadata else "-", status))
+        databases = (b.metadata or {}).get("databases")
+        for item in databases if isinstance(databases, list) else []:  # a whole server's set: one line per database
+            findings = len((item.get("validation") or {}).get("findings") or [])
+            rows.append(("  " + str(item.get("name")), "", human_size(item.get("size")), "", "", "",
+                         "not run" if item.get("validation") is None else f"{findings} findings" if findings else "clean", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -80,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore a backup (with no id: list backups)")
     r.add_argument("id", nargs="?", metavar="ID|latest")
     r.add_argument("--target-db", help="restore into this database instead of the one in DATABASE_URL")
+    r.add_argument("--database", metavar="NAME", help="of a whole server's backup set (BACKUP_DATABASES), restore only this database")
     r.add_argument("--in-place", action="store_true", help="drop and recreate objects in the live database (not atomic)")
     r.add_argument("--force", action="store_true", help="swap in the restored database even if its row counts differ")
     r.add_argument("--from-remote", action="store_true", help="stream the backup straight from the remote store (BACKUP_REMOTE_URL), not the volume")
@@ -244,7 +250,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if args.command == "restore":
-        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force, from_remote=args.from_remote)
+        result = api.restore_backup(args.id, config, target_db=args.target_db, in_place=args.in_place, force=args.force, from_remote=args.from_remote,
+                                    database=args.database)
+        if isinstance(result, api.SetRestoreReport):
+            if args.json:
+                emit(asdict(result))
+            else:
+                for one in result.restored:
+                    print(f"restored {result.backup_id} database {one.database} ({one.mode}, {one.duration_seconds:.1f}s, "
+                          f"row counts of {one.tables_checked} tables {'checked' if not one.mismatches else 'DIFFER'})"
+                          + (f"; the previous database is kept as {one.previous_database}" if one.previous_database else ""))
+                print(f"restored {len(result.restored)} databases of {result.backup_id} in {result.duration_seconds:.1f}s")
+            return OK
         if args.json:
             emit(asdict(result))
         else:

@@ -72,6 +72,9 @@ class Config:
     wal_archiving: bool = False
     wal_slot_name: str = "pg_backup_sidecar"
     wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
+    # --- a whole server (issue 14, sidecar/logical/server.py) ---
+    databases: tuple[str, ...] = ()  # backup.databases: () = DATABASE_URL's database only (as before); ("*",) = all; else the list
+    parallel: int = 1  # backup.parallel: dumps of a set's databases at once
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -126,6 +129,8 @@ class Config:
             "wal.enabled": self.wal_archiving,
             "wal.slot_name": self.wal_slot_name,
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
+            "backup.databases": ("all" if self.databases == ALL_DATABASES else ",".join(self.databases)) or None,
+            "backup.parallel": self.parallel,
         }
 
     def drill_server(self) -> Config:
@@ -257,6 +262,25 @@ def _path(value: Any) -> Path:
     return Path(_text(value))
 
 
+ALL_DATABASES = ("*",)  # Config.databases for BACKUP_DATABASES=all
+
+
+def _databases(value: Any) -> tuple[str, ...]:
+    """`all`, or a comma list of database names (each 1 to 63 bytes, none twice)."""
+    items = [str(item) for item in value] if isinstance(value, list) else _text(value).split(",")
+    names = [item.strip() for item in items]
+    if names == ["all"]:
+        return ALL_DATABASES
+    for i, name in enumerate(names):
+        if not name:
+            raise ValueError(f"item {i + 1} is empty; give 'all' or database names separated by commas (app,billing)")
+        if len(name.encode()) > 63 or "\0" in name:
+            raise ValueError(f"{name[:70]!r} is not a database name (at most 63 bytes)")
+        if names.index(name) != i:
+            raise ValueError(f"{name!r} is listed twice")
+    return tuple(names)
+
+
 def _slot_name(value: Any) -> str:
     text = _text(value)
     if not re.fullmatch(r"[a-z0-9_]{1,63}", text):
@@ -306,6 +330,9 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "wal.enabled": ("WAL_ARCHIVING", _bool),
     "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
     "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
+    # a whole server (sidecar/logical/server.py)
+    "backup.databases": ("BACKUP_DATABASES", _databases),
+    "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
 }
 
 
@@ -431,6 +458,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_archiving=values.get("wal.enabled", False),
         wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
         wal_spool_dir=values.get("wal.spool_dir"),
+        databases=values.get("backup.databases", ()),
+        parallel=values.get("backup.parallel", 1),
     )
 
 

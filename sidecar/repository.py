@@ -98,8 +98,8 @@ def file_names(backup_id: str, metadata: object) -> list[str]:
     """The names of a backup's files from its metadata, each checked to be a file of that backup and
     nothing else (never a path, never another backup's file); ValueError naming what is wrong."""
     files = metadata.get("files") if isinstance(metadata, dict) else None
-    if not isinstance(files, dict) or not isinstance(files.get("dump"), dict):
-        raise ValueError("has no files.dump entry")
+    if not isinstance(files, dict) or not any(isinstance(v, dict) for k, v in files.items() if k == "dump" or str(k).startswith("dump:")):
+        raise ValueError("has no files.dump entry")  # a whole server's set has files.dump:<n>, one per database
     names: list[str] = []
     for kind, item in files.items():
         name = item.get("name") if isinstance(item, dict) else None

@@ -277,11 +277,12 @@ ROLE_PASSWORDS_LEFT_OUT = ("role passwords were left out: reading them (pg_authi
                            "from this backup have no password until one is set (ALTER ROLE ... PASSWORD)")
 
 
-def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output) -> bool:
-    """The roles the database refers to, into `path`. Returns whether their passwords are included."""
+def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output, wanted: set[str] | None = None) -> bool:
+    """The roles the database refers to (or `wanted`: a whole server's set names every role), into `path`.
+    Returns whether their passwords are included."""
     pg_dumpall = postgres.find_tool("pg_dumpall", config.pg_bin_dir)
     conninfo, env = postgres.child_env(config)
-    wanted = roles.referenced_roles(conn)
+    wanted = roles.referenced_roles(conn) if wanted is None else wanted
     text = ""
     for extra in ([], ["--no-role-passwords"]):  # reading passwords needs superuser; fall back without
         child = Child([pg_dumpall, "--roles-only", "--no-password", f"--dbname={conninfo}", *extra], env)
@@ -298,6 +299,22 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output) -
     source = io.BytesIO(roles.filter_globals(text, wanted).encode())
     encode(source, path, config.compression, config.compression_level, config.recipients if config.encryption else None)
     return not extra
+
+
+def dump_database(config: Config, conn: psycopg.Connection[Any], snapshot: str, out: Output) -> dict[str, int]:
+    """pg_dump of `config`'s database in `snapshot` (exported by `conn`, still in its transaction) through our stages
+    into `out`; returns the exact row counts, read from the dump's own COPY data as it streams by (one pass)."""
+    pg_dump = postgres.find_tool("pg_dump", config.pg_bin_dir)
+    conninfo, env = postgres.child_env(config)
+    argv = [pg_dump, f"--dbname={conninfo}", f"--snapshot={snapshot}", "--no-password", "--lock-wait-timeout=5min"]
+    argv += ["--format=plain"] if dump_format(config) == "plain" else ["--format=custom", "--compress=0"]
+    child = Child(argv, env)
+    try:
+        tap = _write_stream(child, out, config)
+        child.check("backup")
+    finally:
+        child.terminate()
+    return _row_counts(conn, tap)
 
 
 def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None) -> dict[str, Any]:
@@ -326,7 +343,6 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
                            "fix them or set validation.block_backup_on_failure: false")
     conn = postgres.connect(config, autocommit=False)
     files: list[Output] = []
-    child: Child | None = None
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         info = postgres.server_info(conn)
@@ -352,15 +368,7 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
 
         dump_file = destination.open(dump_name)
         files.append(dump_file)
-        conninfo, env = postgres.child_env(config)
-        argv = [pg_dump, f"--dbname={conninfo}", f"--snapshot={snapshot}", "--no-password", "--lock-wait-timeout=5min"]
-        argv += ["--format=plain"] if fmt == "plain" else ["--format=custom", "--compress=0"]
-        child = Child(argv, env)
-
-        # the exact row counts come from the dump's own COPY data as it streams by (same snapshot, one pass)
-        tap = _write_stream(child, dump_file, config)
-        child.check("backup")
-        counts = _row_counts(conn, tap)
+        counts = dump_database(config, conn, snapshot, dump_file)
         checksums = {"globals": globals_digest or globals_file.close(), "dump": dump_file.close()}
         files.clear()
         conn.rollback()
@@ -406,8 +414,6 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
     except psycopg.Error as exc:
         raise SidecarError(f"backup failed: {postgres.describe(exc)}") from None
     finally:
-        if child is not None:
-            child.terminate()
         for leftover in files:
             leftover.abort()
         conn.close()

@@ -92,7 +92,8 @@ def verify_backup(config: Config, ref: str) -> VerifyReport:
 
 def _read_to_end(config: Config, path: Path, metadata: dict[str, Any], kind: str, identities: age.Identities | None) -> None:
     checker: Child | None = None
-    if kind == "dump" and metadata["format"] == "custom":
+    dump = kind == "dump" or kind.startswith("dump:")  # a whole server's set has one `dump:<n>` per database
+    if dump and metadata["format"] == "custom":
         pg_restore = postgres.find_tool("pg_restore", config.pg_bin_dir)
         checker = Child([pg_restore, "--list"], {}, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     sink = _Tail(200, (lambda data: _feed(checker, data)) if checker else None)
@@ -106,7 +107,7 @@ def _read_to_end(config: Config, path: Path, metadata: dict[str, Any], kind: str
     finally:
         if checker:
             checker.terminate()
-    if kind == "dump" and metadata["format"] == "plain" and PLAIN_TRAILER not in sink.tail:
+    if dump and metadata["format"] == "plain" and PLAIN_TRAILER not in sink.tail:
         raise SidecarError("the SQL dump does not end with pg_dump's completion line: it is truncated")
 
 
@@ -204,6 +205,13 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     problems = check_files(repo, entry) if store is None else []
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+    return restore_database(config, files, metadata, entry.id, target_db, in_place, force, identities, clock)
+
+
+def restore_database(config: Config, files: Files, metadata: dict[str, Any], backup_id: str, target_db: str | None, in_place: bool,
+                     force: bool, identities: age.Identities | None, clock: float) -> RestoreReport:
+    """One database from `metadata` (a single-database backup's, or one database's view of a set: logical/server.py),
+    its files already checked: roles from its globals (if it has them), then a new database and the swap."""
     target = config.database_name if target_db is None else target_db  # an empty name is refused below, never the live database
     if not target or len(target.encode()) > MAX_NAME:
         raise UsageError(f"target database name {target!r} is empty or longer than {MAX_NAME} bytes")
@@ -222,11 +230,11 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
             log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
             _load(config, files, metadata, target, identities, clean=True)
             mismatches, checked, new, known = _check_restored(config, target, metadata)
-            return RestoreReport(entry.id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
+            return RestoreReport(backup_id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
                                  checked.to_json() if checked else None, _lines(new), _lines(known))
 
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
-        _check_space(config, admin, metadata, entry.id)
+        _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
         try:
             _load(config, files, metadata, scratch, identities, clean=False)
@@ -236,7 +244,7 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
             problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, metadata.get("databaseProperties"))
             if problems and not force:
                 where = "the live database was not touched" if exists else f"{target} was dropped again"
-                raise SidecarError(f"restore of {entry.id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
+                raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
             _drop_database(admin, scratch)
             raise
@@ -250,9 +258,9 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
                 _drop_database(admin, previous)
                 previous = None
             dropped = _prune_previous(config, admin, target)
-        log.info("restored %s into %s", entry.id, target, extra={"event": "restore_completed", "backup_id": entry.id,
+        log.info("restored %s into %s", backup_id, target, extra={"event": "restore_completed", "backup_id": backup_id,
                                                                 "duration_seconds": round(time.monotonic() - clock, 3), "sessions": len(ended)})
-        return RestoreReport(entry.id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
+        return RestoreReport(backup_id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
                              len(metadata["rowCounts"]), mismatches, checked.to_json() if checked else None, _lines(new), _lines(known), ended, dropped)
     except psycopg.Error as exc:
         raise SidecarError(f"restore failed: {postgres.describe(exc)}") from None

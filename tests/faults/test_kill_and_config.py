@@ -99,6 +99,8 @@ BAD_VALUES = {
     "wal.enabled": "perhaps",
     "wal.slot_name": "Bad-Slot!",
     "wal.spool_dir": "",
+    "backup.databases": "app,,billing",
+    "backup.parallel": "0",
 }
 
 

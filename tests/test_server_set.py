@@ -1,0 +1,127 @@
+"""A whole server (issue 14): BACKUP_DATABASES makes one backup set of several databases and the server's roles,
+which comes back whole onto a brand-new server from one id."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.embedded import Cluster
+from tests.conftest import backup_id, cli, fingerprint
+
+WEIRD = 'we"ird/../db'  # a database name that must never become a path
+
+SETUP = f"""
+CREATE ROLE app_owner NOLOGIN;
+CREATE ROLE readers NOLOGIN;
+CREATE ROLE alice LOGIN IN ROLE readers;
+CREATE ROLE bob LOGIN;
+ALTER ROLE bob SET statement_timeout = '7s';
+CREATE DATABASE shop OWNER app_owner;
+CREATE DATABASE billing;
+CREATE DATABASE "{WEIRD.replace('"', '""')}";
+ALTER DATABASE billing SET work_mem = '8MB';
+ALTER ROLE alice IN DATABASE billing SET search_path = ledger, public;
+REVOKE CONNECT ON DATABASE billing FROM PUBLIC;
+GRANT CONNECT ON DATABASE billing TO readers;
+COMMENT ON DATABASE billing IS 'the money';
+ALTER DATABASE shop CONNECTION LIMIT 40;
+"""
+
+PROPERTIES = ("SELECT d.datname, pg_get_userbyid(d.datdba), d.datconnlimit, shobj_description(d.oid, 'pg_database'), d.datacl::text, "
+              "(SELECT string_agg(coalesce(r.rolname, '-') || ':' || array_to_string(s.setconfig, ','), ';' ORDER BY 1) "
+              "   FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid) "
+              "FROM pg_database d WHERE d.datname IN ('shop', 'billing') ORDER BY 1")
+ROLES = ("SELECT r.rolname, r.rolcanlogin, coalesce(array_to_string(r.rolconfig, ','), ''), "
+         "coalesce((SELECT string_agg(g.rolname, ',' ORDER BY g.rolname) FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+         "          WHERE m.member = r.oid), '') FROM pg_roles r WHERE r.rolname IN ('app_owner', 'readers', 'alice', 'bob') ORDER BY 1")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Cluster]:
+    """A server with three databases (one with a name no file may carry), roles with memberships and settings,
+    and database-level settings, grants, comment and connection limit."""
+    with Cluster(port=54323) as c:
+        c.psql(SETUP)
+        c.psql("CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 500) g;"
+               "ALTER TABLE items OWNER TO app_owner", "shop")
+        c.psql("CREATE SCHEMA ledger; CREATE TABLE ledger.entries (id bigserial PRIMARY KEY, amount numeric);"
+               "INSERT INTO ledger.entries (amount) SELECT g / 7.0 FROM generate_series(1, 2000) g; GRANT USAGE ON SCHEMA ledger TO readers", "billing")
+        c.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2), (3)", WEIRD)
+        yield c
+
+
+def _env(cluster: Cluster, backups: Path, **extra: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "DATABASE_", "SIDECAR_", "PG"))}
+    return {**clean, "DATABASE_URL": cluster.url("postgres"), "BACKUP_DIR": str(backups), **extra}
+
+
+def test_a_whole_server_comes_back_onto_a_brand_new_server_from_one_id(server: Cluster, fresh_cluster: Cluster, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    env = _env(server, backups, BACKUP_DATABASES="all", BACKUP_PARALLEL="2")
+    set_id = backup_id(env)
+
+    names = sorted(p.name for p in backups.iterdir() if not p.name.startswith("."))
+    assert names == sorted([f"{set_id}.globals.sql.zst", f"{set_id}.metadata.json"] + [f"{set_id}.db{i:03d}.dump.zst" for i in (1, 2, 3, 4)])
+    metadata = json.loads((backups / f"{set_id}.metadata.json").read_text())
+    by_name = {item["name"]: item for item in metadata["databases"]}
+    assert sorted(by_name) == sorted(["billing", "postgres", "shop", WEIRD])  # templates are not in `all`
+    assert by_name["shop"]["rowCounts"] == {"public.items": 500} and by_name["billing"]["rowCounts"] == {"ledger.entries": 2000}
+    assert by_name["billing"]["databaseProperties"]["comment"] == "the money"
+    listed = cli(env, "list").stdout
+    assert all(name in listed for name in ("shop", "billing")) and listed.count(set_id) == 1  # one backup, a line per database
+    assert cli(env, "verify", set_id).stdout.startswith(f"{set_id}: OK")
+
+    before = {name: fingerprint(server, name) for name in ("shop", "billing", WEIRD)}
+    properties, roles = server.psql(PROPERTIES), server.psql(ROLES)
+    assert "work_mem=8MB" in properties and "alice:search_path=ledger, public" in properties and "readers=c/" in properties
+    assert "alice|t||readers" in roles and "statement_timeout=7s" in roles
+    server.stop()  # the server is lost
+
+    new = _env(fresh_cluster, backups)  # README: DATABASE_URL of the new server, the same volume, `restore ID`
+    out = cli(new, "restore", set_id).stdout
+    assert "restored 4 databases" in out
+    assert fresh_cluster.psql(ROLES) == roles  # roles with their memberships and settings
+    assert fresh_cluster.psql(PROPERTIES) == properties  # owner, settings, role-in-database settings, grants, comment, limit
+    assert {name: fingerprint(fresh_cluster, name) for name in ("shop", "billing", WEIRD)} == before
+
+    # one database of the set, over the restored one (the swap path); the others are not touched
+    fresh_cluster.psql("DELETE FROM items WHERE id > 10", "shop")
+    fresh_cluster.psql("INSERT INTO ledger.entries (amount) VALUES (1)", "billing")
+    cli(new, "restore", set_id, "--database", "shop")
+    assert fresh_cluster.psql("SELECT count(*) FROM items", "shop") == "500"
+    assert fresh_cluster.psql("SELECT count(*) FROM ledger.entries", "billing") == "2001"
+    missing = cli(new, "restore", set_id, "--database", "nope", check=False)
+    assert missing.returncode == 2 and "has no database 'nope'" in missing.stderr
+
+
+def test_a_gzip_set_keeps_the_sql_gz_layout_per_database(server: Cluster, tmp_path: Path) -> None:
+    if not (server.data / "postmaster.pid").exists():
+        server.restart()
+    env = _env(server, tmp_path / "b", BACKUP_DATABASES="shop,billing", BACKUP_COMPRESSION="gzip", VALIDATION_ENABLED="false")
+    set_id = backup_id(env)
+    files = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(set_id))
+    assert files == [f"{set_id}.db001.sql.gz", f"{set_id}.db002.sql.gz", f"{set_id}.globals.sql.gz", f"{set_id}.metadata.json"]
+    metadata = json.loads((tmp_path / "b" / f"{set_id}.metadata.json").read_text())
+    assert [(d["name"], d["file"]) for d in metadata["databases"]] == [("shop", "dump:001"), ("billing", "dump:002")]
+
+
+@pytest.mark.parametrize(("value", "words"), [("shop,,billing", "item 2 is empty"), ("shop,shop", "listed twice")])
+def test_a_bad_database_list_is_a_one_line_config_error(value: str, words: str, tmp_path: Path) -> None:
+    env = {**os.environ, "DATABASE_URL": "postgresql:///postgres", "BACKUP_DIR": str(tmp_path), "BACKUP_DATABASES": value}
+    result = cli(env, "validate-config", check=False)
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_database_in_the_list_is_a_config_error_and_nothing_is_written(server: Cluster, tmp_path: Path) -> None:
+    if not (server.data / "postmaster.pid").exists():
+        server.restart()
+    env = _env(server, tmp_path / "b", BACKUP_DATABASES="shop,nope")
+    result = cli(env, "backup", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "'nope' is not a database on the server" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")] == []

@@ -75,6 +75,10 @@ def test_a_whole_server_comes_back_onto_a_brand_new_server_from_one_id(server: C
     listed = cli(env, "list").stdout
     assert all(name in listed for name in ("shop", "billing")) and listed.count(set_id) == 1  # one backup, a line per database
     assert cli(env, "verify", set_id).stdout.startswith(f"{set_id}: OK")
+    drilled = cli(env, "drill", set_id).stdout  # every database of the set, each in a scratch database that is dropped
+    assert f"{set_id}: restore drill PASSED" in drilled, drilled
+    assert json.loads((backups / f"{set_id}.metadata.json").read_text())["verified"]["ok"] is True
+    assert server.psql("SELECT count(*) FROM pg_database WHERE datname LIKE '%drill%'") == "0"
 
     before = {name: fingerprint(server, name) for name in ("shop", "billing", WEIRD)}
     properties, roles = server.psql(PROPERTIES), server.psql(ROLES)
@@ -125,3 +129,21 @@ def test_an_unknown_database_in_the_list_is_a_config_error_and_nothing_is_writte
     assert result.returncode == 2, result.stderr
     assert "'nope' is not a database on the server" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_database_that_fails_to_dump_fails_the_whole_set_naming_it(server: Cluster, tmp_path: Path) -> None:
+    if not (server.data / "postmaster.pid").exists():
+        server.restart()
+    # every session in `locked` becomes a role that may not read its table: pg_dump fails there, and only there
+    server.psql("CREATE ROLE nobody_here NOLOGIN; CREATE DATABASE locked; ALTER DATABASE locked SET role = 'nobody_here'")
+    server.psql("SET role = postgres; CREATE TABLE secret (x int)", "locked")
+    try:
+        env = _env(server, tmp_path / "b", BACKUP_DATABASES="shop,locked,billing", VALIDATION_ENABLED="false")
+        result = cli(env, "backup", check=False)
+        assert result.returncode == 3, result.stderr
+        errors = [line for line in result.stderr.splitlines() if "backup failed" in line]
+        assert len(errors) == 1 and "database locked:" in errors[0] and "permission denied" in errors[0], result.stderr
+        assert cli(env, "list").stdout.strip() == "no backups yet"
+        assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")] == []  # no partial left either
+    finally:
+        server.psql("DROP DATABASE locked; DROP ROLE nobody_here")

@@ -205,6 +205,9 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     problems = check_files(repo, entry) if store is None else []
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+    if isinstance(metadata.get("databases"), list):
+        raise UsageError(f"backup {entry.id} is a whole server's set: restore it with 'restore {entry.id}' (every database) or "
+                         f"'restore {entry.id} --database NAME'")
     return restore_database(config, files, metadata, entry.id, target_db, in_place, force, identities, clock)
 
 
@@ -634,18 +637,25 @@ def drill_backup(config: Config, ref: str, store: Store | None = None) -> DrillR
         finally:
             admin.close()
         try:
-            report = _restore(server, repo, entry.id, scratch, in_place=False, force=True, store=store)
-            findings, known = report.mismatches + report.new_findings, report.preexisting_findings
+            if isinstance((entry.metadata or {}).get("databases"), list):  # a whole server's set: every database, each in its scratch
+                from sidecar.logical import server as _server
+
+                findings, known, scratches = _server.drill_set(server, repo, entry.id, store, stamp)
+                scratch = ", ".join(scratches)
+            else:
+                report = _restore(server, repo, entry.id, scratch, in_place=False, force=True, store=store)
+                findings, known = report.mismatches + report.new_findings, report.preexisting_findings
         except SidecarError as exc:
             findings = [str(exc)]
             # from the remote, a damaged, missing or unreadable object is the off-site copy's failure, not the backup's
             remote_failed = store is not None and isinstance(exc, (ChecksumMismatch, StorageError))
         finally:
-            admin = _admin_connection(server, scratch)
-            try:
-                _drop_database(admin, scratch)
-            finally:
-                admin.close()
+            if "," not in scratch:  # a set's drill dropped its own scratch databases
+                admin = _admin_connection(server, scratch)
+                try:
+                    _drop_database(admin, scratch)
+                finally:
+                    admin.close()
         at = iso_timestamp(datetime.now(UTC))
         verified = {"at": at, "ok": not findings, "findings": findings, "preexisting": known}
         recorded = _record_drill(repo, store, entry.id, verified, remote_failed)

@@ -44,7 +44,7 @@ from sidecar.logical import restore as _restore
 from sidecar.logical.backup import Destination, Output, RemoteDestination, VolumeDestination, _dump_globals, dump_database, dump_format
 from sidecar.logical.validation import validate
 from sidecar.repository import Entry, Repository, dump_extension, globals_extension, iso_timestamp, new_id
-from sidecar.storage.base import Store
+from sidecar.storage.base import StorageError, Store
 from sidecar.storage.copy import find_remote
 
 log = logging.getLogger(__name__)
@@ -293,3 +293,52 @@ def _admin_db(config: Config) -> str:
         return str(conn.info.dbname)
     finally:
         conn.close()
+
+
+def drill_set(config: Config, repo: Repository, backup_id: str, store: Store | None, stamp: str) -> tuple[list[str], list[str], list[str]]:
+    """A restore drill of every database of a set on `config`'s server (the drill server), each into
+    `<name>__drill_<stamp>`, never swapped, dropped after. Called by restore.drill_backup, which holds the lock and
+    records the outcome. Returns (findings, findings already present at backup time, the scratch databases);
+    a damaged or missing file (of the remote copy too) raises, as for one database."""
+    entry = repo.get(backup_id) if store is None else find_remote(store, backup_id)
+    if not entry.good or entry.metadata is None:
+        raise SidecarError(f"backup {entry.id} cannot be restored: {entry.status}: {entry.problem}")
+    metadata = entry.metadata
+    files: _restore.Files = _restore._VolumeFiles(repo) if store is None else _restore._RemoteFiles(store)
+    identities = _restore.identities_for(config, metadata)
+    problems = _restore.check_files(repo, entry) if store is None else []
+    if problems:
+        raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+    try:
+        _restore._run_globals(config, files, metadata, admin_db=_admin_db(config), identities=identities)
+    except psycopg.Error as exc:
+        raise SidecarError(f"creating roles: {postgres.describe(exc)}") from None
+    findings: list[str] = []
+    known: list[str] = []
+    scratches: list[str] = []
+    for item in metadata["databases"]:
+        name = item["name"]
+        scratch = f"{name[:_restore.MAX_NAME - 24]}__drill_{stamp}"
+        scratches.append(scratch)
+        admin = _restore._admin_connection(config, name)
+        try:
+            _restore._drop_leftovers(admin, name)  # of a drill or restore that was killed
+        finally:
+            admin.close()
+        try:
+            report = _restore.restore_database(config, files, view(metadata, name), entry.id, scratch, False, True, identities, time.monotonic())
+            findings += [f"{name}: {line}" for line in report.mismatches + report.new_findings]
+            known += [f"{name}: {line}" for line in report.preexisting_findings]
+        except ChecksumMismatch:
+            raise
+        except SidecarError as exc:
+            if store is not None and isinstance(exc, StorageError):
+                raise
+            findings.append(f"{name}: {exc}")
+        finally:
+            admin = _restore._admin_connection(config, scratch)
+            try:
+                _restore._drop_database(admin, scratch)
+            finally:
+                admin.close()
+    return findings, known, scratches

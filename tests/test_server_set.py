@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,10 +49,15 @@ def server() -> Iterator[Cluster]:
     and database-level settings, grants, comment and connection limit."""
     with Cluster(port=54323) as c:
         c.psql(SETUP)
+        tablespace = c.root / "fast"
+        tablespace.mkdir()
+        shutil.chown(tablespace, c._as_user or os.getuid())
+        c.psql(f"CREATE TABLESPACE fast OWNER app_owner LOCATION '{tablespace}'; COMMENT ON TABLESPACE fast IS 'nvme'")
         c.psql("CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 500) g;"
                "ALTER TABLE items OWNER TO app_owner", "shop")
         c.psql("CREATE SCHEMA ledger; CREATE TABLE ledger.entries (id bigserial PRIMARY KEY, amount numeric);"
-               "INSERT INTO ledger.entries (amount) SELECT g / 7.0 FROM generate_series(1, 2000) g; GRANT USAGE ON SCHEMA ledger TO readers", "billing")
+               "INSERT INTO ledger.entries (amount) SELECT g / 7.0 FROM generate_series(1, 2000) g; GRANT USAGE ON SCHEMA ledger TO readers;"
+               "CREATE TABLE ledger.archive TABLESPACE fast AS SELECT g AS id FROM generate_series(1, 300) g", "billing")
         c.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2), (3)", WEIRD)
         yield c
 
@@ -66,11 +73,12 @@ def test_a_whole_server_comes_back_onto_a_brand_new_server_from_one_id(server: C
     set_id = backup_id(env)
 
     names = sorted(p.name for p in backups.iterdir() if not p.name.startswith("."))
-    assert names == sorted([f"{set_id}.globals.sql.zst", f"{set_id}.metadata.json"] + [f"{set_id}.db{i:03d}.dump.zst" for i in (1, 2, 3, 4)])
+    assert names == sorted([f"{set_id}.globals.sql.zst", f"{set_id}.tablespaces.sql.zst", f"{set_id}.metadata.json"]
+                           + [f"{set_id}.db{i:03d}.dump.zst" for i in (1, 2, 3, 4)])
     metadata = json.loads((backups / f"{set_id}.metadata.json").read_text())
     by_name = {item["name"]: item for item in metadata["databases"]}
     assert sorted(by_name) == sorted(["billing", "postgres", "shop", WEIRD])  # templates are not in `all`
-    assert by_name["shop"]["rowCounts"] == {"public.items": 500} and by_name["billing"]["rowCounts"] == {"ledger.entries": 2000}
+    assert by_name["shop"]["rowCounts"] == {"public.items": 500} and by_name["billing"]["rowCounts"] == {"ledger.archive": 300, "ledger.entries": 2000}
     assert by_name["billing"]["databaseProperties"]["comment"] == "the money"
     listed = cli(env, "list").stdout
     assert all(name in listed for name in ("shop", "billing")) and listed.count(set_id) == 1  # one backup, a line per database
@@ -84,14 +92,30 @@ def test_a_whole_server_comes_back_onto_a_brand_new_server_from_one_id(server: C
     properties, roles = server.psql(PROPERTIES), server.psql(ROLES)
     assert "work_mem=8MB" in properties and "alice:search_path=ledger, public" in properties and "readers=c/" in properties
     assert "alice|t||readers" in roles and "statement_timeout=7s" in roles
-    server.stop()  # the server is lost
+    tablespace = server.root / "fast"
+    server.stop()  # the server is lost; the new machine has an empty directory at the tablespace's location
+    (aside,) = tablespace.glob("PG_*")
+    aside.rename(server.root / "fast-aside")
+    try:
+        _restore_onto_a_new_server(fresh_cluster, backups, set_id, before, properties, roles)
+    finally:
+        fresh_cluster.stop()
+        for leftover in tablespace.glob("PG_*"):
+            shutil.rmtree(leftover)
+        (server.root / "fast-aside").rename(aside)
+        server.restart()
 
+
+def _restore_onto_a_new_server(fresh_cluster: Cluster, backups: Path, set_id: str, before: dict[str, object], properties: str, roles: str) -> None:
     new = _env(fresh_cluster, backups)  # README: DATABASE_URL of the new server, the same volume, `restore ID`
     out = cli(new, "restore", set_id).stdout
     assert "restored 4 databases" in out
     assert fresh_cluster.psql(ROLES) == roles  # roles with their memberships and settings
     assert fresh_cluster.psql(PROPERTIES) == properties  # owner, settings, role-in-database settings, grants, comment, limit
     assert {name: fingerprint(fresh_cluster, name) for name in ("shop", "billing", WEIRD)} == before
+    assert fresh_cluster.psql("SELECT spcname, pg_get_userbyid(spcowner), shobj_description(oid, 'pg_tablespace') FROM pg_tablespace "
+                              "WHERE spcname = 'fast'") == "fast|app_owner|nvme"
+    assert fresh_cluster.psql("SELECT count(*) FROM ledger.archive", "billing") == "300"
 
     # one database of the set, over the restored one (the swap path); the others are not touched
     fresh_cluster.psql("DELETE FROM items WHERE id > 10", "shop")
@@ -109,7 +133,17 @@ def test_a_gzip_set_keeps_the_sql_gz_layout_per_database(server: Cluster, tmp_pa
     env = _env(server, tmp_path / "b", BACKUP_DATABASES="shop,billing", BACKUP_COMPRESSION="gzip", VALIDATION_ENABLED="false")
     set_id = backup_id(env)
     files = sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(set_id))
-    assert files == [f"{set_id}.db001.sql.gz", f"{set_id}.db002.sql.gz", f"{set_id}.globals.sql.gz", f"{set_id}.metadata.json"]
+    assert files == [f"{set_id}.db001.sql.gz", f"{set_id}.db002.sql.gz", f"{set_id}.globals.sql.gz", f"{set_id}.metadata.json",
+                     f"{set_id}.tablespaces.sql.gz"]
+    # each database's file opens without this tool, as the spec's layout promises: gunzip -c | psql
+    server.psql("CREATE DATABASE gz_check")
+    try:
+        loaded = subprocess.run(f"gunzip -c {tmp_path / 'b' / files[0]} | psql -X -q -v ON_ERROR_STOP=1 --single-transaction -d '{server.url('gz_check')}'",
+                                shell=True, capture_output=True, text=True, check=False)
+        assert loaded.returncode == 0, loaded.stderr
+        assert server.psql("SELECT count(*) FROM items", "gz_check") == "500"
+    finally:
+        server.psql("DROP DATABASE gz_check")
     metadata = json.loads((tmp_path / "b" / f"{set_id}.metadata.json").read_text())
     assert [(d["name"], d["file"]) for d in metadata["databases"]] == [("shop", "dump:001"), ("billing", "dump:002")]
 

@@ -6,10 +6,12 @@ Design
 - `all` (every database that accepts connections, templates excepted) or a comma list: one backup set. It holds
   * `<id>.globals.sql[.zst|.gz][.age]`: every role (not the `pg_*` ones) with its memberships and settings, from
     `pg_dumpall --roles-only` turned by logical/roles.py into SQL that creates only the missing roles;
+  * `<id>.tablespaces.sql[...]` if the server has tablespaces of its own: `pg_dumpall --tablespaces-only`; a restore
+    creates the missing ones (never alters one that exists);
   * per database, `<id>.dbNNN.dump[.zst][.age]` (or `.dbNNN.sql.gz` with BACKUP_COMPRESSION=gzip: the spec's layout,
     `gunzip | psql`): NNN is the database's index in the set (1, 2, ...), never its name, so a file name cannot
     collide or lead out of the directory whatever the database is called;
-  * one metadata document, written last (nothing is listed before it): `files` has `globals` and `dump:NNN` (each
+  * one metadata document, written last (nothing is listed before it): `files` has `globals`, `tablespaces` and `dump:NNN` (each
     name, size, sha256), and `databases` lists, per database, its name, its file key, size on disk, owner,
     encoding, locale, properties (logical/dbprops.py: settings, role-in-database settings, grants, comment,
     connection limit), exact row counts (one pass, from pg_dump's own stream) and validation. The top-level
@@ -18,7 +20,7 @@ Design
   once, each a pg_dump streaming through its own bounded stages (memory: one pipeline's buffers per worker). A
   database that fails fails the whole set: nothing is listed, the error names the database.
 - list / verify / retention / off-site copies see one backup (they go over `files`: verify decodes every dump).
-- restore ID of a set: roles first (created only where missing), then each database through the single-database
+- restore ID of a set: roles and tablespaces first (created only where missing), then each database through the single-database
   path (new database, row counts, validation, properties, swap) with its own view of the metadata; one that fails
   is left as it was (the others are restored) and the error names it. `--database NAME` restores one of them.
 - Metrics stay per backup (sizes are the totals of `files`): no label per database name.
@@ -26,7 +28,9 @@ Design
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,18 +43,23 @@ import psycopg
 from sidecar import __version__, postgres
 from sidecar.config import ALL_DATABASES, Config
 from sidecar.errors import ChecksumMismatch, ConfigError, SidecarError, UsageError
-from sidecar.logical import dbprops
+from sidecar.logical import dbprops, roles
 from sidecar.logical import restore as _restore
 from sidecar.logical.backup import Destination, Output, RemoteDestination, VolumeDestination, _dump_globals, dump_database, dump_format
 from sidecar.logical.validation import validate
+from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.storage.base import StorageError, Store
 from sidecar.storage.copy import find_remote
+from sidecar.streams import EXTENSIONS, ReadTap, decode, encode
 
 log = logging.getLogger(__name__)
 
 DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname"
 ROLES = "SELECT rolname FROM pg_roles WHERE rolname NOT LIKE 'pg\\_%'"
+TABLESPACES = "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1"
+TABLESPACE_LINE = re.compile(r"^(?:CREATE|ALTER|COMMENT ON|SECURITY LABEL FOR \S+ ON|(?:GRANT|REVOKE) .*? ON) TABLESPACE " + roles.IDENT + r"[ ;]")
+MAX_TABLESPACES_SQL = 16 << 20  # pg_dumpall --tablespaces-only of any real server is a few KB; read whole, so it is bounded
 
 
 def is_set(metadata: dict[str, Any] | None) -> bool:
@@ -125,6 +134,13 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
             globals_file = open_file(globals_name)
             role_passwords = _dump_globals(config, conn, globals_file, wanted={row[0] for row in conn.execute(ROLES)})
             globals_digest = globals_file.close()
+            tablespaces = [row[0] for row in conn.execute(TABLESPACES)]
+            tablespaces_file: dict[str, Any] | None = None
+            if tablespaces:
+                name = backup_id + ".tablespaces.sql" + EXTENSIONS[config.compression] + (".age" if config.encryption else "")
+                out = open_file(name)
+                _dump_tablespaces(config, out)
+                tablespaces_file = {"name": name, "checksum": out.close(), "size": out.size}
         finally:
             conn.close()
         log.info("backup set %s: %d databases (%s), %d at a time", backup_id, len(names), ", ".join(names), config.parallel)
@@ -147,6 +163,8 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
             raise SidecarError(f"backup failed: database {first}: {str(why).removeprefix('backup failed: ')}{more}; nothing of set {backup_id} is listed")
 
         files = {"globals": {"name": globals_name, "size": globals_file.size, "checksum": globals_digest}}
+        if tablespaces_file:
+            files["tablespaces"] = tablespaces_file
         for item in databases:
             files[item["file"]] = item.pop("_file")
         metadata: dict[str, Any] = {
@@ -165,6 +183,7 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
             "database": None,
             "databases": databases,
             "rolePasswords": role_passwords,
+            "tablespaces": tablespaces,  # their definitions (owner, location, options, comment): files.tablespaces
             "pgDumpVersion": dump_version,
             "completedAt": iso_timestamp(datetime.now(UTC)),
             "durationSeconds": round(time.monotonic() - clock, 3),
@@ -187,6 +206,56 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
     finally:
         for leftover in opened:
             leftover.abort()
+
+
+def _dump_tablespaces(config: Config, out: Output) -> None:
+    """`pg_dumpall --tablespaces-only` (owner, location, options, grants, comment) through our stages into `out`."""
+    conninfo, env = postgres.child_env(config)
+    child = Child([postgres.find_tool("pg_dumpall", config.pg_bin_dir), "--tablespaces-only", "--no-password", f"--dbname={conninfo}"], env)
+    assert child.proc.stdout is not None
+    try:
+        data = child.proc.stdout.read(MAX_TABLESPACES_SQL + 1)
+        child.check("pg_dumpall --tablespaces-only")
+    finally:
+        child.terminate()
+    if len(data) > MAX_TABLESPACES_SQL:
+        raise SidecarError(f"pg_dumpall --tablespaces-only wrote more than {MAX_TABLESPACES_SQL >> 20} MiB; not a tablespace list")
+    encode(io.BytesIO(data), out, config.compression, config.compression_level, config.recipients if config.encryption else None)
+
+
+def tablespace_statements(dumpall_sql: str, missing: set[str]) -> list[str]:
+    """The statements of `pg_dumpall --tablespaces-only` output that concern the tablespaces in `missing`, in order. Pure."""
+    return [line for line in dumpall_sql.splitlines() if (match := TABLESPACE_LINE.match(line)) and roles.unquote(match.group(1)) in missing]
+
+
+def _create_tablespaces(config: Config, files: _restore.Files, metadata: dict[str, Any], identities: Any) -> list[str]:
+    """The set's tablespaces that this server lacks, created from their recorded definitions (an existing one is never
+    altered). Returns what could not be created (a location directory missing on this machine, say): logged; a
+    database that uses such a tablespace then fails its own restore, named."""
+    item = metadata["files"].get("tablespaces")
+    if not item:
+        return []
+    sink = io.BytesIO()
+    with files.open(item["name"]) as handle:
+        source = ReadTap(handle, hashing=True)
+        decode(source, sink, metadata["compression"], identities)
+    if source.hexdigest() != item["checksum"] or source.size != item["size"]:
+        raise ChecksumMismatch(f"{item['name']}: sha256 {source.hexdigest()} does not match the metadata ({item['checksum']}); nothing was changed")
+    conn = _restore._admin_connection(config, "")
+    problems = []
+    try:
+        have = {row[0] for row in conn.execute("SELECT spcname FROM pg_tablespace")}
+        missing = set(metadata.get("tablespaces") or []) - have
+        for statement in tablespace_statements(sink.getvalue().decode(), missing):
+            try:
+                conn.execute(statement.encode())
+            except psycopg.Error as exc:
+                problems.append(f"{statement[:80]}: {postgres.describe(exc)}")
+                log.warning("tablespace not restored: %s: %s; create it (its directory) on this server and restore the databases that use it again",
+                            statement[:120], postgres.describe(exc))
+    finally:
+        conn.close()
+    return problems
 
 
 def _dump_one(config: Config, name: str, index: int, file_name: str, out: Output) -> dict[str, Any]:
@@ -266,8 +335,9 @@ def restore_set(config: Config, ref: str, database: str | None = None, force: bo
             raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
         try:
             _restore._run_globals(config, files, metadata, admin_db=_admin_db(config), identities=identities)
+            _create_tablespaces(config, files, metadata, identities)
         except psycopg.Error as exc:
-            raise SidecarError(f"restore failed while creating roles: {postgres.describe(exc)}") from None
+            raise SidecarError(f"restore failed while creating roles and tablespaces: {postgres.describe(exc)}") from None
         report = SetRestoreReport(entry.id, 0.0)
         for name in names:
             try:
@@ -311,8 +381,9 @@ def drill_set(config: Config, repo: Repository, backup_id: str, store: Store | N
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
     try:
         _restore._run_globals(config, files, metadata, admin_db=_admin_db(config), identities=identities)
+        _create_tablespaces(config, files, metadata, identities)
     except psycopg.Error as exc:
-        raise SidecarError(f"creating roles: {postgres.describe(exc)}") from None
+        raise SidecarError(f"creating roles and tablespaces: {postgres.describe(exc)}") from None
     findings: list[str] = []
     known: list[str] = []
     scratches: list[str] = []

@@ -190,7 +190,7 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
             "rowCounts": {},  # per database: databases[].rowCounts
             "sidecarVersion": __version__,
             "label": label,
-            "validation": None,  # per database: databases[].validation
+            "validation": combined_validation(databases),  # each database's own: databases[].validation
             "keep": keep,
             "parallel": config.parallel,
             "files": files,
@@ -206,6 +206,16 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
     finally:
         for leftover in opened:
             leftover.abort()
+
+
+def combined_validation(databases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The set's validation for `list` and the metrics (one outcome per backup, no label per database): ok when every
+    database's is, with every finding (its `database` added). None when validation was off. Pure."""
+    checked = [(item["name"], item["validation"]) for item in databases if item.get("validation") is not None]
+    if not checked:
+        return None
+    return {"ok": all(v.get("ok", True) for _, v in checked), "findings": [{**f, "database": name} for name, v in checked for f in v.get("findings") or []],
+            "databases": len(checked)}
 
 
 def _dump_tablespaces(config: Config, out: Output) -> None:

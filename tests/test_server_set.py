@@ -7,13 +7,16 @@ import json
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sidecar import age
 from sidecar.embedded import Cluster
 from tests.conftest import backup_id, cli, fingerprint
+from tests.storage.seaweed import SeaweedServer
 
 WEIRD = 'we"ird/../db'  # a database name that must never become a path
 
@@ -185,3 +188,26 @@ def test_a_database_that_fails_to_dump_fails_the_whole_set_naming_it(server: Clu
         assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")] == []  # no partial left either
     finally:
         server.psql("DROP DATABASE locked; DROP ROLE nobody_here")
+
+
+def test_an_encrypted_set_without_a_volume_streams_to_the_bucket_and_one_database_restores_from_it(
+        server: Cluster, fresh_cluster: Cluster, seaweed: SeaweedServer, tmp_path: Path) -> None:
+    if not (server.data / "postmaster.pid").exists():
+        server.restart()
+    secret, public = age.generate_identity()
+    key = tmp_path / "key.txt"
+    key.write_text(secret + "\n")
+    prefix = "set-" + uuid.uuid4().hex[:10]
+    env = {**{k: v for k, v in _env(server, tmp_path).items() if k != "BACKUP_DIR"}, **seaweed.environment(prefix), "BACKUP_VOLUME": "false",
+           "SIDECAR_STATE_DIR": str(tmp_path / "state"), "BACKUP_DATABASES": "shop,billing", "BACKUP_PARALLEL": "2",
+           "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(key),
+           "VALIDATION_ENABLED": "false"}
+    set_id = backup_id(env)
+    objects = sorted(info.name for info in seaweed.store(prefix).list())
+    assert objects == sorted([f"{set_id}.db001.dump.zst.age", f"{set_id}.db002.dump.zst.age", f"{set_id}.globals.sql.zst.age",
+                              f"{set_id}.tablespaces.sql.zst.age", f"{set_id}.metadata.json"])
+    assert cli(env, "verify", set_id).stdout.startswith(f"{set_id}: OK")
+    restored = json.loads(cli({**env, "DATABASE_URL": fresh_cluster.url("postgres")}, "restore", set_id, "--database", "shop", "--json").stdout)
+    assert [r["database"] for r in restored["restored"]] == ["shop"] and restored["ok"] is True
+    assert fresh_cluster.psql("SELECT count(*) FROM items", "shop") == "500"
+    assert fresh_cluster.psql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'shop'") == "app_owner"

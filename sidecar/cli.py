@@ -458,7 +458,8 @@ def _refuse_empty(args: argparse.Namespace) -> None:
         if isinstance(value, str) and not value.strip():
             option = "ID" if name == "id" else "--" + name.replace("_", "-")
             raise UsageError(f"{option} is empty; give a value or leave the option out")
-    if args.command == "restore" and not args.id and (args.target_db is not None or args.in_place or args.force) and not _pitr_requested(args):
+    if (args.command == "restore" and not args.id and (args.target_db is not None or args.database is not None or args.in_place or args.force)
+            and not _pitr_requested(args)):
         raise UsageError("restore options need a backup id: pg-backup-sidecar restore ID|latest [--target-db NAME] (with no id, restore lists the backups)")
 
 

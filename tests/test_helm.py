@@ -44,6 +44,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
         "podLabels": {"azure.workload.identity/use": "true"},
         "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
+    "off-site only, no backups volume": {"backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups/db"}},
 }
 
 
@@ -131,7 +132,8 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"metrics": {"prometheusRule": {"pendingFor": "2 hours"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AZURE_CLIENT_SECRET": "x"}}},
-                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}}],
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}},
+                                    {"backup": {"persistence": {"enabled": False}}}],
                          ids=lambda values: str(values).replace(RECIPIENT, "RECIPIENT"))  # the same ids in every process (pytest-xdist)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
@@ -540,3 +542,32 @@ def test_a_pod_rendered_with_a_remote_and_its_key_secret_reaches_the_store(tmp_p
     shown = json.loads(cli(run_env, "validate-config", "--print").stdout)
     assert shown["remote.url"] == values["remote"]["url"] and SECRET_KEY not in json.dumps(shown)
     assert json.loads(cli(run_env, "list", "--remote", "--json").stdout) == []  # the store answers with these keys (nothing copied yet)
+
+
+def test_without_a_backups_volume_the_pod_streams_to_the_remote_and_keeps_its_state_in_an_empty_dir(tmp_path: Path) -> None:
+    from sidecar.config import load_config
+
+    docs = render(MATRIX["off-site only, no backups volume"])
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    pod = workload(docs)["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == []
+    sidecar = sidecar_container(docs, "StatefulSet")
+    pod_env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert pod_env["BACKUP_DIR"] == "" and pod_env["BACKUP_VOLUME"] == "false"  # the empty value hides the image's BACKUP_DIR
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    state = next(v for v in pod["volumes"] if v["name"] == mounts[pod_env["SIDECAR_STATE_DIR"]])
+    assert "emptyDir" in state and "/backups" not in mounts
+    # the sidecar's own configuration code accepts what the pod gets: the rendered config.yaml and environment
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"].replace("/var/lib/pg-backup-sidecar", str(tmp_path / "state")))
+    loaded = load_config(tmp_path / "config.yaml", {**pod_env, "SIDECAR_STATE_DIR": str(tmp_path / "state"), "BACKUP_DIR": "",
+                                                    "DATABASE_URL": "postgresql://app@127.0.0.1:5432/app"})
+    assert loaded.volume is False and loaded.backup_dir == tmp_path / "state" and loaded.remote is not None
+    notes = render_files(MATRIX["off-site only, no backups volume"])["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "no backups volume" in notes and "PVC" not in notes
+    with pytest.raises(helm_python.HelmError, match="no backups volume, so backups go only to the remote store"):
+        chart = helm_python.Chart.load(CHART)
+        try:
+            chart.validate_schema({"backup": {"persistence": {"enabled": False}}})
+        finally:
+            chart.close()

@@ -102,7 +102,14 @@ seccompProfile:
     - {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
     - {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
     - {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
+    {{- if .Values.backup.persistence.enabled }}
     - {name: BACKUP_DIR, value: /backups}
+    {{- else }}
+    {{- /* no backups volume: straight to the remote store; the empty value overrides the image's BACKUP_DIR */}}
+    - {name: BACKUP_DIR, value: ""}
+    - {name: BACKUP_VOLUME, value: "false"}
+    - {name: SIDECAR_STATE_DIR, value: /var/lib/pg-backup-sidecar}
+    {{- end }}
     - {name: TMPDIR, value: /tmp}
     {{- if include "sidecar.identitySecret" . }}
     - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
@@ -139,7 +146,11 @@ seccompProfile:
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   volumeMounts:
+    {{- if .Values.backup.persistence.enabled }}
     - {name: backups, mountPath: /backups}
+    {{- else }}
+    - {name: state, mountPath: /var/lib/pg-backup-sidecar}
+    {{- end }}
     - {name: tmp, mountPath: /tmp}
     - {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
     - {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
@@ -155,6 +166,16 @@ seccompProfile:
 {{- define "sidecar.volumes" -}}
 - name: tmp
   emptyDir: {}
+{{- if .Values.backup.persistence.enabled }}
+- name: backups
+  persistentVolumeClaim:
+    claimName: {{ include "sidecar.backupsClaim" . }}
+{{- else }}
+{{- /* the sidecar's small state without a backups volume: the lock and its restore records (lost with the pod: the
+backups themselves are in the remote store) */}}
+- name: state
+  emptyDir: {sizeLimit: 64Mi}
+{{- end }}
 - name: config
   configMap:
     name: {{ include "sidecar.fullname" . }}-config

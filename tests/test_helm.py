@@ -44,6 +44,9 @@ MATRIX: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
         "podLabels": {"azure.workload.identity/use": "true"},
         "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
+    "WAL archiving, bundled": {"wal": {"enabled": True}},
+    "WAL archiving, external": {"wal": {"enabled": True}, "postgresql": {"enabled": False},
+                                "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
     "off-site only, no backups volume": {"backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups/db"}},
 }
 
@@ -133,7 +136,10 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AZURE_CLIENT_SECRET": "x"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}},
-                                    {"backup": {"persistence": {"enabled": False}}}],
+                                    {"backup": {"persistence": {"enabled": False}}},
+                                    {"wal": {"enabled": True, "maxSlotWalKeepSize": "-1"}}, {"wal": {"maxSlotWalKeepSize": "2 GB"}},
+                                    {"wal": {"slotName": "Bad-Slot"}},
+                                    {"wal": {"enabled": True}, "backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups"}}],
                          ids=lambda values: str(values).replace(RECIPIENT, "RECIPIENT"))  # the same ids in every process (pytest-xdist)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
@@ -571,3 +577,64 @@ def test_without_a_backups_volume_the_pod_streams_to_the_remote_and_keeps_its_st
             chart.validate_schema({"backup": {"persistence": {"enabled": False}}})
         finally:
             chart.close()
+
+
+# --- point-in-time recovery -----------------------------------------------------------------------------------------
+
+def test_with_wal_archiving_the_bundled_postgres_streams_to_the_sidecar_only_with_its_password(tmp_path: Path) -> None:
+    """The rendered postgres arguments and pg_hba.conf on a real server: the sidecar's replication check passes with the
+    password of the rendered Secret file, and the same role without it (or with a wrong one) is refused: scram, never trust."""
+    from sidecar.config import load_config
+    from sidecar.embedded import Cluster
+    from sidecar.physical.server import replication_problems
+    from sidecar.postgres import find_tool
+
+    docs = render(MATRIX["WAL archiving, bundled"])
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    settings = dict(a.split("=", 1) for a in postgres["args"] if a != "-c")
+    assert settings["wal_level"] == "replica" and settings["max_slot_wal_keep_size"] == "2GB" and int(settings["max_wal_senders"]) >= 2
+    [hba] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    mount = next(m for m in postgres["volumeMounts"] if m["name"] == "pg-hba")
+    assert settings["hba_file"] == mount["mountPath"] + "/pg_hba.conf"
+    lines = [line.split() for line in hba["data"]["pg_hba.conf"].splitlines() if line and not line.startswith("#")]
+    assert all(line[-1] == "scram-sha-256" for line in lines) and ["local", "replication", '"app"', "scram-sha-256"] in lines
+    sidecar = sidecar_container(docs, "StatefulSet")  # it replicates as its role, the password a file of the database Secret
+    password_file = {e["name"]: e["value"] for e in sidecar["env"]}["DATABASE_PASSWORD_FILE"]
+    mount = next(m for m in sidecar["volumeMounts"] if password_file.startswith(m["mountPath"] + "/"))
+    assert "secret" in next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    assert yaml.safe_load(config["data"]["config.yaml"])["wal"] == {"enabled": True, "slot_name": "pg_backup_sidecar"}
+
+    server = Cluster(port=54329)
+    server.user = "app"  # the official image's POSTGRES_USER
+    server.start()
+    try:
+        server.psql("ALTER ROLE app PASSWORD 'from-the-secret'")
+        server.stop("fast")
+        (server.root / "pg_hba.conf").write_text(hba["data"]["pg_hba.conf"])  # where the server's user can read it, as the mount
+        rendered = " ".join(f"-c {k}={v}" for k, v in settings.items() if k != "hba_file")
+        options = f"-c listen_addresses='' -c unix_socket_directories='{server.socket_dir}' -c port={server.port} {rendered} -c hba_file={server.root}/pg_hba.conf"
+        server._run([find_tool("pg_ctl"), "-D", str(server.data), "-o", options, "-l", str(server.root / "server.log"), "-w", "start"])
+        url = f"postgresql://app@/postgres?host={server.socket_dir}&port={server.port}"
+        password = tmp_path / "password"  # DATABASE_PASSWORD_FILE, as the Secret's file
+        password.write_text("from-the-secret")
+        pod_env = {"DATABASE_URL": url, "DATABASE_PASSWORD_FILE": str(password), "BACKUP_DIR": str(tmp_path / "b")}
+        assert replication_problems(load_config(None, pod_env)) == []
+        password.write_text("wrong")
+        with pytest.raises(Exception, match="password authentication failed"):
+            replication_problems(load_config(None, pod_env))
+        result = subprocess.run([find_tool("psql"), "-XAtw", "-d", url, "-c", "SHOW max_slot_wal_keep_size"], capture_output=True, text=True)
+        assert result.returncode != 0 and "password" in result.stderr  # no password, no entry: nothing trusts the socket
+    finally:
+        server.destroy()
+
+
+def test_with_wal_archiving_against_an_external_server_the_notes_give_the_sql_and_hba_line_to_run_there() -> None:
+    docs = render(MATRIX["WAL archiving, external"])
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    notes = render_files(MATRIX["WAL archiving, external"])["pg-backup-sidecar/templates/NOTES.txt"]
+    for line in ('ALTER ROLE "backup" REPLICATION;', "ALTER SYSTEM SET wal_level = replica;", "ALTER SYSTEM SET max_slot_wal_keep_size = '2GB';",
+                 'host  replication  "backup"  <pod CIDR>  scram-sha-256', "pg-backup-sidecar check"):
+        assert line in notes, line
+    assert "replication" not in render_files({})["pg-backup-sidecar/templates/NOTES.txt"]

@@ -213,3 +213,16 @@ backups themselves are in the remote store) */}}
       {{- end }}
 {{- end }}
 {{- end -}}
+
+
+{{/* postgres arguments for WAL streaming to the sidecar (bundled PostgreSQL, wal.enabled) */}}
+{{- define "sidecar.walServerArgs" -}}
+- -c
+- wal_level=replica
+- -c
+- max_wal_senders={{ .Values.wal.maxWalSenders }}
+- -c
+- max_slot_wal_keep_size={{ .Values.wal.maxSlotWalKeepSize }}
+- -c
+- hba_file=/etc/postgresql/hba/pg_hba.conf
+{{- end -}}

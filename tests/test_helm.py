@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.physical.conftest import pitr_env, wal_cluster  # noqa: F401  (fixtures: the bootstrap test's real WAL archive)
+
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
@@ -47,6 +49,9 @@ MATRIX: dict[str, dict[str, Any]] = {
     "WAL archiving, bundled": {"wal": {"enabled": True}},
     "WAL archiving, external": {"wal": {"enabled": True}, "postgresql": {"enabled": False},
                                 "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
+    "bootstrap and a point-in-time restore Job": {"wal": {"enabled": True}, "bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26T14:32:05Z"}},
+                                                  "restore": {"enabled": True, "requestId": "before-the-bug", "toTime": "2026-11-26T14:32:05+01:00",
+                                                              "targetDb": "app_then"}},
     "off-site only, no backups volume": {"backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups/db"}},
 }
 
@@ -139,6 +144,15 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"backup": {"persistence": {"enabled": False}}},
                                     {"wal": {"enabled": True, "maxSlotWalKeepSize": "-1"}}, {"wal": {"maxSlotWalKeepSize": "2 GB"}},
                                     {"wal": {"slotName": "Bad-Slot"}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26T14:32:05Z", "toLatest": True}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26 14:32"}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}, "postgresql": {"enabled": False}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}, "backup": {"persistence": {"enabled": False}},
+                                     "remote": {"url": "s3://backups"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toLatest": True}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toTime": "yesterday", "targetDb": "x"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toTime": "2026-11-26T14:32:05Z", "toLatest": True, "targetDb": "x"}},
                                     {"wal": {"enabled": True}, "backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups"}}],
                          ids=lambda values: str(values).replace(RECIPIENT, "RECIPIENT"))  # the same ids in every process (pytest-xdist)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
@@ -638,3 +652,64 @@ def test_with_wal_archiving_against_an_external_server_the_notes_give_the_sql_an
                  'host  replication  "backup"  <pod CIDR>  scram-sha-256', "pg-backup-sidecar check"):
         assert line in notes, line
     assert "replication" not in render_files({})["pg-backup-sidecar/templates/NOTES.txt"]
+
+
+def test_bootstrap_restores_an_empty_data_volume_once_and_never_touches_a_data_directory(wal_cluster: Any, pitr_env: dict[str, str],  # noqa: F811
+                                                                                        tmp_path: Path) -> None:
+    """The rendered init container's script, run as the pod would (its paths moved under a test directory), against a
+    real WAL archive: the empty volume becomes a data directory a real server recovers from; a second run (a restart,
+    helm upgrade) leaves it alone; a volume holding something else is refused."""
+    from tests.physical.conftest import WalCluster
+    from tests.physical.test_pitr import _archive_some
+
+    values = {"wal": {"enabled": True}, "bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}}
+    [sts] = [d for d in render(values) if d["kind"] == "StatefulSet"]
+    [init] = sts["spec"]["template"]["spec"]["initContainers"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    pgdata = {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"]
+    volume = next(m["mountPath"] for m in init["volumeMounts"] if m["name"] == "data")
+    assert pgdata.startswith(volume + "/") and {"name": "data", "mountPath": volume} in postgres["volumeMounts"]
+    assert init["args"] == ["--to-latest"] and init["securityContext"]["runAsNonRoot"] is True
+    _archive_some(wal_cluster, pitr_env, tmp_path / "receiver.log")
+
+    restored = WalCluster(port=54333)
+    script = init["command"][2].replace(volume, str(restored.root))
+
+    def run_init() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*init["command"][:2], script, *init["command"][3:], *init["args"]], env=pitr_env, capture_output=True, text=True)
+
+    try:
+        first = run_init()
+        assert first.returncode == 0, first.stderr
+        restored.data = restored.root / Path(pgdata).name
+        assert not (restored.root / (restored.data.name + ".bootstrap")).exists()
+        version = (restored.data / "PG_VERSION").stat()
+        again = run_init()  # a restart of the pod, or helm upgrade: the data directory is left alone
+        assert again.returncode == 0 and "nothing to restore" in again.stdout
+        assert (restored.data / "PG_VERSION").stat().st_mtime_ns == version.st_mtime_ns
+        restored.start_existing()
+        restored.wait_promoted()
+        assert restored.psql("SELECT count(*) FROM t") == "3"
+        restored.stop("fast")
+        assert run_init().returncode == 0  # also once the server has run on it
+        restored.data.rename(restored.root / "elsewhere")
+        restored.data.mkdir()
+        (restored.data / "notes.txt").write_text("not a data directory")
+        refused = run_init()
+        assert refused.returncode == 2 and "not empty" in refused.stderr and (restored.data / "notes.txt").exists()
+    finally:
+        restored.destroy()
+
+
+def test_a_point_in_time_restore_job_is_named_after_its_request_id_only_and_asks_for_the_target() -> None:
+    values = MATRIX["bootstrap and a point-in-time restore Job"]
+    first = restore_jobs(values, 3)
+    assert first == [("rel-pg-backup-sidecar-restore-before-the-bug", "before-the-bug")]
+    assert restore_jobs(values, 4) == first and restore_jobs({**values, "image": {"tag": "0.2.0"}}, 5) == first
+    [job] = [d for d in render(values, 4) if d["kind"] == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["restore-request", "--to-time", "2026-11-26T14:32:05+01:00"] and "latest" not in args
+    assert args[args.index("--target-db") + 1] == "app_then" and "--wait" in args
+    latest = {**values, "restore": {**values["restore"], "toTime": "", "toLatest": True}}
+    [job] = [d for d in render(latest, 4) if d["kind"] == "Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["restore-request", "--to-latest"]

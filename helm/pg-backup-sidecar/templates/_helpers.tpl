@@ -98,35 +98,7 @@ seccompProfile:
   ports:
     - {name: http, containerPort: 9188, protocol: TCP}
   env:
-    - {name: DATABASE_URL, value: {{ include "sidecar.databaseUrl" . | quote }}}
-    - {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
-    - {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
-    - {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
-    {{- if .Values.backup.persistence.enabled }}
-    - {name: BACKUP_DIR, value: /backups}
-    {{- else }}
-    {{- /* no backups volume: straight to the remote store; the empty value overrides the image's BACKUP_DIR */}}
-    - {name: BACKUP_DIR, value: ""}
-    - {name: BACKUP_VOLUME, value: "false"}
-    - {name: SIDECAR_STATE_DIR, value: /var/lib/pg-backup-sidecar}
-    {{- end }}
-    - {name: TMPDIR, value: /tmp}
-    {{- if include "sidecar.identitySecret" . }}
-    - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
-    {{- end }}
-    {{- if .Values.remote.url }}
-    {{- range $name, $value := .Values.remote.extraEnv }}
-    - {name: {{ $name }}, value: {{ $value | quote }}}
-    {{- end }}
-    {{- end }}
-    {{- if include "sidecar.remoteSecret" . }}
-    {{- /* paths only: the keys are files of a Secret volume, never environment values */}}
-    - {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}
-    - {name: BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE, value: /etc/pg-backup-sidecar/remote/secret-access-key}
-    {{- if and .Values.remote.existingSecret .Values.remote.existingSecretKeys.sessionToken }}
-    - {name: BACKUP_REMOTE_SESSION_TOKEN_FILE, value: /etc/pg-backup-sidecar/remote/session-token}
-    {{- end }}
-    {{- end }}
+    {{- include "sidecar.env" . | nindent 4 }}
   securityContext:
     {{- include "sidecar.containerSecurity" . | nindent 4 }}
   livenessProbe:
@@ -146,21 +118,7 @@ seccompProfile:
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   volumeMounts:
-    {{- if .Values.backup.persistence.enabled }}
-    - {name: backups, mountPath: /backups}
-    {{- else }}
-    - {name: state, mountPath: /var/lib/pg-backup-sidecar}
-    {{- end }}
-    - {name: tmp, mountPath: /tmp}
-    - {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
-    - {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
-    - {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
-    {{- if include "sidecar.identitySecret" . }}
-    - {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
-    {{- end }}
-    {{- if include "sidecar.remoteSecret" . }}
-    - {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}
-    {{- end }}
+    {{- include "sidecar.mounts" . | nindent 4 }}
 {{- end -}}
 
 {{- define "sidecar.volumes" -}}
@@ -225,4 +183,55 @@ backups themselves are in the remote store) */}}
 - max_slot_wal_keep_size={{ .Values.wal.maxSlotWalKeepSize }}
 - -c
 - hba_file=/etc/postgresql/hba/pg_hba.conf
+{{- end -}}
+
+{{/* The sidecar's environment: its container, and the bootstrap init container that restores with the same settings */}}
+{{- define "sidecar.env" -}}
+- {name: DATABASE_URL, value: {{ include "sidecar.databaseUrl" . | quote }}}
+- {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
+- {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
+- {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
+{{- if .Values.backup.persistence.enabled }}
+- {name: BACKUP_DIR, value: /backups}
+{{- else }}
+{{- /* no backups volume: straight to the remote store; the empty value overrides the image's BACKUP_DIR */}}
+- {name: BACKUP_DIR, value: ""}
+- {name: BACKUP_VOLUME, value: "false"}
+- {name: SIDECAR_STATE_DIR, value: /var/lib/pg-backup-sidecar}
+{{- end }}
+- {name: TMPDIR, value: /tmp}
+{{- if include "sidecar.identitySecret" . }}
+- {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
+{{- end }}
+{{- if .Values.remote.url }}
+{{- range $name, $value := .Values.remote.extraEnv }}
+- {name: {{ $name }}, value: {{ $value | quote }}}
+{{- end }}
+{{- end }}
+{{- if include "sidecar.remoteSecret" . }}
+{{- /* paths only: the keys are files of a Secret volume, never environment values */}}
+- {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}
+- {name: BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE, value: /etc/pg-backup-sidecar/remote/secret-access-key}
+{{- if and .Values.remote.existingSecret .Values.remote.existingSecretKeys.sessionToken }}
+- {name: BACKUP_REMOTE_SESSION_TOKEN_FILE, value: /etc/pg-backup-sidecar/remote/session-token}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "sidecar.mounts" -}}
+{{- if .Values.backup.persistence.enabled }}
+- {name: backups, mountPath: /backups}
+{{- else }}
+- {name: state, mountPath: /var/lib/pg-backup-sidecar}
+{{- end }}
+- {name: tmp, mountPath: /tmp}
+- {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
+- {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
+- {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
+{{- if include "sidecar.identitySecret" . }}
+- {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
+{{- end }}
+{{- if include "sidecar.remoteSecret" . }}
+- {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}
+{{- end }}
 {{- end -}}

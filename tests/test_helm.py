@@ -580,8 +580,9 @@ def test_without_a_backups_volume_the_pod_streams_to_the_remote_and_keeps_its_st
     # the sidecar's own configuration code accepts what the pod gets: the rendered config.yaml and environment
     [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"].replace("/var/lib/pg-backup-sidecar", str(tmp_path / "state")))
+    (tmp_path / "password").write_text("from-the-secret")  # the Secret's file, as the kubelet mounts it
     loaded = load_config(tmp_path / "config.yaml", {**pod_env, "SIDECAR_STATE_DIR": str(tmp_path / "state"), "BACKUP_DIR": "",
-                                                    "DATABASE_URL": "postgresql://app@127.0.0.1:5432/app"})
+                                                    "DATABASE_PASSWORD_FILE": str(tmp_path / "password")})
     assert loaded.volume is False and loaded.backup_dir == tmp_path / "state" and loaded.remote is not None
     notes = render_files(MATRIX["off-site only, no backups volume"])["pg-backup-sidecar/templates/NOTES.txt"]
     assert "no backups volume" in notes and "PVC" not in notes

@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.physical.conftest import pitr_env, wal_cluster  # noqa: F401  (fixtures: the bootstrap test's real WAL archive)
+
 CHART = Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 CRDS = {"ServiceMonitor", "PrometheusRule"}
@@ -44,6 +46,13 @@ MATRIX: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": True, "annotations": {"azure.workload.identity/client-id": "00000000-0000-0000-0000-000000000000"}},
         "podLabels": {"azure.workload.identity/use": "true"},
         "networkPolicy": {"enabled": True, "objectStore": {"ports": [9000]}}},
+    "WAL archiving, bundled": {"wal": {"enabled": True}},
+    "WAL archiving, external": {"wal": {"enabled": True}, "postgresql": {"enabled": False},
+                                "externalDatabase": {"host": "db.example", "database": "app", "username": "backup", "existingSecret": "db-creds"}},
+    "bootstrap and a point-in-time restore Job": {"wal": {"enabled": True}, "bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26T14:32:05Z"}},
+                                                  "restore": {"enabled": True, "requestId": "before-the-bug", "toTime": "2026-11-26T14:32:05+01:00",
+                                                              "targetDb": "app_then"}},
+    "off-site only, no backups volume": {"backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups/db"}},
 }
 
 
@@ -131,7 +140,20 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"metrics": {"prometheusRule": {"pendingFor": "2 hours"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}},
                                     {"remote": {"url": "s3://bucket", "extraEnv": {"AZURE_CLIENT_SECRET": "x"}}},
-                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}}],
+                                    {"remote": {"url": "s3://bucket", "extraEnv": {"DATABASE_URL": "x"}}},
+                                    {"backup": {"persistence": {"enabled": False}}},
+                                    {"wal": {"enabled": True, "maxSlotWalKeepSize": "-1"}}, {"wal": {"maxSlotWalKeepSize": "2 GB"}},
+                                    {"wal": {"slotName": "Bad-Slot"}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26T14:32:05Z", "toLatest": True}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toTime": "2026-11-26 14:32"}}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}, "postgresql": {"enabled": False}},
+                                    {"bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}, "backup": {"persistence": {"enabled": False}},
+                                     "remote": {"url": "s3://backups"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toLatest": True}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toTime": "yesterday", "targetDb": "x"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toTime": "2026-11-26T14:32:05Z", "toLatest": True, "targetDb": "x"}},
+                                    {"wal": {"enabled": True}, "backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups"}}],
                          ids=lambda values: str(values).replace(RECIPIENT, "RECIPIENT"))  # the same ids in every process (pytest-xdist)
 def test_bad_values_fail_at_install(values: dict[str, Any]) -> None:
     chart = helm_python.Chart.load(CHART)
@@ -540,3 +562,155 @@ def test_a_pod_rendered_with_a_remote_and_its_key_secret_reaches_the_store(tmp_p
     shown = json.loads(cli(run_env, "validate-config", "--print").stdout)
     assert shown["remote.url"] == values["remote"]["url"] and SECRET_KEY not in json.dumps(shown)
     assert json.loads(cli(run_env, "list", "--remote", "--json").stdout) == []  # the store answers with these keys (nothing copied yet)
+
+
+def test_without_a_backups_volume_the_pod_streams_to_the_remote_and_keeps_its_state_in_an_empty_dir(tmp_path: Path) -> None:
+    from sidecar.config import load_config
+
+    docs = render(MATRIX["off-site only, no backups volume"])
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    pod = workload(docs)["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == []
+    sidecar = sidecar_container(docs, "StatefulSet")
+    pod_env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert pod_env["BACKUP_DIR"] == "" and pod_env["BACKUP_VOLUME"] == "false"  # the empty value hides the image's BACKUP_DIR
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    state = next(v for v in pod["volumes"] if v["name"] == mounts[pod_env["SIDECAR_STATE_DIR"]])
+    assert "emptyDir" in state and "/backups" not in mounts
+    # the sidecar's own configuration code accepts what the pod gets: the rendered config.yaml and environment
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"].replace("/var/lib/pg-backup-sidecar", str(tmp_path / "state")))
+    (tmp_path / "password").write_text("from-the-secret")  # the Secret's file, as the kubelet mounts it
+    loaded = load_config(tmp_path / "config.yaml", {**pod_env, "SIDECAR_STATE_DIR": str(tmp_path / "state"), "BACKUP_DIR": "",
+                                                    "DATABASE_PASSWORD_FILE": str(tmp_path / "password")})
+    assert loaded.volume is False and loaded.backup_dir == tmp_path / "state" and loaded.remote is not None
+    notes = render_files(MATRIX["off-site only, no backups volume"])["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "no backups volume" in notes and "PVC" not in notes
+    with pytest.raises(helm_python.HelmError, match="no backups volume, so backups go only to the remote store"):
+        chart = helm_python.Chart.load(CHART)
+        try:
+            chart.validate_schema({"backup": {"persistence": {"enabled": False}}})
+        finally:
+            chart.close()
+
+
+# --- point-in-time recovery -----------------------------------------------------------------------------------------
+
+def test_with_wal_archiving_the_bundled_postgres_streams_to_the_sidecar_only_with_its_password(tmp_path: Path) -> None:
+    """The rendered postgres arguments and pg_hba.conf on a real server: the sidecar's replication check passes with the
+    password of the rendered Secret file, and the same role without it (or with a wrong one) is refused: scram, never trust."""
+    from sidecar.config import load_config
+    from sidecar.embedded import Cluster
+    from sidecar.physical.server import replication_problems
+    from sidecar.postgres import find_tool
+
+    docs = render(MATRIX["WAL archiving, bundled"])
+    [sts] = [d for d in docs if d["kind"] == "StatefulSet"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    settings = dict(a.split("=", 1) for a in postgres["args"] if a != "-c")
+    assert settings["wal_level"] == "replica" and settings["max_slot_wal_keep_size"] == "2GB" and int(settings["max_wal_senders"]) >= 2
+    [hba] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    mount = next(m for m in postgres["volumeMounts"] if m["name"] == "pg-hba")
+    assert settings["hba_file"] == mount["mountPath"] + "/pg_hba.conf"
+    lines = [line.split() for line in hba["data"]["pg_hba.conf"].splitlines() if line and not line.startswith("#")]
+    assert all(line[-1] == "scram-sha-256" for line in lines) and ["local", "replication", '"app"', "scram-sha-256"] in lines
+    sidecar = sidecar_container(docs, "StatefulSet")  # it replicates as its role, the password a file of the database Secret
+    password_file = {e["name"]: e["value"] for e in sidecar["env"]}["DATABASE_PASSWORD_FILE"]
+    mount = next(m for m in sidecar["volumeMounts"] if password_file.startswith(m["mountPath"] + "/"))
+    assert "secret" in next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    assert yaml.safe_load(config["data"]["config.yaml"])["wal"] == {"enabled": True, "slot_name": "pg_backup_sidecar"}
+
+    server = Cluster(port=54329)
+    server.user = "app"  # the official image's POSTGRES_USER
+    server.start()
+    try:
+        server.psql("ALTER ROLE app PASSWORD 'from-the-secret'")
+        server.stop("fast")
+        (server.root / "pg_hba.conf").write_text(hba["data"]["pg_hba.conf"])  # where the server's user can read it, as the mount
+        rendered = " ".join(f"-c {k}={v}" for k, v in settings.items() if k != "hba_file")
+        options = f"-c listen_addresses='' -c unix_socket_directories='{server.socket_dir}' -c port={server.port} {rendered} -c hba_file={server.root}/pg_hba.conf"
+        server._run([find_tool("pg_ctl"), "-D", str(server.data), "-o", options, "-l", str(server.root / "server.log"), "-w", "start"])
+        url = f"postgresql://app@/postgres?host={server.socket_dir}&port={server.port}"
+        password = tmp_path / "password"  # DATABASE_PASSWORD_FILE, as the Secret's file
+        password.write_text("from-the-secret")
+        pod_env = {"DATABASE_URL": url, "DATABASE_PASSWORD_FILE": str(password), "BACKUP_DIR": str(tmp_path / "b")}
+        assert replication_problems(load_config(None, pod_env)) == []
+        password.write_text("wrong")
+        with pytest.raises(Exception, match="password authentication failed"):
+            replication_problems(load_config(None, pod_env))
+        result = subprocess.run([find_tool("psql"), "-XAtw", "-d", url, "-c", "SHOW max_slot_wal_keep_size"], capture_output=True, text=True)
+        assert result.returncode != 0 and "password" in result.stderr  # no password, no entry: nothing trusts the socket
+    finally:
+        server.destroy()
+
+
+def test_with_wal_archiving_against_an_external_server_the_notes_give_the_sql_and_hba_line_to_run_there() -> None:
+    docs = render(MATRIX["WAL archiving, external"])
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    notes = render_files(MATRIX["WAL archiving, external"])["pg-backup-sidecar/templates/NOTES.txt"]
+    for line in ('ALTER ROLE "backup" REPLICATION;', "ALTER SYSTEM SET wal_level = replica;", "ALTER SYSTEM SET max_slot_wal_keep_size = '2GB';",
+                 'host  replication  "backup"  <pod CIDR>  scram-sha-256', "pg-backup-sidecar check"):
+        assert line in notes, line
+    assert "replication" not in render_files({})["pg-backup-sidecar/templates/NOTES.txt"]
+
+
+def test_bootstrap_restores_an_empty_data_volume_once_and_never_touches_a_data_directory(wal_cluster: Any, pitr_env: dict[str, str],  # noqa: F811
+                                                                                        tmp_path: Path) -> None:
+    """The rendered init container's script, run as the pod would (its paths moved under a test directory), against a
+    real WAL archive: the empty volume becomes a data directory a real server recovers from; a second run (a restart,
+    helm upgrade) leaves it alone; a volume holding something else is refused."""
+    from tests.physical.conftest import WalCluster
+    from tests.physical.test_pitr import _archive_some
+
+    values = {"wal": {"enabled": True}, "bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}}
+    [sts] = [d for d in render(values) if d["kind"] == "StatefulSet"]
+    [init] = sts["spec"]["template"]["spec"]["initContainers"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    pgdata = {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"]
+    volume = next(m["mountPath"] for m in init["volumeMounts"] if m["name"] == "data")
+    assert pgdata.startswith(volume + "/") and {"name": "data", "mountPath": volume} in postgres["volumeMounts"]
+    assert init["args"] == ["--to-latest"] and init["securityContext"]["runAsNonRoot"] is True
+    _archive_some(wal_cluster, pitr_env, tmp_path / "receiver.log")
+
+    restored = WalCluster(port=54333)
+    script = init["command"][2].replace(volume, str(restored.root))
+
+    def run_init() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*init["command"][:2], script, *init["command"][3:], *init["args"]], env=pitr_env, capture_output=True, text=True)
+
+    try:
+        first = run_init()
+        assert first.returncode == 0, first.stderr
+        restored.data = restored.root / Path(pgdata).name
+        assert not (restored.root / (restored.data.name + ".bootstrap")).exists()
+        version = (restored.data / "PG_VERSION").stat()
+        again = run_init()  # a restart of the pod, or helm upgrade: the data directory is left alone
+        assert again.returncode == 0 and "nothing to restore" in again.stdout
+        assert (restored.data / "PG_VERSION").stat().st_mtime_ns == version.st_mtime_ns
+        restored.start_existing()
+        restored.wait_promoted()
+        assert restored.psql("SELECT count(*) FROM t") == "3"
+        restored.stop("fast")
+        assert run_init().returncode == 0  # also once the server has run on it
+        restored.data.rename(restored.root / "elsewhere")
+        restored.data.mkdir()
+        (restored.data / "notes.txt").write_text("not a data directory")
+        refused = run_init()
+        assert refused.returncode == 2 and "not empty" in refused.stderr and (restored.data / "notes.txt").exists()
+    finally:
+        restored.destroy()
+
+
+def test_a_point_in_time_restore_job_is_named_after_its_request_id_only_and_asks_for_the_target() -> None:
+    values = MATRIX["bootstrap and a point-in-time restore Job"]
+    first = restore_jobs(values, 3)
+    assert first == [("rel-pg-backup-sidecar-restore-before-the-bug", "before-the-bug")]
+    assert restore_jobs(values, 4) == first and restore_jobs({**values, "image": {"tag": "0.2.0"}}, 5) == first
+    [job] = [d for d in render(values, 4) if d["kind"] == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["restore-request", "--to-time", "2026-11-26T14:32:05+01:00"] and "latest" not in args
+    assert args[args.index("--target-db") + 1] == "app_then" and "--wait" in args
+    latest = {**values, "restore": {**values["restore"], "toTime": "", "toLatest": True}}
+    [job] = [d for d in render(latest, 4) if d["kind"] == "Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["restore-request", "--to-latest"]

@@ -115,6 +115,15 @@ def test_the_image_backs_up_serves_metrics_and_stops_cleanly_as_non_root_with_a_
         assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
         assert podman("exec", name, "touch", "/etc/x", check=False).returncode != 0
         assert len(list(backups.glob("*.metadata.json"))) == 1
+        # the server binaries a point-in-time restore starts as its scratch instance: a server of the image's major
+        # initialises, starts and answers as the non-root user on the read-only root (the tmpfs /tmp only)
+        scratch = podman("exec", name, "sh", "-c", 'set -e; "$PG_BIN_DIR/postgres" --version; "$PG_BIN_DIR/initdb" -D /tmp/scratch -U x '
+                         '--auth=trust -E UTF8 --locale=C.UTF-8 --no-sync >/dev/null; "$PG_BIN_DIR/pg_ctl" -D /tmp/scratch -l /tmp/scratch.log '
+                         '-o "-c listen_addresses= -k /tmp" -w start >/dev/null; psql -h /tmp -U x -d postgres -Atc "SHOW server_version_num"; '
+                         '"$PG_BIN_DIR/pg_ctl" -D /tmp/scratch -m fast -w stop >/dev/null', check=False)
+        assert scratch.returncode == 0, scratch.stderr
+        banner, number = scratch.stdout.strip().splitlines()  # "postgres (PostgreSQL) 17.x ...", "170012"
+        assert f"(PostgreSQL) {int(number) // 10000}." in banner
         podman("stop", "-t", "30", name)
         assert podman("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
     finally:

@@ -98,28 +98,7 @@ seccompProfile:
   ports:
     - {name: http, containerPort: 9188, protocol: TCP}
   env:
-    - {name: DATABASE_URL, value: {{ include "sidecar.databaseUrl" . | quote }}}
-    - {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
-    - {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
-    - {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
-    - {name: BACKUP_DIR, value: /backups}
-    - {name: TMPDIR, value: /tmp}
-    {{- if include "sidecar.identitySecret" . }}
-    - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
-    {{- end }}
-    {{- if .Values.remote.url }}
-    {{- range $name, $value := .Values.remote.extraEnv }}
-    - {name: {{ $name }}, value: {{ $value | quote }}}
-    {{- end }}
-    {{- end }}
-    {{- if include "sidecar.remoteSecret" . }}
-    {{- /* paths only: the keys are files of a Secret volume, never environment values */}}
-    - {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}
-    - {name: BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE, value: /etc/pg-backup-sidecar/remote/secret-access-key}
-    {{- if and .Values.remote.existingSecret .Values.remote.existingSecretKeys.sessionToken }}
-    - {name: BACKUP_REMOTE_SESSION_TOKEN_FILE, value: /etc/pg-backup-sidecar/remote/session-token}
-    {{- end }}
-    {{- end }}
+    {{- include "sidecar.env" . | nindent 4 }}
   securityContext:
     {{- include "sidecar.containerSecurity" . | nindent 4 }}
   livenessProbe:
@@ -139,22 +118,22 @@ seccompProfile:
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   volumeMounts:
-    - {name: backups, mountPath: /backups}
-    - {name: tmp, mountPath: /tmp}
-    - {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
-    - {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
-    - {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
-    {{- if include "sidecar.identitySecret" . }}
-    - {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
-    {{- end }}
-    {{- if include "sidecar.remoteSecret" . }}
-    - {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}
-    {{- end }}
+    {{- include "sidecar.mounts" . | nindent 4 }}
 {{- end -}}
 
 {{- define "sidecar.volumes" -}}
 - name: tmp
   emptyDir: {}
+{{- if .Values.backup.persistence.enabled }}
+- name: backups
+  persistentVolumeClaim:
+    claimName: {{ include "sidecar.backupsClaim" . }}
+{{- else }}
+{{- /* the sidecar's small state without a backups volume: the lock and its restore records (lost with the pod: the
+backups themselves are in the remote store) */}}
+- name: state
+  emptyDir: {sizeLimit: 64Mi}
+{{- end }}
 - name: config
   configMap:
     name: {{ include "sidecar.fullname" . }}-config
@@ -190,5 +169,69 @@ seccompProfile:
       - {key: access-key-id, path: access-key-id}
       - {key: secret-access-key, path: secret-access-key}
       {{- end }}
+{{- end }}
+{{- end -}}
+
+
+{{/* postgres arguments for WAL streaming to the sidecar (bundled PostgreSQL, wal.enabled) */}}
+{{- define "sidecar.walServerArgs" -}}
+- -c
+- wal_level=replica
+- -c
+- max_wal_senders={{ .Values.wal.maxWalSenders }}
+- -c
+- max_slot_wal_keep_size={{ .Values.wal.maxSlotWalKeepSize }}
+- -c
+- hba_file=/etc/postgresql/hba/pg_hba.conf
+{{- end -}}
+
+{{/* The sidecar's environment: its container, and the bootstrap init container that restores with the same settings */}}
+{{- define "sidecar.env" -}}
+- {name: DATABASE_URL, value: {{ include "sidecar.databaseUrl" . | quote }}}
+- {name: DATABASE_PASSWORD_FILE, value: /etc/pg-backup-sidecar/db/password}
+- {name: SIDECAR_API_TOKEN_FILE, value: /etc/pg-backup-sidecar/api/api-token}
+- {name: SIDECAR_CONFIG, value: /etc/pg-backup-sidecar/config/config.yaml}
+{{- if .Values.backup.persistence.enabled }}
+- {name: BACKUP_DIR, value: /backups}
+{{- else }}
+{{- /* no backups volume: straight to the remote store; the empty value overrides the image's BACKUP_DIR */}}
+- {name: BACKUP_DIR, value: ""}
+- {name: BACKUP_VOLUME, value: "false"}
+- {name: SIDECAR_STATE_DIR, value: /var/lib/pg-backup-sidecar}
+{{- end }}
+- {name: TMPDIR, value: /tmp}
+{{- if include "sidecar.identitySecret" . }}
+- {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
+{{- end }}
+{{- if .Values.remote.url }}
+{{- range $name, $value := .Values.remote.extraEnv }}
+- {name: {{ $name }}, value: {{ $value | quote }}}
+{{- end }}
+{{- end }}
+{{- if include "sidecar.remoteSecret" . }}
+{{- /* paths only: the keys are files of a Secret volume, never environment values */}}
+- {name: BACKUP_REMOTE_ACCESS_KEY_ID_FILE, value: /etc/pg-backup-sidecar/remote/access-key-id}
+- {name: BACKUP_REMOTE_SECRET_ACCESS_KEY_FILE, value: /etc/pg-backup-sidecar/remote/secret-access-key}
+{{- if and .Values.remote.existingSecret .Values.remote.existingSecretKeys.sessionToken }}
+- {name: BACKUP_REMOTE_SESSION_TOKEN_FILE, value: /etc/pg-backup-sidecar/remote/session-token}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "sidecar.mounts" -}}
+{{- if .Values.backup.persistence.enabled }}
+- {name: backups, mountPath: /backups}
+{{- else }}
+- {name: state, mountPath: /var/lib/pg-backup-sidecar}
+{{- end }}
+- {name: tmp, mountPath: /tmp}
+- {name: config, mountPath: /etc/pg-backup-sidecar/config, readOnly: true}
+- {name: db-secret, mountPath: /etc/pg-backup-sidecar/db, readOnly: true}
+- {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
+{{- if include "sidecar.identitySecret" . }}
+- {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
+{{- end }}
+{{- if include "sidecar.remoteSecret" . }}
+- {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}
 {{- end }}
 {{- end -}}

@@ -465,12 +465,15 @@ def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = N
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
-                     stage_wal: bool | None = None) -> dict[str, Any]:
+                     stage_wal: bool | None = None, *, to_restore_point: str | None = None, to_xid: str | None = None,
+                     exclusive: bool = False, timeline: str | None = None) -> dict[str, Any]:
     """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
-    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch."""
+    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch.
+    `exclusive` stops just before a time, LSN or transaction; `timeline` is latest (default), current or a number."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
-    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir, stage_wal)
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -480,7 +483,9 @@ def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) ->
     return supervise(config_path, stop, pid_variable)
 
 
-def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str) -> RestoreReport:
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str, *,
+                                 to_restore_point: str | None = None, to_xid: str | None = None, exclusive: bool = False,
+                                 timeline: str | None = None) -> RestoreReport:
     """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
     into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
     from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
@@ -493,7 +498,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     from sidecar.physical.pitr import ScratchServer, parse_target, restore_to_data_dir, scratch_directory
 
     cfg = _config(config)
-    target = parse_target(to_time, to_lsn, to_latest)
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     root = scratch_directory()
     try:
         result = restore_to_data_dir(cfg, target, root / "data")
@@ -502,7 +507,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
             server.start()
             params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
             scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
-            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"))
+            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"), target=target.describe())
             log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
             dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),
                                remote=None, data_dir=None, drill_database_url=None, retention_days=0)

@@ -39,7 +39,8 @@ __all__ = [
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
-    "create_base_backup", "list_base_backups", "wal_timelines", "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
+    "create_base_backup", "list_base_backups", "wal_timelines", "recovery_window", "window_reader", "wal_watcher",
+    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
 ]
 
 
@@ -423,6 +424,32 @@ def wal_timelines(config: Config | None = None) -> list[dict[str, Any]]:
     from sidecar.physical.wal import WalArchive
 
     return [t.to_json() for t in WalArchive(_config(config).backup_dir).timelines()]
+
+
+def window_reader(config: Config | None = None) -> Any:
+    """What computes the recovery window, remembering each archived segment's last commit time (for the daemon, which
+    asks on every scrape): pass it to `recovery_window`."""
+    from sidecar.physical.window import WindowReader
+
+    return WindowReader(_config(config))
+
+
+def recovery_window(config: Config | None = None, reader: Any = None) -> list[dict[str, Any]]:
+    """Per system and timeline: the earliest recoverable moment (the end of the oldest good base backup that reaches it),
+    the latest (the last commit archived without a gap after a good base backup, by pg_waldump; `latestBasis`
+    says `archived-at` where the WAL cannot be read here and the newest segment's archive time stands in), and gaps."""
+    return [w.to_json() for w in (reader or window_reader(config)).windows()]
+
+
+def wal_watcher(config: Config | None = None) -> Any:
+    """For the daemon's metrics: a callable returning the WAL archiving state (receiver up, slot, spool, archive age,
+    recovery window, gaps, base backup age); the slot is asked at most every 5 s, segment commit times are remembered."""
+    from sidecar.physical.observe import SlotProbe, wal_state
+    from sidecar.physical.window import WindowReader
+
+    cfg = _config(config)
+    reader, probe = WindowReader(cfg), SlotProbe(cfg)
+    return lambda: wal_state(cfg, reader, probe)
 
 
 def verify_base_backup(ref: str, config: Config | None = None) -> VerifyReport:

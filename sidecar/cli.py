@@ -320,6 +320,18 @@ def _pitr_requested(args: argparse.Namespace) -> bool:
                                               or args.to_restore_point or args.to_xid or args.exclusive or args.timeline)
 
 
+def _window_line(w: dict[str, Any]) -> str:
+    if not w.get("earliest"):
+        return "not recoverable: no good base backup reaches this timeline's WAL (take one: pg-backup-sidecar base-backup)"
+    if not w.get("latest"):
+        latest = f"the end of {w['latestSegment']} (no commit found in its newest segments; --to-latest)"
+    elif w.get("latestBasis") == "archived-at":
+        latest = f"at most {w['latest']} (when {w['latestSegment']} was archived; its commit times cannot be read here)"
+    else:
+        latest = f"{w['latest']} (the last commit archived, in {w['latestSegment']}: --to-time reaches moments before it, --to-latest it)"
+    return f"recoverable from {w['earliest']} (end of base backup {w['earliestBaseBackup']}) to {latest}"
+
+
 def _pitr_target(args: argparse.Namespace) -> dict[str, Any]:
     return {"to_restore_point": args.to_restore_point, "to_xid": args.to_xid, "exclusive": args.exclusive, "timeline": args.timeline}
 
@@ -337,6 +349,10 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         return api.receive_wal(config)
     if args.command == "list" and args.wal:
         timelines = api.wal_timelines(config)
+        windows = {(w["systemIdentifier"], w["timeline"]): w for w in api.recovery_window(config)}
+        for t in timelines:
+            w = windows.get((t["systemIdentifier"], t["timeline"]), {})
+            t["recoveryWindow"] = {k: w.get(k) for k in ("earliest", "earliestBaseBackup", "latest", "latestBasis", "latestSegment")}
         if args.json:
             emit(timelines)
         elif not timelines:
@@ -344,6 +360,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         for t in [] if args.json else timelines:
             gaps = f"  GAP: {', '.join(t['gaps'])} missing" if t["gaps"] else ""
             print(f"system {t['systemIdentifier']} timeline {t['timeline']}: {t['segments']} segments {t['first']}..{t['last']}{gaps}")
+            print("  " + _window_line(t["recoveryWindow"]))
         return OK
     if args.command == "list" and args.base:
         backups = api.list_base_backups(config)

@@ -186,6 +186,9 @@ class WalCollector(Collector):
                     s.get("unarchived_segments", nan))
         yield gauge("pg_backup_wal_slot_retained_bytes", "WAL bytes the replication slot holds back on the database server (NaN if no slot).",
                     s.get("slot_retained", nan))
+        yield gauge("pg_backup_wal_slot_keep_limit_bytes",
+                    "The server's max_slot_wal_keep_size in bytes: a slot holding back more loses WAL (+Inf: no limit, the disk fills instead).",
+                    s.get("slot_keep_limit", nan))
         status = GaugeMetricFamily("pg_backup_wal_slot_status", "The replication slot's wal_status (missing: no slot; unknown: not asked).",
                                    labels=["status"])
         for value in SLOT_STATUSES:

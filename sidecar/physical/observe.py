@@ -52,13 +52,15 @@ class SlotProbe:
         try:
             with connect(self.config) as conn:
                 current = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END").fetchone()
+                keep = conn.execute("SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'").fetchone()
                 row = conn.execute("SELECT active, coalesce(wal_status, 'missing'), CASE WHEN restart_lsn IS NULL OR pg_is_in_recovery() THEN NULL "
                                    "ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) END FROM pg_replication_slots WHERE slot_name = %s",
                                    (self.config.wal_slot_name,)).fetchone()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer; the database probe logs why
             log.debug("the replication slot could not be read for the metrics: %s", exc)
             return {"status": "unknown"}
-        state: dict[str, Any] = {"current": current[0] if current else None}
+        limit = math.inf if keep is None or keep[0] < 0 else float(keep[0]) * (1 << 20)  # MB; -1: the slot may keep any amount
+        state: dict[str, Any] = {"current": current[0] if current else None, "keep_limit": limit}
         if row is None:
             return {**state, "status": "missing", "active": False}
         status = str(row[1]) if str(row[1]) in SLOT_STATUSES else "unknown"
@@ -105,7 +107,7 @@ def wal_state(config: Config, reader: WindowReader, probe: SlotProbe) -> dict[st
         pass
     base_finished = max((_when(b.metadata.get("finishedAt")) for b in good), default=math.nan)
     return {"receiver_up": 1.0 if slot.get("active") else 0.0, "slot_status": slot.get("status", "unknown"),
-            "slot_retained": slot.get("retained", math.nan), "last_archived": last_archived, "unarchived_segments": unarchived,
+            "slot_retained": slot.get("retained", math.nan), "slot_keep_limit": slot.get("keep_limit", math.nan), "last_archived": last_archived, "unarchived_segments": unarchived,
             "spool_bytes": float(spool), "gaps": float(gaps),
             "first": window.earliest.timestamp() if window and window.earliest else math.nan,
             "last": window.latest.timestamp() if window and window.latest else math.nan, "base_finished": base_finished}

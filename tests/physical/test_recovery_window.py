@@ -4,6 +4,7 @@ computation, and `list --wal`, /v1/recovery-window and /metrics of a real daemon
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from sidecar.physical.wal import Timeline
 from sidecar.physical.window import SegmentTimes, windows
 from tests.conftest import cli
 from tests.physical.conftest import WalCluster, archived, switch
+from tests.test_helm import WAL_METRICS
 
 MiB = 1 << 20
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -90,6 +92,7 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
         assert sample(metrics, "pg_backup_recovery_window_first_timestamp_seconds") == datetime.fromisoformat(base["finishedAt"]).timestamp()
         assert 'pg_backup_wal_slot_status{status="reserved"} 1.0' in metrics, metrics
         assert 0 <= sample(metrics, "pg_backup_wal_slot_retained_bytes") < 4 * MiB
+        assert sample(metrics, "pg_backup_wal_slot_keep_limit_bytes") == float("inf")  # the test clusters keep max_slot_wal_keep_size = -1
         spool = sum(p.stat().st_size for p in (backups / "wal" / "spool").iterdir() if not p.name.startswith("."))
         assert sample(metrics, "pg_backup_wal_spool_bytes") == spool  # a partial segment once WAL after the switch arrives
         assert sample(metrics, "pg_backup_wal_unarchived_segments") == 0 and sample(metrics, "pg_backup_wal_gaps") == 0
@@ -98,6 +101,11 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
         assert promtool, "promtool (Debian package prometheus) is required"
         check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+        # every WAL series the chart's alerts and dashboard use is exported (tests/test_helm.py checks the others)
+        chart = Path(__file__).parents[2] / "helm" / "pg-backup-sidecar" / "files"
+        used = set(re.findall(r"\bpg_backup_[a-z_]+", (chart / "alerts.yaml").read_text() + (chart / "dashboard.json").read_text()))
+        wal = {m for m in used if m.startswith(WAL_METRICS)}
+        assert len(wal) >= 6 and wal <= set(re.findall(r"^(pg_backup_[a-z_]+)", metrics, flags=re.M)), wal
         # the window's latest moment is the last commit archived: --to-latest has it
         restored = WalCluster(port=54335)
         try:

@@ -86,6 +86,12 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
         assert request(running.base, "/v1/recovery-window", token=None)[0] == 401
         status, body = request(running.base, "/v1/recovery-window")
         assert status == 200 and body["timelines"][0]["latest"] == window["latest"], body
+        import jsonschema
+        import yaml
+
+        spec = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
+        schema = spec["paths"]["/v1/recovery-window"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        jsonschema.validate(body, schema, cls=jsonschema.Draft202012Validator)  # as docs/openapi.yaml says
         running.wait_for(lambda: sample(request(running.base, "/metrics")[1], "pg_backup_wal_receiver_up") == 1, "the receiver to show as up", timeout=15)
         metrics = request(running.base, "/metrics")[1]
         assert abs(sample(metrics, "pg_backup_recovery_window_last_timestamp_seconds") - latest.timestamp()) < 1e-5

@@ -124,7 +124,6 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
         # a segment lost after the base backup began is a gap until the next base backup
         for path in backups.glob(f"wal/*/{first[:8]}/{last}.*"):
             path.unlink()
-        assert sample(request(running.base, "/metrics")[1], "pg_backup_wal_gaps") == 0  # the newest segment gone: no gap, the end moves back
         middle = switch(wal_cluster)
         running.wait_for(lambda: archived(backups, middle), f"segment {middle} to be archived")
         assert sample(request(running.base, "/metrics")[1], "pg_backup_wal_gaps") == 1

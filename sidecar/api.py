@@ -41,7 +41,8 @@ __all__ = [
     "CheckReport", "check_setup",
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
-    "create_base_backup", "list_base_backups", "wal_timelines", "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
+    "create_base_backup", "list_base_backups", "wal_timelines", "recovery_window", "window_reader", "wal_watcher",
+    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
 ]
 
 
@@ -441,6 +442,32 @@ def wal_timelines(config: Config | None = None) -> list[dict[str, Any]]:
     return [t.to_json() for t in WalArchive(_config(config).backup_dir).timelines()]
 
 
+def window_reader(config: Config | None = None) -> Any:
+    """What computes the recovery window, remembering each archived segment's last commit time (for the daemon, which
+    asks on every scrape): pass it to `recovery_window`."""
+    from sidecar.physical.window import WindowReader
+
+    return WindowReader(_config(config))
+
+
+def recovery_window(config: Config | None = None, reader: Any = None) -> list[dict[str, Any]]:
+    """Per system and timeline: the earliest recoverable moment (the end of the oldest good base backup that reaches it),
+    the latest (the last commit archived without a gap after a good base backup, by pg_waldump; `latestBasis`
+    says `archived-at` where the WAL cannot be read here and the newest segment's archive time stands in), and gaps."""
+    return [w.to_json() for w in (reader or window_reader(config)).windows()]
+
+
+def wal_watcher(config: Config | None = None) -> Any:
+    """For the daemon's metrics: a callable returning the WAL archiving state (receiver up, slot, spool, archive age,
+    recovery window, gaps, base backup age); the slot is asked at most every 5 s, segment commit times are remembered."""
+    from sidecar.physical.observe import SlotProbe, wal_state
+    from sidecar.physical.window import WindowReader
+
+    cfg = _config(config)
+    reader, probe = WindowReader(cfg), SlotProbe(cfg)
+    return lambda: wal_state(cfg, reader, probe)
+
+
 def verify_base_backup(ref: str, config: Config | None = None) -> VerifyReport:
     """sha256 of a base backup's stored file, then every file in its tar against its backup_manifest."""
     from sidecar.physical.base import verify_base_backup as verify
@@ -481,12 +508,15 @@ def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = N
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
-                     stage_wal: bool | None = None) -> dict[str, Any]:
+                     stage_wal: bool | None = None, *, to_restore_point: str | None = None, to_xid: str | None = None,
+                     exclusive: bool = False, timeline: str | None = None) -> dict[str, Any]:
     """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
-    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch."""
+    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch.
+    `exclusive` stops just before a time, LSN or transaction; `timeline` is latest (default), current or a number."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
-    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir, stage_wal)
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -496,7 +526,9 @@ def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) ->
     return supervise(config_path, stop, pid_variable)
 
 
-def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str) -> RestoreReport:
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str, *,
+                                 to_restore_point: str | None = None, to_xid: str | None = None, exclusive: bool = False,
+                                 timeline: str | None = None) -> RestoreReport:
     """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
     into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
     from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
@@ -509,7 +541,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     from sidecar.physical.pitr import ScratchServer, parse_target, restore_to_data_dir, scratch_directory
 
     cfg = _config(config)
-    target = parse_target(to_time, to_lsn, to_latest)
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     root = scratch_directory()
     try:
         result = restore_to_data_dir(cfg, target, root / "data")
@@ -518,7 +550,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
             server.start()
             params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
             scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
-            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"))
+            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"), target=target.describe())
             log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
             dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),
                                remote=None, data_dir=None, drill_database_url=None, retention_days=0)

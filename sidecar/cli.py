@@ -149,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--to-time", metavar="T", help="point-in-time restore to T (ISO 8601 with a time zone, e.g. 2026-11-26T14:32:05Z)")
     r.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position (e.g. 0/3000028)")
     r.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
+    r.add_argument("--to-restore-point", metavar="NAME", help="point-in-time restore to a restore point made with pg_create_restore_point(NAME)")
+    r.add_argument("--to-xid", metavar="N", help="point-in-time restore to the end of transaction N (txid_current() modulo 2^32)")
+    r.add_argument("--exclusive", action="store_true", help="stop just before the --to-time/--to-lsn/--to-xid target (default: just after, as PostgreSQL)")
+    r.add_argument("--timeline", metavar="N|latest|current", help="the timeline to recover along (default latest; current: the base backup's)")
     r.add_argument("--into-data-dir", metavar="DIR", help="write a data directory (new or empty) that recovers to the target when a server starts on it")
     r.add_argument("--stage-wal", action=argparse.BooleanOptionalAction, default=None,
                    help="copy the WAL recovery needs into DIR/pg_wal (self-contained; default when running as root) instead of restore_command = wal-fetch")
@@ -329,7 +333,24 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _pitr_requested(args: argparse.Namespace) -> bool:
-    return args.command == "restore" and bool(args.to_time or args.to_lsn or args.to_latest or args.into_data_dir or args.stage_wal is not None)
+    return args.command == "restore" and bool(args.to_time or args.to_lsn or args.to_latest or args.into_data_dir or args.stage_wal is not None
+                                              or args.to_restore_point or args.to_xid or args.exclusive or args.timeline)
+
+
+def _window_line(w: dict[str, Any]) -> str:
+    if not w.get("earliest"):
+        return "not recoverable: no good base backup reaches this timeline's WAL (take one: pg-backup-sidecar base-backup)"
+    if not w.get("latest"):
+        latest = f"the end of {w['latestSegment']} (no commit found in its newest segments; --to-latest)"
+    elif w.get("latestBasis") == "archived-at":
+        latest = f"at most {w['latest']} (when {w['latestSegment']} was archived; its commit times cannot be read here)"
+    else:
+        latest = f"{w['latest']} (the last commit archived, in {w['latestSegment']}: --to-time reaches moments before it, --to-latest it)"
+    return f"recoverable from {w['earliest']} (end of base backup {w['earliestBaseBackup']}) to {latest}"
+
+
+def _pitr_target(args: argparse.Namespace) -> dict[str, Any]:
+    return {"to_restore_point": args.to_restore_point, "to_xid": args.to_xid, "exclusive": args.exclusive, "timeline": args.timeline}
 
 
 def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
@@ -345,6 +366,10 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         return api.receive_wal(config)
     if args.command == "list" and args.wal:
         timelines = api.wal_timelines(config)
+        windows = {(w["systemIdentifier"], w["timeline"]): w for w in api.recovery_window(config)}
+        for t in timelines:
+            w = windows.get((t["systemIdentifier"], t["timeline"]), {})
+            t["recoveryWindow"] = {k: w.get(k) for k in ("earliest", "earliestBaseBackup", "latest", "latestBasis", "latestSegment")}
         if args.json:
             emit(timelines)
         elif not timelines:
@@ -352,6 +377,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         for t in [] if args.json else timelines:
             gaps = f"  GAP: {', '.join(t['gaps'])} missing" if t["gaps"] else ""
             print(f"system {t['systemIdentifier']} timeline {t['timeline']}: {t['segments']} segments {t['first']}..{t['last']}{gaps}")
+            print("  " + _window_line(t["recoveryWindow"]))
         return OK
     if args.command == "list" and args.base:
         backups = api.list_base_backups(config)
@@ -374,15 +400,18 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         return OK if report.ok else FOUND_PROBLEM
     if _pitr_requested(args):
         if args.id or args.in_place or args.force or args.from_remote:
-            raise UsageError("--to-time/--to-lsn/--to-latest restore from base backups and WAL; leave out the backup id, --in-place, --force and --from-remote")
+            raise UsageError("--to-time/--to-lsn/--to-restore-point/--to-xid/--to-latest restore from base backups and WAL; "
+                             "leave out the backup id, --in-place, --force and --from-remote")
         if args.target_db is not None:
             if args.into_data_dir or args.stage_wal is not None:
                 raise UsageError("--target-db and --into-data-dir are two kinds of point-in-time restore; give one")
-            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db)
+            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db, **_pitr_target(args))
             if args.json:
                 emit(asdict(restored))
             else:
-                print(f"restored {config.database_name} as of {args.to_time or args.to_lsn or 'the latest WAL'} into {restored.database} "
+                point = args.to_time or args.to_lsn or (args.to_restore_point and f"restore point {args.to_restore_point}") or (
+                    args.to_xid and f"transaction {args.to_xid}") or "the latest WAL"
+                print(f"restored {config.database_name} as of {point} into {restored.database} "
                       f"({restored.mode}, {restored.duration_seconds:.1f}s, row counts of {restored.tables_checked} tables checked)")
                 if restored.previous_database:
                     print(f"the previous database is kept as {restored.previous_database}")
@@ -391,7 +420,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
             raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory) or --target-db NAME")
         from pathlib import Path
 
-        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal)
+        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal, **_pitr_target(args))
         if args.json:
             emit(result)
         else:

@@ -291,7 +291,9 @@ def test_the_grafana_dashboard_uses_only_metrics_the_daemon_exports(daemon: Runn
 
     dashboard = json.loads((Path(__file__).resolve().parents[1] / "helm" / "pg-backup-sidecar" / "files" / "dashboard.json").read_text())
     used = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"\bpg_backup_[a-z_]+", target["expr"])
-            if not name.startswith("pg_backup_remote_")}  # exported only with a remote store: tests/test_helm.py checks those
+            if not name.startswith(("pg_backup_remote_", "pg_backup_wal_", "pg_backup_recovery_window_", "pg_backup_base_backup_"))}
+    # remote_: exported only with a remote store (tests/test_helm.py checks those); the others only with WAL archiving
+    # (tests/physical/test_recovery_window.py)
     exported = set(re.findall(r"^(pg_backup_[a-z_]+)", idle(daemon), flags=re.M))
     assert used and used <= exported, used - exported
 

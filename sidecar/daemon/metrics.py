@@ -154,6 +154,60 @@ class RemoteCollector(Collector):
             yield counter
 
 
+SLOT_STATUSES = ("reserved", "extended", "unreserved", "lost", "missing", "unknown")
+
+
+class WalCollector(Collector):
+    """WAL archiving (WAL_ARCHIVING=true, issue 13), from `state()` (api.wal_watcher): label-free gauges, and the slot's
+    wal_status as one series per value of a fixed set (1 for the current one), so no label grows without bound."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self.state()
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer
+            log.warning("the WAL archiving state could not be read for the metrics: %s", exc)
+            s = {}
+        now = time.time()
+        nan = math.nan
+
+        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, text, value=value)
+
+        yield gauge("pg_backup_wal_receiver_up", "1 if a WAL receiver streams from the replication slot (the slot is active), else 0.",
+                    s.get("receiver_up", 0.0))
+        last = s.get("last_archived", nan)
+        yield gauge("pg_backup_wal_last_archived_timestamp_seconds", "When the newest WAL segment was archived (NaN if none).", last)
+        yield gauge("pg_backup_wal_archive_age_seconds", "Seconds since the newest WAL segment was archived (+Inf if none).",
+                    now - last if not math.isnan(last) else math.inf)
+        yield gauge("pg_backup_wal_unarchived_segments", "WAL segments the server has completed that are not archived yet (NaN if unknown).",
+                    s.get("unarchived_segments", nan))
+        yield gauge("pg_backup_wal_slot_retained_bytes", "WAL bytes the replication slot holds back on the database server (NaN if no slot).",
+                    s.get("slot_retained", nan))
+        yield gauge("pg_backup_wal_slot_keep_limit_bytes",
+                    "The server's max_slot_wal_keep_size in bytes: a slot holding back more loses WAL (+Inf: no limit, the disk fills instead).",
+                    s.get("slot_keep_limit", nan))
+        status = GaugeMetricFamily("pg_backup_wal_slot_status", "The replication slot's wal_status (missing: no slot; unknown: not asked).",
+                                   labels=["status"])
+        for value in SLOT_STATUSES:
+            status.add_metric([value], 1.0 if s.get("slot_status", "unknown") == value else 0.0)
+        yield status
+        yield gauge("pg_backup_wal_spool_bytes", "Bytes in the WAL spool on the backup volume (the newest partial segment and any not yet archived).",
+                    s.get("spool_bytes", nan))
+        yield gauge("pg_backup_wal_gaps", "Missing runs of segments in the WAL archived since the newest good base backup began.",
+                    s.get("gaps", nan))
+        yield gauge("pg_backup_recovery_window_first_timestamp_seconds", "Earliest moment a point-in-time restore reaches (NaN if none).",
+                    s.get("first", nan))
+        yield gauge("pg_backup_recovery_window_last_timestamp_seconds",
+                    "Latest moment a point-in-time restore --to-time reaches: the last archived commit (NaN if none).", s.get("last", nan))
+        base = s.get("base_finished", nan)
+        yield gauge("pg_backup_base_backup_last_success_timestamp_seconds", "End time of the newest good base backup (NaN if none).", base)
+        yield gauge("pg_backup_base_backup_age_seconds", "Seconds since the newest good base backup ended (+Inf if none).",
+                    now - base if not math.isnan(base) else math.inf)
+
+
 def _iso(text: Any) -> float:
     try:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
@@ -195,6 +249,10 @@ class Metrics:
     def watch_remote(self, remote: RemoteConfig) -> None:
         """Export the off-site copies' state and counters (a remote store is configured): see RemoteCollector."""
         self.registry.register(RemoteCollector(self.repo, remote, self.in_bucket))
+
+    def watch_wal(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Export WAL archiving's state (WAL_ARCHIVING=true): see WalCollector."""
+        self.registry.register(WalCollector(state))
 
     def backup_finished(self, seconds: float, metadata: dict[str, Any] | None) -> None:
         self.duration.observe(seconds)

@@ -157,6 +157,8 @@ class Server(TcpWSGIServer):
 
 def make_server(daemon: Daemon, host: str, port: int, token: str | None, probe: DatabaseProbe) -> Server:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" on every burst
+    if daemon.config.wal_archiving:  # issue 13: the WAL archive, the slot, the recovery window
+        daemon.metrics.watch_wal(api.wal_watcher(daemon.config))
     return Server(App(daemon, token, probe), host=host, port=port, threads=THREADS, ident="pg-backup-sidecar",
                   connection_limit=MAX_CONNECTIONS, max_request_header_size=MAX_HEADER, max_request_body_size=MAX_BODY + 1,
                   channel_timeout=IDLE_SECONDS, cleanup_interval=1, asyncore_use_poll=True, clear_untrusted_proxy_headers=True)
@@ -183,6 +185,7 @@ class App:
         self.daemon = daemon
         self.token = token
         self.probe = probe
+        self.windows = api.window_reader(daemon.config)  # remembers each archived segment's last commit time
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         content_type = "application/json"
@@ -253,6 +256,8 @@ class App:
                 return api.get_backup(path.removeprefix("/v1/backups/"), daemon.config).to_json()
             except NotFound as exc:
                 raise error(404, str(exc)) from None
+        if path == "/v1/recovery-window":
+            return {"timelines": api.recovery_window(daemon.config, self.windows)}
         if path == "/v1/runs":
             return list(reversed(list(daemon.runs.values())))
         if path.startswith("/v1/runs/"):

@@ -7,14 +7,18 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sidecar import age
 from sidecar.config import Config
 from sidecar.errors import NotFound, SidecarError, UsageError
 from sidecar.physical import tar
@@ -29,22 +33,42 @@ SERVER_USER = "postgres"
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # time | lsn | latest
+    kind: str  # time | lsn | latest | name (a restore point) | xid
     time: datetime | None = None
     lsn: int | None = None
+    name: str | None = None
+    xid: int | None = None
+    inclusive: bool = True  # PostgreSQL's recovery_target_inclusive: stop just after the target (or, false, just before)
+    timeline: str = "latest"  # latest | current | a timeline number
 
     def describe(self) -> str:
         if self.kind == "time" and self.time:
-            return f"time {iso_timestamp(self.time)}"
-        if self.kind == "lsn" and self.lsn is not None:
-            return f"LSN {format_lsn(self.lsn)}"
-        return "the latest archived WAL"
+            text = f"time {iso_timestamp(self.time)}"
+        elif self.kind == "lsn" and self.lsn is not None:
+            text = f"LSN {format_lsn(self.lsn)}"
+        elif self.kind == "name":
+            text = f"restore point '{self.name}'"
+        elif self.kind == "xid":
+            text = f"transaction {self.xid}"
+        else:
+            text = "the latest archived WAL"
+        if not self.inclusive:
+            text = "just before " + text
+        return text + (f" on timeline {self.timeline}" if self.timeline != "latest" else "")
 
 
-def parse_target(to_time: str | None, to_lsn: str | None, to_latest: bool) -> Target:
-    given = [x for x in (to_time, to_lsn, to_latest or None) if x]
+MAX_RESTORE_POINT = 63  # PostgreSQL's MAXFNAMELEN - 1
+
+
+def parse_target(to_time: str | None, to_lsn: str | None, to_latest: bool, to_restore_point: str | None = None, to_xid: str | None = None,
+                 exclusive: bool = False, timeline: str | None = None) -> Target:
+    given = [x for x in (to_time, to_lsn, to_latest or None, to_restore_point, to_xid) if x]
     if len(given) != 1:
-        raise UsageError("give exactly one of --to-time T, --to-lsn L, --to-latest")
+        raise UsageError("give exactly one of --to-time T, --to-lsn L, --to-restore-point NAME, --to-xid N, --to-latest")
+    line = parse_timeline(timeline)
+    if exclusive and (to_latest or to_restore_point):
+        raise UsageError("--exclusive stops just before a --to-time, --to-lsn or --to-xid target; a restore point or --to-latest has no 'before'")
+    inclusive = not exclusive
     if to_time:
         try:
             moment = datetime.fromisoformat(to_time.strip().replace("Z", "+00:00"))
@@ -52,13 +76,34 @@ def parse_target(to_time: str | None, to_lsn: str | None, to_latest: bool) -> Ta
             raise UsageError(f"--to-time '{to_time[:60]}' is not a time; write it like 2026-11-26T14:32:05Z") from None
         if moment.tzinfo is None:
             raise UsageError(f"--to-time '{to_time[:60]}' has no time zone; add Z (UTC) or an offset like +01:00")
-        return Target("time", time=moment.astimezone(UTC))
+        return Target("time", time=moment.astimezone(UTC), inclusive=inclusive, timeline=line)
     if to_lsn:
         try:
-            return Target("lsn", lsn=parse_lsn(to_lsn))
+            return Target("lsn", lsn=parse_lsn(to_lsn), inclusive=inclusive, timeline=line)
         except ValueError as exc:
             raise UsageError(f"--to-lsn: {exc}") from None
-    return Target("latest")
+    if to_restore_point:
+        if len(to_restore_point.encode()) > MAX_RESTORE_POINT or not to_restore_point.isprintable():
+            raise UsageError(f"--to-restore-point: a restore point name is at most {MAX_RESTORE_POINT} bytes of printable text "
+                             "(the name given to pg_create_restore_point)")
+        return Target("name", name=to_restore_point, timeline=line)
+    if to_xid:
+        if not to_xid.strip().isdigit() or not 3 <= int(to_xid) < 1 << 32:
+            raise UsageError(f"--to-xid '{to_xid[:30]}' is not a transaction id (a number from 3 to 4294967295, as txid_current() "
+                             "shows modulo 2^32)")
+        return Target("xid", xid=int(to_xid), inclusive=inclusive, timeline=line)
+    return Target("latest", timeline=line)
+
+
+def parse_timeline(text: str | None) -> str:
+    """--timeline: latest (the default, as PostgreSQL), current (the base backup's) or a timeline number."""
+    if text is None or text.strip().lower() in ("", "latest"):
+        return "latest"
+    if text.strip().lower() == "current":
+        return "current"
+    if text.strip().isdigit() and 1 <= int(text) < 1 << 32:
+        return str(int(text))
+    raise UsageError(f"--timeline '{text[:30]}' is not a timeline; give latest, current or a number (list --wal shows the timelines)")
 
 
 def choose_base(backups: list[BaseBackup], target: Target) -> BaseBackup:
@@ -79,27 +124,185 @@ def choose_base(backups: list[BaseBackup], target: Target) -> BaseBackup:
     raise NotFound(f"no base backup ends before {target.describe()}: the oldest good one ({oldest['id']}) {ends}")
 
 
-def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target) -> list[str]:
-    """The segments recovery reads: from the base backup's start on its timeline, contiguous, up to the target's
-    segment (LSN) or the newest archived one."""
-    size, timeline, system = int(meta["walSegmentSize"]), int(meta["timeline"]), str(meta["systemIdentifier"])
+# --- timelines ------------------------------------------------------------------------------------
+
+TimelinePath = list[tuple[int, int | None]]  # (timeline, LSN where the next one forks from it; None for the last)
+
+
+def parse_history(text: str, timeline: int) -> TimelinePath:
+    """The timelines leading to `timeline` from its history file's text (lines 'parent<TAB>switchpoint<TAB>reason'), pure."""
+    path: TimelinePath = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 2 or not fields[0].isdigit():
+            raise SidecarError(f"the history file of timeline {timeline} has a line that is not 'timeline switchpoint reason': {line[:80]!r}")
+        path.append((int(fields[0]), parse_lsn(fields[1])))
+    return [*path, (timeline, None)]
+
+
+def on_path(meta: dict[str, Any], path: TimelinePath) -> bool:
+    """Whether a base backup lies on a timeline path: taken on one of its timelines, ending before that one forks."""
+    for timeline, switch in path:
+        if timeline == int(meta["timeline"]):
+            return switch is None or parse_lsn(meta["endLsn"]) <= switch
+    return False
+
+
+def _timeline_path(archive: WalArchive, system: str, timeline: int, identity: age.Identities | None) -> TimelinePath:
+    if timeline == 1:
+        return [(1, None)]
+    name = f"{timeline:08X}.history"
+    if archive.record(system, name) is None:
+        return [(timeline, None)]  # no history archived: this timeline alone
+    with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-history-") as scratch:
+        archive.fetch(system, name, Path(scratch) / name, identity)
+        return parse_history((Path(scratch) / name).read_text(errors="replace"), timeline)
+
+
+def _wal_identity(config: Config) -> age.Identities | None:
+    return age.parse_identities(config.identity_file) if config.identity_file else None
+
+
+def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBackup], target: Target) -> tuple[list[BaseBackup], TimelinePath]:
+    """The base backups that can reach the target's timeline, and the timeline path (the system is the newest good base
+    backup's). `latest` is the highest timeline archived for that system; `current` the chosen base backup's own."""
+    good = [b for b in backups if b.good]
+    if not good:
+        return backups, []
+    system = str(good[0].metadata["systemIdentifier"])
+    same = [b for b in backups if str(b.metadata.get("systemIdentifier")) == system]
+    if target.timeline == "current":
+        return same, []
+    archived = {t.timeline for t in archive.timelines() if t.system_id == system and t.segnos}
+    archived |= {int(p.name[:8], 16) for p in (archive.root / system / "history").glob("*.history.json")} if (archive.root / system / "history").is_dir() else set()
+    wanted = max(archived | {int(b.metadata["timeline"]) for b in good}) if target.timeline == "latest" else int(target.timeline)
+    if target.timeline != "latest" and wanted not in archived | {int(b.metadata["timeline"]) for b in same}:
+        shown = ", ".join(str(t) for t in sorted(archived)) or "none"
+        raise NotFound(f"timeline {wanted} is not in the WAL archive of system {system} (archived timelines: {shown}); see 'list --wal'")
+    path = _timeline_path(archive, system, wanted, _wal_identity(config))
+    fitting = [b for b in same if on_path(b.metadata, path)]
+    if not [b for b in fitting if b.good]:
+        raise NotFound(f"no good base backup lies on timeline {wanted}'s history (timelines {', '.join(str(t) for t, _ in path)}); "
+                       "take a base backup of the server on that timeline")
+    return fitting, path
+
+
+def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None) -> list[str]:
+    """The segments recovery reads: from the base backup's start, contiguous, along the timeline path (each timeline up
+    to the segment its successor forks in, which is read from the successor), up to the target's segment (LSN) or the
+    newest archived one."""
+    size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
+    path = [(t, s) for t, s in (path or [(int(meta["timeline"]), None)]) if t >= int(meta["timeline"])] or [(int(meta["timeline"]), None)]
     segno = segment_of(parse_lsn(meta["startLsn"]), size)
     last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
-    names = []
-    while last is None or segno <= last:
-        name = segment_name(timeline, segno, size)
-        if archive.record(system, name) is None:
-            if last is not None:
-                raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
-            later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
-            if later:
-                log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
-                            "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
-                            extra={"event": "wal_gap"})
-            break
-        names.append(name)
-        segno += 1
+    names: list[str] = []
+    for timeline, switch in path:
+        end = segment_of(switch, size) - 1 if switch is not None else None  # the fork's segment is the successor's
+        while (last is None or segno <= last) and (end is None or segno <= end):
+            name = segment_name(timeline, segno, size)
+            if archive.record(system, name) is None:
+                if last is not None:
+                    raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
+                later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
+                if later:
+                    log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
+                                "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
+                                extra={"event": "wal_gap"})
+                return names
+            names.append(name)
+            segno += 1
     return names
+
+
+# --- what the archived WAL holds: pg_waldump over one segment at a time ---------------------------
+
+WALDUMP = re.compile(r"tx:\s*(\d+), lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: (?:(?:COMMIT|ABORT)(?:_PREPARED (\d+):)? "
+                     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC|RESTORE_POINT (.*)$)")
+
+
+@dataclass
+class SegmentScan:
+    """What one segment says about recovery targets: restore points and ended transactions (LSN of their record), and
+    the time of its last commit or abort."""
+
+    restore_points: dict[str, int]
+    xids: dict[int, int]
+    last_commit: datetime | None
+
+
+def parse_waldump(lines: Any) -> SegmentScan:
+    """pg_waldump --rmgr=Transaction --rmgr=XLOG output into a SegmentScan (pure; any iterable of lines)."""
+    scan = SegmentScan({}, {}, None)
+    for line in lines:
+        match = WALDUMP.search(line.rstrip("\n"))
+        if not match:
+            continue
+        tx, lsn, prepared, when, point = match.groups()
+        if point is not None:
+            scan.restore_points.setdefault(point, parse_lsn(lsn))
+            continue
+        scan.xids[int(prepared or tx)] = parse_lsn(lsn)
+        scan.last_commit = datetime.fromisoformat(when).replace(tzinfo=UTC)
+    return scan
+
+
+def waldump_tool(config: Config, major: int | None) -> str | None:
+    """pg_waldump of the WAL's major version (it reads no other), or None."""
+    from sidecar.postgres import find_tool, tool_version
+
+    try:
+        tool = find_tool("pg_waldump", config.pg_bin_dir)
+        return tool if major is None or tool_version(tool)[0] == major else None
+    except SidecarError:
+        return None
+
+
+def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identity: age.Identities | None) -> SegmentScan | None:
+    """Decode one archived segment into a scratch file (sha256 checked) and read its transaction and restore point records
+    with pg_waldump, streaming (its output is never held whole). None if pg_waldump cannot read it."""
+    from sidecar.postgres import base_env
+
+    with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-waldump-") as scratch:
+        path = Path(scratch) / name
+        archive.fetch(system, name, path, identity)
+        proc = subprocess.Popen([tool, "--rmgr=Transaction", "--rmgr=XLOG", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", env=base_env(), cwd=scratch)
+        assert proc.stdout is not None and proc.stderr is not None
+        scan = parse_waldump(proc.stdout)
+        error = proc.stderr.read(4096)
+        proc.wait()
+    unreadable = ("invalid magic number", "could not open", "WAL segment size", "could not read file")
+    if proc.returncode != 0 and any(text in error for text in unreadable) and not scan.xids and not scan.restore_points:
+        log.warning("pg_waldump cannot read WAL segment %s: %s", name, error.strip()[:200])
+        return None
+    return scan
+
+
+def locate(config: Config, archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath) -> int | None:
+    """The LSN of a restore point's record or of the end of transaction `xid`, searching the archived WAL from the newest
+    segment back to the start of the base backup `meta` (the oldest that can reach it). NotFound, before anything is
+    written, if it is not there; None if this WAL cannot be read here (pg_waldump of another major version)."""
+    tool = waldump_tool(config, meta.get("serverMajor"))
+    if tool is None:
+        log.warning("pg_waldump of PostgreSQL %s is not here: %s cannot be looked for before the restore; PostgreSQL will say if it is "
+                    "not reached", meta.get("serverMajor"), target.describe())
+        return None
+    system = str(meta["systemIdentifier"])
+    chain = wal_chain(archive, meta, Target("latest"), path)
+    identity = _wal_identity(config)
+    for name in reversed(chain):
+        scan = scan_segment(archive, system, name, tool, identity)
+        if scan is None:
+            return None
+        found = scan.restore_points.get(target.name or "") if target.kind == "name" else scan.xids.get(target.xid or -1)
+        if found is not None:
+            return found
+    span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
+    what = "no restore point of that name was created" if target.kind == "name" else "that transaction did not end"
+    raise NotFound(f"{target.describe()} is not in the archived WAL of system {system} ({span} searched: {what} after the oldest "
+                   "good base backup); 'list --wal' shows what is archived")
 
 
 def _empty_target(directory: Path) -> None:
@@ -130,10 +333,16 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
     directory = directory.absolute()
     _empty_target(directory)
     archive = WalArchive(config.backup_dir)
-    backup = choose_base(list_base_backups(config), target)
+    candidates, path = resolve_timeline(archive, config, list_base_backups(config), target)
+    choice = target
+    if target.kind in ("name", "xid"):
+        good = [b for b in candidates if b.good]
+        found = locate(config, archive, good[-1].metadata, target, path) if good else None
+        choice = Target("lsn", lsn=found) if found is not None else Target("latest")
+    backup = choose_base(candidates, choice)
     meta = backup.metadata
     system = str(meta["systemIdentifier"])
-    chain = wal_chain(archive, meta, target)
+    chain = wal_chain(archive, meta, target, path)
     if not chain or chain[-1] < meta["endWal"]:
         raise NotFound(f"the WAL of base backup {backup.id} is not archived up to its end ({meta['endWal']})")
     for name in chain:  # before anything is written: a damaged segment stops the restore here, named
@@ -151,19 +360,17 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
         if staged:
-            for name in _history_files(archive, system, int(meta["timeline"])):
+            for name in _history_files(archive, system, max([int(meta["timeline"]), *(t for t, _ in path)])):
                 archive.fetch(system, name, wal_dir / name, identity)
             for name in chain:
                 archive.fetch(system, name, wal_dir / name, identity)
             partial = _partial(config, system, chain, int(meta["walSegmentSize"]))
             if partial is not None and target.kind != "lsn":
                 shutil.copyfile(partial, wal_dir / partial.name.removesuffix(".partial"))
+        timeline = str(path[-1][0]) if path and target.timeline != "current" else target.timeline
         settings = [f"restore_command = {_conf_quote('/bin/false' if staged else restore_command(config, system))}",
-                    "recovery_target_action = 'promote'", "recovery_target_timeline = 'latest'"]
-        if target.kind == "time" and target.time:
-            settings.append(f"recovery_target_time = {_conf_quote(target.time.strftime('%Y-%m-%d %H:%M:%S.%f+00'))}")
-        elif target.kind == "lsn" and target.lsn is not None:
-            settings.append(f"recovery_target_lsn = {_conf_quote(format_lsn(target.lsn))}")
+                    "recovery_target_action = 'promote'", f"recovery_target_timeline = {_conf_quote(timeline)}"]
+        settings += recovery_settings(target)
         with open(directory / "postgresql.auto.conf", "a") as conf:
             conf.write("\n# point-in-time recovery written by pg-backup-sidecar" + (" (WAL staged in pg_wal)" if staged else "") + "\n")
             conf.write("".join(line + "\n" for line in settings))
@@ -183,6 +390,22 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
                     target.describe(), chain[-1], newest.get("archivedAt"))
     return {"dataDir": str(directory), "baseBackup": backup.id, "target": target.describe(), "walSegments": len(chain),
             "walStaged": staged, "serverMajor": meta.get("serverMajor"), "systemIdentifier": system}
+
+
+def recovery_settings(target: Target) -> list[str]:
+    """The recovery_target_* lines for a target (pure)."""
+    lines = []
+    if target.kind == "time" and target.time:
+        lines.append(f"recovery_target_time = {_conf_quote(target.time.strftime('%Y-%m-%d %H:%M:%S.%f+00'))}")
+    elif target.kind == "lsn" and target.lsn is not None:
+        lines.append(f"recovery_target_lsn = {_conf_quote(format_lsn(target.lsn))}")
+    elif target.kind == "name" and target.name is not None:
+        lines.append(f"recovery_target_name = {_conf_quote(target.name)}")
+    elif target.kind == "xid" and target.xid is not None:
+        lines.append(f"recovery_target_xid = {_conf_quote(str(target.xid))}")
+    if not target.inclusive:
+        lines.append("recovery_target_inclusive = off")
+    return lines
 
 
 def _history_files(archive: WalArchive, system: str, timeline: int) -> list[str]:
@@ -286,7 +509,7 @@ class ScratchServer:
                    "-c archive_mode=off -c logging_collector=off -c hot_standby=on")
         self._run([self.pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "600", "start"])
 
-    def wait_promoted(self, conninfo: str, timeout: float = 3600) -> None:
+    def wait_promoted(self, conninfo: str, timeout: float = 3600, target: str = "the target") -> None:
         import time
 
         import psycopg
@@ -300,6 +523,9 @@ class ScratchServer:
                         return
             except psycopg.OperationalError:
                 if not (self.data / "postmaster.pid").exists():
+                    if "recovery ended before configured recovery target was reached" in self.log_tail():
+                        raise NotFound(f"{target} is not in the archived WAL: recovery ended before reaching it (PostgreSQL: 'recovery "
+                                       "ended before configured recovery target was reached'); nothing was restored") from None
                     raise SidecarError(f"the scratch PostgreSQL stopped during recovery; {self.log_tail()}") from None
             time.sleep(0.5)
         raise SidecarError(f"the scratch PostgreSQL did not finish recovery in {timeout:.0f}s; {self.log_tail()}")

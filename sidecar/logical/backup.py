@@ -26,8 +26,8 @@ from sidecar.logical.validation import validate
 from sidecar.postgres import Child
 from sidecar.repository import METADATA_SUFFIX, PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.storage.base import PutResult, StorageError, Store
-from sidecar.storage.copy import metadata_bytes
-from sidecar.streams import HashingFile, Progress, ReadTap, encode
+from sidecar.storage.copy import Uploaded, metadata_bytes
+from sidecar.streams import HashingFile, Progress, ReadTap, encode, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,11 @@ class RemoteUpload:
 
     QUEUE = 8
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, patience: float | None = None) -> None:
         self.store, self.name = store, name
+        self.patience = patience  # a write or close waiting longer than this for the store fails (None: waits as long as it takes)
         self.size = 0
+        self.began = time.monotonic()
         self._hash = hashlib.sha256()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE)
         self._stop = threading.Event()
@@ -158,6 +160,7 @@ class RemoteUpload:
             self._error = exc
 
     def _send(self, item: bytes | None) -> None:
+        waited = 0.0
         while True:
             if not self._thread.is_alive():
                 raise self._failure()
@@ -165,7 +168,9 @@ class RemoteUpload:
                 self._queue.put(item, timeout=0.2)
                 return
             except queue.Full:
-                continue
+                waited += 0.2
+                if self.patience is not None and waited >= self.patience:
+                    raise StorageError(f"upload of {self.name} to {self.store.description} stalled: nothing accepted for {waited:.0f}s") from None
 
     def _failure(self) -> BaseException:
         if isinstance(self._error, StorageError):
@@ -183,7 +188,9 @@ class RemoteUpload:
 
     def close(self) -> str:
         self._send(None)
-        self._thread.join()
+        self._thread.join(self.patience)
+        if self._thread.is_alive():
+            raise StorageError(f"upload of {self.name} to {self.store.description} did not complete within {self.patience:.0f}s of its end")
         if self._error is not None or self._result is None:
             raise self._failure()
         digest = self._hash.hexdigest()
@@ -191,6 +198,11 @@ class RemoteUpload:
             raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes with sha256 "
                                f"{self._result.sha256}, {self.size} bytes with sha256 {digest} were sent")
         return digest
+
+    def abandon(self) -> None:
+        """Stop without waiting for the store (it may be hanging): the upload is aborted when it next reads, or left
+        incomplete (never listed) if the process ends first."""
+        self._stop.set()
 
     def abort(self) -> None:
         """Stop: an upload in progress is aborted by the store; one already complete is deleted (its backup never will be)."""
@@ -201,6 +213,59 @@ class RemoteUpload:
                 self.store.delete(self.name)
             except StorageError as exc:
                 log.warning("could not delete %s of a failed backup (%s); the next prune removes it", self.name, exc)
+
+
+class TeeOutput:
+    """A `.partial` file on the volume that also streams, as it is written, to the remote store through a RemoteUpload
+    (same bounded memory). The volume is what matters: a remote that fails, or stalls for TEE_PATIENCE, is abandoned
+    (its upload aborted, one warning) and the file is still written whole; `uploaded` then stays None and the copy
+    after the commit is left to the usual path (the backup stays pending)."""
+
+    def __init__(self, local: HashingFile, remote: RemoteUpload) -> None:
+        self.local, self.remote = local, remote
+        self.failure: StorageError | None = None
+        self.uploaded: Uploaded | None = None
+        self._closed = False
+        self.size = 0
+
+    def _abandon(self, exc: StorageError) -> None:
+        self.failure = exc
+        log.warning("the upload of %s while it is written was abandoned (%s); the backup goes on, on the volume", self.remote.name, exc)
+        self.remote.abandon()
+
+    def write(self, data: bytes) -> int:
+        written = self.local.write(data)
+        self.size = self.local.size
+        if self.failure is None:
+            try:
+                self.remote.write(data)
+            except StorageError as exc:
+                self._abandon(exc)
+        return written
+
+    def close(self) -> str:
+        digest = self.local.close()
+        self._closed = True
+        if self.failure is None:
+            try:
+                sent = self.remote.close()
+            except StorageError as exc:
+                self._abandon(exc)
+            else:
+                self.uploaded = Uploaded(sent, self.remote.size, round(time.monotonic() - self.remote.began, 3))
+        return digest
+
+    def abort(self) -> None:
+        try:
+            if self.failure is None:
+                self.remote.abort()  # an upload complete already is deleted: its backup never will be
+            else:
+                self.remote.abandon()
+        finally:
+            if self._closed:
+                remove_quietly(self.local.path)
+            else:
+                self.local.abort()
 
 
 class Destination(Protocol):
@@ -226,6 +291,33 @@ class VolumeDestination:
 
     def commit(self, metadata: dict[str, Any]) -> None:
         self.repo.commit(metadata)
+
+
+class TeeDestination(VolumeDestination):
+    """The volume, and each file streamed to `store` while it is written (TeeOutput). After the local commit, `uploaded`
+    holds the objects that reached the store whole (name -> what was sent): copy_backup accepts them without sending
+    them again and writes the metadata object last."""
+
+    def __init__(self, repo: Repository, store: Store, patience: float) -> None:
+        super().__init__(repo)
+        self.store, self.patience = store, patience
+        self.outputs: list[TeeOutput] = []
+
+    def open(self, name: str) -> Output:
+        local = HashingFile(self.repo.path(name + PARTIAL_SUFFIX))
+        if self.failure is not None:  # the store failed on an earlier file: this backup no longer waits for it
+            return local
+        tee = TeeOutput(local, RemoteUpload(self.store, name, self.patience))
+        self.outputs.append(tee)
+        return tee
+
+    @property
+    def uploaded(self) -> dict[str, Uploaded]:
+        return {tee.remote.name: tee.uploaded for tee in self.outputs if tee.uploaded is not None}
+
+    @property
+    def failure(self) -> StorageError | None:
+        return next((tee.failure for tee in self.outputs if tee.failure is not None), None)
 
 
 class RemoteDestination:
@@ -300,9 +392,15 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output) -
     return not extra
 
 
-def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None) -> dict[str, Any]:
+TEE_PATIENCE = 60.0  # seconds a backup's write may wait for the remote store before the tee abandons it
+
+
+def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None,
+                  tee: TeeDestination | None = None) -> dict[str, Any]:
     """Take one backup; returns its metadata. Nothing is listed unless it is complete. With `store` (no volume), the
-    backup streams straight to it; `config.backup_dir` is then only the state directory that holds the lock."""
+    backup streams straight to it; `config.backup_dir` is then only the state directory that holds the lock. With
+    `tee` (made by tee_destination), it is written to the volume and streamed to the remote at the same time; after
+    the commit, `tee.uploaded` names the objects that are already in the store (see copy_backup)."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("backup"):
         removed = repo.cleanup()
@@ -310,7 +408,8 @@ def create_backup(config: Config, label: str | None = None, keep: bool = False, 
             log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
         watch = LockWatch(config)  # validation, the row counts and pg_dump all read every table
         try:
-            metadata = _create(config, VolumeDestination(repo) if store is None else RemoteDestination(store), label, keep)
+            destination: Destination = tee or (VolumeDestination(repo) if store is None else RemoteDestination(store))
+            metadata = _create(config, destination, label, keep)
         finally:
             watch.stop()
     return metadata
@@ -347,7 +446,7 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
         files.append(globals_file)
         role_passwords = _dump_globals(config, conn, globals_file)
         globals_digest = ""
-        if isinstance(globals_file, RemoteUpload):  # completed before the dump's upload begins; deleted if the backup fails
+        if isinstance(globals_file, RemoteUpload | TeeOutput):  # completed before the dump's upload begins; deleted if the backup fails
             globals_digest = globals_file.close()
 
         dump_file = destination.open(dump_name)

@@ -125,7 +125,7 @@ class RemoteUpload:
     memory is the queue (QUEUE chunks) plus the store's multipart buffers. `close` waits for the upload and returns
     its sha256; `abort` makes the source raise, so the store aborts the upload and nothing is left."""
 
-    QUEUE = 8
+    QUEUE = 2  # chunks of 1 MiB: the tee adds only these on top of the store's part buffers
 
     def __init__(self, store: Store, name: str, patience: float | None = None) -> None:
         self.store, self.name = store, name

@@ -154,7 +154,7 @@ def _backup_and_copy(config: Config, label: str | None, keep: bool) -> tuple[dic
         metadata = _backup.create_backup(config, label=label, keep=keep)
         _log_not_copied(metadata["id"], exc)
         return metadata, False
-    tee = _backup.TeeDestination(repo, store, _backup.TEE_PATIENCE)
+    tee = _backup.TeeDestination(repo, store)
     metadata = _backup.create_backup(config, label=label, keep=keep, tee=tee)
     if tee.failure is not None:  # the store failed while the backup was written: do not wait for it a second time now
         _offsite.count_error(repo, "copy")

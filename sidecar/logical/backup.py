@@ -6,13 +6,12 @@ a remote backup is listed only once complete, and an interrupted upload is abort
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -123,16 +122,20 @@ class _Aborted(Exception):
 class RemoteUpload:
     """A writer whose bytes stream to `store.put_stream(name, ...)` in a thread, through a small bounded queue:
     memory is the queue (QUEUE chunks) plus the store's multipart buffers. `close` waits for the upload and returns
-    its sha256; `abort` makes the source raise, so the store aborts the upload and nothing is left."""
+    its sha256 (hashed once, by the store as it reads the chunks); `abort` makes the source raise, so the store aborts
+    the upload and nothing is left.
+
+    `budget`: how many more seconds the writer may wait for the store now (None: as long as it takes); a write or
+    close that would wait longer raises StorageError. `blocked` is the time writes have waited so far."""
 
     QUEUE = 2  # chunks of 1 MiB: the tee adds only these on top of the store's part buffers
 
-    def __init__(self, store: Store, name: str, patience: float | None = None) -> None:
+    def __init__(self, store: Store, name: str, budget: Callable[[], float] | None = None) -> None:
         self.store, self.name = store, name
-        self.patience = patience  # a write or close waiting longer than this for the store fails (None: waits as long as it takes)
+        self.budget = budget
         self.size = 0
+        self.blocked = 0.0
         self.began = time.monotonic()
-        self._hash = hashlib.sha256()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE)
         self._stop = threading.Event()
         self._result: PutResult | None = None
@@ -160,17 +163,22 @@ class RemoteUpload:
             self._error = exc
 
     def _send(self, item: bytes | None) -> None:
-        waited = 0.0
-        while True:
-            if not self._thread.is_alive():
-                raise self._failure()
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                waited += 0.2
-                if self.patience is not None and waited >= self.patience:
-                    raise StorageError(f"upload of {self.name} to {self.store.description} stalled: nothing accepted for {waited:.0f}s") from None
+        began = time.monotonic()
+        allowed = None if self.budget is None else max(self.budget(), 0.0)
+        try:
+            while True:
+                if not self._thread.is_alive():
+                    raise self._failure()
+                try:
+                    self._queue.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    waited = time.monotonic() - began
+                    if allowed is not None and waited >= allowed:
+                        raise StorageError(f"the upload of {self.name} to {self.store.description} is slower than the backup: it waited "
+                                           f"{self.blocked + waited:.1f}s for the store in {time.monotonic() - self.began:.0f}s") from None
+        finally:
+            self.blocked += time.monotonic() - began
 
     def _failure(self) -> BaseException:
         if isinstance(self._error, StorageError):
@@ -181,23 +189,25 @@ class RemoteUpload:
         if not data:
             return 0
         chunk = bytes(data)
-        self._hash.update(chunk)
         self.size += len(chunk)
         self._send(chunk)
         return len(chunk)
 
     def close(self) -> str:
         self._send(None)
-        self._thread.join(self.patience)
+        allowed = None if self.budget is None else max(self.budget(), 0.0)
+        self._thread.join(allowed)
         if self._thread.is_alive():
-            raise StorageError(f"upload of {self.name} to {self.store.description} did not complete within {self.patience:.0f}s of its end")
+            raise StorageError(f"the upload of {self.name} to {self.store.description} did not complete within {allowed:.1f}s of its end")
         if self._error is not None or self._result is None:
             raise self._failure()
-        digest = self._hash.hexdigest()
-        if self._result.sha256 != digest or self._result.size != self.size:
-            raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes with sha256 "
-                               f"{self._result.sha256}, {self.size} bytes with sha256 {digest} were sent")
-        return digest
+        if self._result.size != self.size:
+            raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes, {self.size} were sent")
+        return self._result.sha256
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
 
     def abandon(self) -> None:
         """Stop without waiting for the store (it may be hanging): the upload is aborted when it next reads, or left
@@ -217,9 +227,10 @@ class RemoteUpload:
 
 class TeeOutput:
     """A `.partial` file on the volume that also streams, as it is written, to the remote store through a RemoteUpload
-    (same bounded memory). The volume is what matters: a remote that fails, or stalls for TEE_PATIENCE, is abandoned
-    (its upload aborted, one warning) and the file is still written whole; `uploaded` then stays None and the copy
-    after the commit is left to the usual path (the backup stays pending)."""
+    (same bounded memory). The volume is what matters: a remote that fails, or is slower than the backup (the writes
+    waited for it more than TEE_GRACE seconds plus TEE_SHARE of the time so far: the tee never slows the local backup
+    by more than that), is abandoned (its upload aborted, one warning) and the file is still written whole; `uploaded`
+    then stays None and the copy after the commit sends it (the backup stays pending if that fails too)."""
 
     def __init__(self, local: HashingFile, remote: RemoteUpload) -> None:
         self.local, self.remote = local, remote
@@ -249,8 +260,12 @@ class TeeOutput:
         if self.failure is None:
             try:
                 sent = self.remote.close()
+                if sent != digest:  # one hash each side: the file's, and the store's of what it read
+                    raise StorageError(f"the store read {self.remote.name} with sha256 {sent}, the file written has {digest}")
             except StorageError as exc:
                 self._abandon(exc)
+                if self.remote.finished:
+                    self.remote.abort()  # a complete object of the wrong content is deleted: the copy after the commit sends it again
             else:
                 self.uploaded = Uploaded(sent, self.remote.size, round(time.monotonic() - self.remote.began, 3))
         return digest
@@ -298,16 +313,25 @@ class TeeDestination(VolumeDestination):
     holds the objects that reached the store whole (name -> what was sent): copy_backup accepts them without sending
     them again and writes the metadata object last."""
 
-    def __init__(self, repo: Repository, store: Store, patience: float) -> None:
+    def __init__(self, repo: Repository, store: Store, grace: float | None = None, share: float | None = None) -> None:
         super().__init__(repo)
-        self.store, self.patience = store, patience
+        self.store = store
+        self.grace = TEE_GRACE if grace is None else grace
+        self.share = TEE_SHARE if share is None else share
+        self.began = time.monotonic()
         self.outputs: list[TeeOutput] = []
+
+    def _budget(self) -> float:
+        """Seconds the backup's writes may still wait for the store: TEE_GRACE plus TEE_SHARE of the time so far,
+        less what they waited already (every file of this backup together)."""
+        blocked = sum(tee.remote.blocked for tee in self.outputs)
+        return self.grace + self.share * (time.monotonic() - self.began) - blocked
 
     def open(self, name: str) -> Output:
         local = HashingFile(self.repo.path(name + PARTIAL_SUFFIX))
         if self.failure is not None:  # the store failed on an earlier file: this backup no longer waits for it
             return local
-        tee = TeeOutput(local, RemoteUpload(self.store, name, self.patience))
+        tee = TeeOutput(local, RemoteUpload(self.store, name, self._budget))
         self.outputs.append(tee)
         return tee
 
@@ -392,7 +416,8 @@ def _dump_globals(config: Config, conn: psycopg.Connection[Any], path: Output) -
     return not extra
 
 
-TEE_PATIENCE = 60.0  # seconds a backup's write may wait for the remote store before the tee abandons it
+TEE_GRACE = 5.0   # seconds the backup's writes may wait for the remote store in all (plus TEE_SHARE of the elapsed time)
+TEE_SHARE = 0.05  # before the tee abandons it: a slow store slows the local backup by at most this
 
 
 def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None,

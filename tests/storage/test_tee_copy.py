@@ -103,3 +103,44 @@ def test_the_store_killed_while_a_backup_streams_to_it_leaves_the_backup_committ
     assert cli(env, "copy", "pending").stdout.startswith(f"{taken}: copied off-site")
     assert [(b["id"], b["status"]) for b in listed(env, "--remote")] == [(taken, "ok")]
     assert cli(env, "verify", taken, "--remote").returncode == 0
+
+
+def test_a_store_that_stops_answering_while_a_backup_streams_to_it_does_not_hold_the_backup_up(
+        cluster: Cluster, db: str, env: dict[str, str], own_seaweed: SeaweedServer, prefix: str) -> None:
+    """The tee gives up on a store that makes the backup wait (TEE_GRACE = 5 s, plus 5% of the time so far): the local
+    backup finishes while the store is still frozen (SIGSTOP: connections accepted, nothing answered), and stays pending
+    until the store is back. Before, one write waited up to 60 s for the store, and the backup with it."""
+    import os
+    import signal
+
+    cluster.psql("CREATE TABLE t AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 600000) g", db)
+    env = remote_env(env, own_seaweed, prefix)
+    child = subprocess.Popen([sys.executable, "-m", "sidecar", "backup"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert own_seaweed.process is not None
+    group = own_seaweed.process.pid
+    frozen = False
+    try:
+        deadline = time.monotonic() + 120
+        before = set(own_seaweed.incomplete_uploads())
+        while not (set(own_seaweed.incomplete_uploads()) - before and list(Path(env["BACKUP_DIR"]).glob("backup_*.dump.partial"))):
+            assert child.poll() is None, "the backup ended with no upload while its dump was written"
+            assert time.monotonic() < deadline, "no upload began while the dump was written"
+            time.sleep(0.01)
+        os.killpg(group, signal.SIGSTOP)
+        frozen = True
+        # the old tee waited 60 s in one write; this one gives up after ~5 s: 45 s is far from both
+        out, err = child.communicate(timeout=45)
+        assert frozen, "the store is still frozen here"
+    finally:
+        if frozen:
+            os.killpg(group, signal.SIGCONT)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    taken = out.strip().splitlines()[-1]
+    assert "slower than the backup" in err and "not copied off-site" in err, err
+    assert [(b["id"], b["status"]) for b in listed(env)] == [(taken, "ok")]
+    assert cli(env, "copy", "pending").stdout.startswith(f"{taken}: copied off-site")
+    assert [(b["id"], b["status"]) for b in listed(env, "--remote")] == [(taken, "ok")]

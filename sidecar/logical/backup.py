@@ -176,9 +176,14 @@ class RemoteUpload:
                     waited = time.monotonic() - began
                     if allowed is not None and waited >= allowed:
                         raise StorageError(f"the upload of {self.name} to {self.store.description} is slower than the backup: it waited "
-                                           f"{self.blocked + waited:.1f}s for the store in {time.monotonic() - self.began:.0f}s") from None
+                                           f"{self.blocked + waited:.1f}s for the store in {time.monotonic() - self.began:.0f}s{self._retrying()}") from None
         finally:
             self.blocked += time.monotonic() - began
+
+    def _retrying(self) -> str:
+        """What the store's retries met last (e.g. the endpoint cannot be reached), for the line that gives up on it."""
+        last = getattr(self.store, "last_error", None)
+        return f"; it was retrying after: {last}" if last else ""
 
     def _failure(self) -> BaseException:
         if isinstance(self._error, StorageError):
@@ -198,7 +203,7 @@ class RemoteUpload:
         allowed = None if self.budget is None else max(self.budget(), 0.0)
         self._thread.join(allowed)
         if self._thread.is_alive():
-            raise StorageError(f"the upload of {self.name} to {self.store.description} did not complete within {allowed:.1f}s of its end")
+            raise StorageError(f"the upload of {self.name} to {self.store.description} did not complete within {allowed:.1f}s of its end{self._retrying()}")
         if self._error is not None or self._result is None:
             raise self._failure()
         if self._result.size != self.size:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from sidecar.repository import Entry, Repository, iso_timestamp
 from sidecar.retention import Policy, classify
 from sidecar.storage import offsite as _offsite
 from sidecar.storage.base import Deleted, StoreUnusable
-from sidecar.storage.copy import add_fact, delete_remote, find_remote, last_checked, remote_entries, remote_leftovers, verify_remote
+from sidecar.storage.copy import Uploaded, add_fact, delete_remote, find_remote, last_checked, remote_entries, remote_leftovers, verify_remote
 from sidecar.storage.offsite import PendingReport
 
 if TYPE_CHECKING:
@@ -129,10 +130,13 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
     if not cfg.volume:  # straight to the remote store
         store = remote_store(cfg)
         metadata = create(cfg, label=label, keep=keep, store=store)
-    else:
+    elif cfg.remote is None:
         metadata = create(cfg, label=label, keep=keep)
-        if cfg.remote is not None:
-            copied = _copy_new_backup(cfg, metadata["id"])
+    elif cfg.databases:  # a set: copied after the commit (the tee streams single-database backups)
+        metadata = create(cfg, label=label, keep=keep)
+        copied = _copy_after_commit(cfg, metadata["id"])
+    else:  # on the volume and, while it is written, to the remote (the tee); the copy then only writes the metadata object
+        metadata, copied = _backup_and_copy(cfg, label, keep)
     if prune:  # after the copy, so the remote is pruned with the new backup in it; not when the copy just failed (one error is enough)
         try:
             pruned = prune_backups(cfg, remote=copied)
@@ -145,20 +149,53 @@ def create_backup(config: Config | None = None, label: str | None = None, keep: 
     return Backup.from_entry(Repository(cfg.backup_dir).get(metadata["id"]))
 
 
-def _copy_new_backup(config: Config, backup_id: str) -> bool:
-    """The off-site copy of a backup just committed locally. A failure does not fail the backup: it is logged (one
-    error line naming the backup and the cause) and the backup stays pending for `copy pending` and the daemon."""
+def _backup_and_copy(config: Config, label: str | None, keep: bool) -> tuple[dict[str, Any], bool]:
+    """A backup on the volume, each file streamed to the remote store while it is written (if the store can be
+    reached), then its off-site copy completed from what the tee uploaded. The local backup is what matters: a store
+    that cannot be reached, or fails or stalls during the backup, leaves it committed and pending (one error line)."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     try:
-        try:
-            store = remote_store(config)
-        except SidecarError:
-            _offsite.count_error(repo, "copy")  # pg_backup_remote_errors_total; copy_entry counts its own failures
-            raise
-        copied = _offsite.copy_entry(repo, repo.get(backup_id), store, store.remote)
+        store = remote_store(config)
     except SidecarError as exc:
-        log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
-                  "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
+        _offsite.count_error(repo, "copy")  # pg_backup_remote_errors_total
+        metadata = _backup.create_backup(config, label=label, keep=keep)
+        _log_not_copied(metadata["id"], exc)
+        return metadata, False
+    tee = _backup.TeeDestination(repo, store)
+    metadata = _backup.create_backup(config, label=label, keep=keep, tee=tee)
+    if tee.failure is not None:  # the store failed while the backup was written: do not wait for it a second time now
+        _offsite.count_error(repo, "copy")
+        _log_not_copied(metadata["id"], tee.failure)
+        return metadata, False
+    return metadata, _copy_new_backup(config, metadata["id"], store, tee.uploaded)
+
+
+def _copy_after_commit(config: Config, backup_id: str) -> bool:
+    """The off-site copy of a backup just committed locally, sent whole; a failure leaves it pending (one error line)."""
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
+    try:
+        store = remote_store(config)
+    except SidecarError as exc:
+        _offsite.count_error(repo, "copy")  # pg_backup_remote_errors_total
+        _log_not_copied(backup_id, exc)
+        return False
+    return _copy_new_backup(config, backup_id, store, {})
+
+
+def _log_not_copied(backup_id: str, exc: BaseException) -> None:
+    log.error("backup %s is on the volume but was not copied off-site: %s; it is pending: run 'pg-backup-sidecar copy pending' "
+              "(the daemon retries by itself)", backup_id, exc, extra={"event": "offsite_copy_failed", "backup_id": backup_id})
+
+
+def _copy_new_backup(config: Config, backup_id: str, store: ObjectStore, uploaded: Mapping[str, Uploaded]) -> bool:
+    """The off-site copy of a backup just committed locally, the objects its tee uploaded accepted as they are. A
+    failure does not fail the backup: it is logged (one error line naming the backup and the cause) and the backup
+    stays pending for `copy pending` and the daemon."""
+    repo = Repository(config.backup_dir, group_readable=config.group_readable)
+    try:
+        copied = _offsite.copy_entry(repo, repo.get(backup_id), store, store.remote, uploaded)
+    except SidecarError as exc:
+        _log_not_copied(backup_id, exc)
         return False
     log.info("backup %s copied off-site to %s (%d bytes)", backup_id, store.description, copied.bytes,
              extra={"event": "offsite_copied", "backup_id": backup_id})

@@ -6,13 +6,12 @@ a remote backup is listed only once complete, and an interrupted upload is abort
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -26,8 +25,8 @@ from sidecar.logical.validation import validate
 from sidecar.postgres import Child
 from sidecar.repository import METADATA_SUFFIX, PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.storage.base import PutResult, StorageError, Store
-from sidecar.storage.copy import metadata_bytes
-from sidecar.streams import HashingFile, Progress, ReadTap, encode
+from sidecar.storage.copy import Uploaded, metadata_bytes
+from sidecar.streams import HashingFile, Progress, ReadTap, encode, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +122,20 @@ class _Aborted(Exception):
 class RemoteUpload:
     """A writer whose bytes stream to `store.put_stream(name, ...)` in a thread, through a small bounded queue:
     memory is the queue (QUEUE chunks) plus the store's multipart buffers. `close` waits for the upload and returns
-    its sha256; `abort` makes the source raise, so the store aborts the upload and nothing is left."""
+    its sha256 (hashed once, by the store as it reads the chunks); `abort` makes the source raise, so the store aborts
+    the upload and nothing is left.
 
-    QUEUE = 8
+    `budget`: how many more seconds the writer may wait for the store now (None: as long as it takes); a write or
+    close that would wait longer raises StorageError. `blocked` is the time writes have waited so far."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    QUEUE = 2  # chunks of 1 MiB: the tee adds only these on top of the store's part buffers
+
+    def __init__(self, store: Store, name: str, budget: Callable[[], float] | None = None) -> None:
         self.store, self.name = store, name
+        self.budget = budget
         self.size = 0
-        self._hash = hashlib.sha256()
+        self.blocked = 0.0
+        self.began = time.monotonic()
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE)
         self._stop = threading.Event()
         self._result: PutResult | None = None
@@ -158,14 +163,27 @@ class RemoteUpload:
             self._error = exc
 
     def _send(self, item: bytes | None) -> None:
-        while True:
-            if not self._thread.is_alive():
-                raise self._failure()
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        began = time.monotonic()
+        allowed = None if self.budget is None else max(self.budget(), 0.0)
+        try:
+            while True:
+                if not self._thread.is_alive():
+                    raise self._failure()
+                try:
+                    self._queue.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    waited = time.monotonic() - began
+                    if allowed is not None and waited >= allowed:
+                        raise StorageError(f"the upload of {self.name} to {self.store.description} is slower than the backup: it waited "
+                                           f"{self.blocked + waited:.1f}s for the store in {time.monotonic() - self.began:.0f}s{self._retrying()}") from None
+        finally:
+            self.blocked += time.monotonic() - began
+
+    def _retrying(self) -> str:
+        """What the store's retries met last (e.g. the endpoint cannot be reached), for the line that gives up on it."""
+        last = getattr(self.store, "last_error", None)
+        return f"; it was retrying after: {last}" if last else ""
 
     def _failure(self) -> BaseException:
         if isinstance(self._error, StorageError):
@@ -176,21 +194,30 @@ class RemoteUpload:
         if not data:
             return 0
         chunk = bytes(data)
-        self._hash.update(chunk)
         self.size += len(chunk)
         self._send(chunk)
         return len(chunk)
 
     def close(self) -> str:
         self._send(None)
-        self._thread.join()
+        allowed = None if self.budget is None else max(self.budget(), 0.0)
+        self._thread.join(allowed)
+        if self._thread.is_alive():
+            raise StorageError(f"the upload of {self.name} to {self.store.description} did not complete within {allowed:.1f}s of its end{self._retrying()}")
         if self._error is not None or self._result is None:
             raise self._failure()
-        digest = self._hash.hexdigest()
-        if self._result.sha256 != digest or self._result.size != self.size:
-            raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes with sha256 "
-                               f"{self._result.sha256}, {self.size} bytes with sha256 {digest} were sent")
-        return digest
+        if self._result.size != self.size:
+            raise StorageError(f"upload of {self.name} to {self.store.description}: the store holds {self._result.size} bytes, {self.size} were sent")
+        return self._result.sha256
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def abandon(self) -> None:
+        """Stop without waiting for the store (it may be hanging): the upload is aborted when it next reads, or left
+        incomplete (never listed) if the process ends first."""
+        self._stop.set()
 
     def abort(self) -> None:
         """Stop: an upload in progress is aborted by the store; one already complete is deleted (its backup never will be)."""
@@ -201,6 +228,64 @@ class RemoteUpload:
                 self.store.delete(self.name)
             except StorageError as exc:
                 log.warning("could not delete %s of a failed backup (%s); the next prune removes it", self.name, exc)
+
+
+class TeeOutput:
+    """A `.partial` file on the volume that also streams, as it is written, to the remote store through a RemoteUpload
+    (same bounded memory). The volume is what matters: a remote that fails, or is slower than the backup (the writes
+    waited for it more than TEE_GRACE seconds plus TEE_SHARE of the time so far: the tee never slows the local backup
+    by more than that), is abandoned (its upload aborted, one warning) and the file is still written whole; `uploaded`
+    then stays None and the copy after the commit sends it (the backup stays pending if that fails too)."""
+
+    def __init__(self, local: HashingFile, remote: RemoteUpload) -> None:
+        self.local, self.remote = local, remote
+        self.failure: StorageError | None = None
+        self.uploaded: Uploaded | None = None
+        self._closed = False
+        self.size = 0
+
+    def _abandon(self, exc: StorageError) -> None:
+        self.failure = exc
+        log.warning("the upload of %s while it is written was abandoned (%s); the backup goes on, on the volume", self.remote.name, exc)
+        self.remote.abandon()
+
+    def write(self, data: bytes) -> int:
+        written = self.local.write(data)
+        self.size = self.local.size
+        if self.failure is None:
+            try:
+                self.remote.write(data)
+            except StorageError as exc:
+                self._abandon(exc)
+        return written
+
+    def close(self) -> str:
+        digest = self.local.close()
+        self._closed = True
+        if self.failure is None:
+            try:
+                sent = self.remote.close()
+                if sent != digest:  # one hash each side: the file's, and the store's of what it read
+                    raise StorageError(f"the store read {self.remote.name} with sha256 {sent}, the file written has {digest}")
+            except StorageError as exc:
+                self._abandon(exc)
+                if self.remote.finished:
+                    self.remote.abort()  # a complete object of the wrong content is deleted: the copy after the commit sends it again
+            else:
+                self.uploaded = Uploaded(sent, self.remote.size, round(time.monotonic() - self.remote.began, 3))
+        return digest
+
+    def abort(self) -> None:
+        try:
+            if self.failure is None:
+                self.remote.abort()  # an upload complete already is deleted: its backup never will be
+            else:
+                self.remote.abandon()
+        finally:
+            if self._closed:
+                remove_quietly(self.local.path)
+            else:
+                self.local.abort()
 
 
 class Destination(Protocol):
@@ -226,6 +311,42 @@ class VolumeDestination:
 
     def commit(self, metadata: dict[str, Any]) -> None:
         self.repo.commit(metadata)
+
+
+class TeeDestination(VolumeDestination):
+    """The volume, and each file streamed to `store` while it is written (TeeOutput). After the local commit, `uploaded`
+    holds the objects that reached the store whole (name -> what was sent): copy_backup accepts them without sending
+    them again and writes the metadata object last."""
+
+    def __init__(self, repo: Repository, store: Store, grace: float | None = None, share: float | None = None) -> None:
+        super().__init__(repo)
+        self.store = store
+        self.grace = TEE_GRACE if grace is None else grace
+        self.share = TEE_SHARE if share is None else share
+        self.began = time.monotonic()
+        self.outputs: list[TeeOutput] = []
+
+    def _budget(self) -> float:
+        """Seconds the backup's writes may still wait for the store: TEE_GRACE plus TEE_SHARE of the time so far,
+        less what they waited already (every file of this backup together)."""
+        blocked = sum(tee.remote.blocked for tee in self.outputs)
+        return self.grace + self.share * (time.monotonic() - self.began) - blocked
+
+    def open(self, name: str) -> Output:
+        local = HashingFile(self.repo.path(name + PARTIAL_SUFFIX))
+        if self.failure is not None:  # the store failed on an earlier file: this backup no longer waits for it
+            return local
+        tee = TeeOutput(local, RemoteUpload(self.store, name, self._budget))
+        self.outputs.append(tee)
+        return tee
+
+    @property
+    def uploaded(self) -> dict[str, Uploaded]:
+        return {tee.remote.name: tee.uploaded for tee in self.outputs if tee.uploaded is not None}
+
+    @property
+    def failure(self) -> StorageError | None:
+        return next((tee.failure for tee in self.outputs if tee.failure is not None), None)
 
 
 class RemoteDestination:
@@ -317,9 +438,16 @@ def dump_database(config: Config, conn: psycopg.Connection[Any], snapshot: str, 
     return _row_counts(conn, tap)
 
 
-def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None) -> dict[str, Any]:
+TEE_GRACE = 5.0   # seconds the backup's writes may wait for the remote store in all (plus TEE_SHARE of the elapsed time)
+TEE_SHARE = 0.05  # before the tee abandons it: a slow store slows the local backup by at most this
+
+
+def create_backup(config: Config, label: str | None = None, keep: bool = False, store: Store | None = None,
+                  tee: TeeDestination | None = None) -> dict[str, Any]:
     """Take one backup; returns its metadata. Nothing is listed unless it is complete. With `store` (no volume), the
-    backup streams straight to it; `config.backup_dir` is then only the state directory that holds the lock."""
+    backup streams straight to it; `config.backup_dir` is then only the state directory that holds the lock. With
+    `tee` (made by tee_destination), it is written to the volume and streamed to the remote at the same time; after
+    the commit, `tee.uploaded` names the objects that are already in the store (see copy_backup)."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("backup"):
         removed = repo.cleanup()
@@ -327,7 +455,8 @@ def create_backup(config: Config, label: str | None = None, keep: bool = False, 
             log.info("removed leftovers of an interrupted backup: %s", ", ".join(removed))
         watch = LockWatch(config)  # validation, the row counts and pg_dump all read every table
         try:
-            metadata = _create(config, VolumeDestination(repo) if store is None else RemoteDestination(store), label, keep)
+            destination: Destination = tee or (VolumeDestination(repo) if store is None else RemoteDestination(store))
+            metadata = _create(config, destination, label, keep)
         finally:
             watch.stop()
     return metadata
@@ -363,7 +492,7 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
         files.append(globals_file)
         role_passwords = _dump_globals(config, conn, globals_file)
         globals_digest = ""
-        if isinstance(globals_file, RemoteUpload):  # completed before the dump's upload begins; deleted if the backup fails
+        if isinstance(globals_file, RemoteUpload | TeeOutput):  # completed before the dump's upload begins; deleted if the backup fails
             globals_digest = globals_file.close()
 
         dump_file = destination.open(dump_name)

@@ -32,19 +32,34 @@ class CopyResult:
     uploaded: list[str] = field(default_factory=list)   # objects written now
     present: list[str] = field(default_factory=list)    # objects already there with the same content
     bytes: int = 0
+    teed_bytes: int = 0        # of `bytes`: objects the backup uploaded while it was written (see Uploaded), not sent again
+    teed_seconds: float = 0.0
 
     @property
     def already_complete(self) -> bool:
         return not self.uploaded
 
 
+@dataclass(frozen=True)
+class Uploaded:
+    """A data object the backup uploaded while it was written (the tee): the sha256 and size it sent, and how long
+    the upload took. copy_backup accepts it after a stat, without reading it back or sending it again."""
+    sha256: str
+    size: int
+    seconds: float = 0.0
+
+
 def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
     return json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n"
 
 
-def copy_backup(local_dir: Path, metadata: Mapping[str, Any], store: Store) -> CopyResult:
+def copy_backup(local_dir: Path, metadata: Mapping[str, Any], store: Store, uploaded: Mapping[str, Uploaded] | None = None) -> CopyResult:
     """Copy one committed local backup to `store`. Re-running after any interruption finishes the copy; an object
-    already there with the same sha256 is kept, one with different content stops the copy (ObjectExists)."""
+    already there with the same sha256 is kept, one with different content stops the copy (ObjectExists).
+
+    `uploaded`: objects the backup itself uploaded while it was written (object name -> what it sent). One whose
+    sha256 and size match the metadata and whose object is there with that size is accepted as it is: nothing is read
+    back or sent again. Anything else is copied as usual."""
     backup_id = metadata["id"]
     parse_id(backup_id)
     result = CopyResult(backup_id)
@@ -54,6 +69,17 @@ def copy_backup(local_dir: Path, metadata: Mapping[str, Any], store: Store) -> C
         return result
     for item in metadata["files"].values():
         name, expected, size = item["name"], item["checksum"], item["size"]
+        teed = (uploaded or {}).get(name)
+        if teed is not None and teed.sha256 == expected and teed.size == size:
+            info = store.stat(name)
+            if info is not None and info.size == size:
+                result.uploaded.append(name)
+                result.bytes += size
+                result.teed_bytes += size
+                result.teed_seconds += teed.seconds
+                continue
+            log.warning("%s was uploaded while %s was taken but %s; it is copied again", name, backup_id,
+                        "is not in the store" if info is None else f"the store holds {info.size} bytes, not {size}")
         path = Path(local_dir) / name
         try:
             handle = open(path, "rb")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, PermissionDeniedError, UnauthenticatedError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from sidecar.storage.base import (
     CHUNK_SIZE,
@@ -121,6 +121,7 @@ class ObjectStore:
         self.part_size = part_size
         self.concurrency = concurrency
         self.attempts = attempts
+        self.last_error: BaseException | None = None  # what the last retried call met (for a caller that gives up waiting)
         self._store = build(remote, environ)
         self._attributes: Attributes = {"Storage-Class": remote.storage_class} if remote.storage_class else {}
 
@@ -172,10 +173,12 @@ class ObjectStore:
                     raise self._error(exc, op, name) from None
                 raise
 
+        def before_sleep(state: RetryCallState) -> None:
+            self.last_error = state.outcome.exception() if state.outcome else None
+            log.warning("remote %s of %s failed (attempt %d), retrying: %s", op, name or "-", state.attempt_number, self.last_error or "")
+
         retrying = Retrying(stop=stop_after_attempt(attempts or self.attempts), wait=wait_exponential(multiplier=0.5, max=10), reraise=True,
-                            retry=retry_if_exception(lambda exc: bool(getattr(exc, "transient", False))),
-                            before_sleep=lambda state: log.warning("remote %s of %s failed (attempt %d), retrying: %s", op, name or "-",
-                                                                   state.attempt_number, state.outcome.exception() if state.outcome else ""))
+                            retry=retry_if_exception(lambda exc: bool(getattr(exc, "transient", False))), before_sleep=before_sleep)
         return retrying(once)
 
     def check(self, attempts: int = 2) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 from sidecar.errors import SidecarError
 from sidecar.repository import ID_PATTERN, Entry, Repository, iso_timestamp, write_atomically
 from sidecar.storage.base import Chunks, Deleted, ObjectInfo, PutResult, StorageError, Store
-from sidecar.storage.copy import CopyResult, copy_backup
+from sidecar.storage.copy import CopyResult, Uploaded, copy_backup
 from sidecar.storage.remote import RemoteConfig
 
 log = logging.getLogger(__name__)
@@ -221,21 +221,25 @@ def forget(repo: Repository, backup_id: str) -> None:
     record_path(repo, backup_id).unlink(missing_ok=True)
 
 
-def copy_entry(repo: Repository, entry: Entry, store: Store, remote: RemoteConfig) -> CopyResult:
-    """Copy one good local backup (data objects first, metadata last), then record it as off-site."""
+def copy_entry(repo: Repository, entry: Entry, store: Store, remote: RemoteConfig, uploaded: Mapping[str, Uploaded] | None = None) -> CopyResult:
+    """Copy one good local backup (data objects first, metadata last), then record it as off-site. `uploaded`: the
+    objects the backup uploaded while it was written (see copy_backup); they are counted here, once."""
     counted = _Counted(store, repo, "copy")
     began = time.monotonic()
     try:
         if entry.metadata is None:
             raise StorageError(f"cannot copy {entry.id}: {entry.problem or 'no readable metadata'}")
-        result = copy_backup(repo.dir, entry.metadata, counted)
+        result = copy_backup(repo.dir, entry.metadata, counted, uploaded)
     except (SidecarError, OSError):
         count_error(repo, "copy")
         raise
+    if result.teed_bytes:  # written by the backup's tee, not through `counted`
+        count_upload(repo, "copy", result.teed_bytes, result.teed_seconds)
     repo.make_dir(repo.dir / OFFSITE_DIR)
     # bytes: every object this copy wrote, the metadata object too (copy_backup's own count leaves it out)
     record = {"id": entry.id, "url": remote.url, "endpoint": remote.endpoint, "at": iso_timestamp(datetime.now(UTC)),
-              "bytes": counted.bytes, "seconds": round(time.monotonic() - began, 3), "upload_seconds": round(counted.seconds, 3),
+              "bytes": counted.bytes + result.teed_bytes, "seconds": round(time.monotonic() - began, 3),
+              "upload_seconds": round(counted.seconds + result.teed_seconds, 3),
               "objects": len(result.uploaded) + len(result.present)}
     write_atomically(record_path(repo, entry.id), json.dumps(record).encode(), repo.file_mode)
     return result

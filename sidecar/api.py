@@ -112,6 +112,7 @@ class PruneReport:
     decisions: list[dict[str, str]] = field(default_factory=list)  # {id, action, reason} for every backup, newest first
     remote: RemotePruneReport | None = None  # with a remote store configured
     volume: bool = True  # False: no backup volume (BACKUP_VOLUME=false), only `remote` means anything
+    physical: Any = None  # sidecar.physical.base.PhysicalPruneReport: base backups and WAL (point-in-time recovery), if any
 
 
 def _config(config: Config | None) -> Config:
@@ -291,6 +292,10 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 log.warning("%s: %s", decision.entry.id, decision.reason)
             else:
                 report.kept.append(decision.entry.id)
+        if cfg.volume and ((cfg.backup_dir / "base").is_dir() or (cfg.backup_dir / "wal").is_dir()):
+            from sidecar.physical.base import prune_physical
+
+            report.physical = prune_physical(cfg, dry_run, moment)
         if cfg.remote is not None and remote:
             report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
     return report

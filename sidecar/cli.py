@@ -300,6 +300,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                         print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
                 for name in remote.leftovers:
                     print(f"  {'would remove' if args.dry_run else 'removed'} leftover: {name}")
+        if pruned.physical is not None and not args.json:
+            _print_physical_prune(pruned.physical, args.dry_run)
         if pruned.remote is not None and pruned.remote.error is not None:
             print(f"error: remote not pruned: {pruned.remote.error}", file=sys.stderr)
             return FAILED
@@ -309,6 +311,23 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
         return OK
     raise UsageError(f"unknown command {args.command}")
+
+
+def _print_physical_prune(report: Any, dry_run: bool) -> None:
+    """The base backups and WAL part of `prune` (point-in-time recovery)."""
+    verb = "would delete" if dry_run else "deleted"
+    kept = sum(1 for d in report.decisions if d["action"] == "keep")
+    wal = sum(report.wal_deleted.values())
+    print(f"base backups: {verb} {len(report.deleted)}, kept {kept}; WAL: {verb} {wal} segments")
+    for decision in report.decisions:
+        if dry_run or decision["action"] != "keep":
+            print(f"  {verb if decision['action'] == 'delete' else decision['action']}: base {decision['id']}: {decision['reason']}")
+    for system, segment in report.wal_kept_from.items():
+        print(f"  WAL of system {system} kept from segment {segment} on (the start of its oldest base backup kept)")
+    for line in report.not_removed:
+        print(f"warning: not removed: {line}", file=sys.stderr)
+    for line in getattr(report, "remote_lines", []):
+        print(f"  {line}")
 
 
 def _pitr_requested(args: argparse.Namespace) -> bool:

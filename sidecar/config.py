@@ -72,6 +72,12 @@ class Config:
     wal_archiving: bool = False
     wal_slot_name: str = "pg_backup_sidecar"
     wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
+    base_retention_days: int | None = None  # days to keep base backups (and the WAL they need); None: retention_days
+    base_backup_cron: str = "0 3 * * 0"  # the daemon's base backups when WAL archiving is on (weekly, Sunday 03:00)
+
+    @property
+    def base_backup_retention_days(self) -> int:
+        return self.retention_days if self.base_retention_days is None else self.base_retention_days
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -126,6 +132,8 @@ class Config:
             "wal.enabled": self.wal_archiving,
             "wal.slot_name": self.wal_slot_name,
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
+            "base_backup.retention_days": self.base_backup_retention_days,
+            "base_backup.schedule": self.base_backup_cron,
         }
 
     def drill_server(self) -> Config:
@@ -306,6 +314,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "wal.enabled": ("WAL_ARCHIVING", _bool),
     "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
     "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
+    "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
+    "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
 }
 
 
@@ -431,6 +441,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_archiving=values.get("wal.enabled", False),
         wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
         wal_spool_dir=values.get("wal.spool_dir"),
+        base_retention_days=values.get("base_backup.retention_days"),
+        base_backup_cron=values.get("base_backup.schedule", "0 3 * * 0"),
     )
 
 
@@ -461,7 +473,7 @@ def state_directory(path: Path | None, where: str, problems: list[str]) -> Path:
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
 OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
                    "RESTORE_REQUEST_ID")
-OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_", "BASE_BACKUP_")
 # what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
 SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")

@@ -99,6 +99,8 @@ BAD_VALUES = {
     "wal.enabled": "perhaps",
     "wal.slot_name": "Bad-Slot!",
     "wal.spool_dir": "",
+    "base_backup.retention_days": "-1",
+    "base_backup.schedule": "weekly-ish",
 }
 
 

@@ -1,0 +1,138 @@
+"""The archive's lifecycle: retention of base backups and of the WAL they need (pure rules, then a real prune), base
+backups on a schedule and after a gap (the real daemon)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sidecar.retention import BaseFacts, classify_base, wal_cutoffs, wal_to_delete
+from tests.conftest import cli
+from tests.physical.conftest import Receiver, WalCluster, archived, list_wal, switch, wait_for
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def base(day: int, status: str = "ok", start: int = 0, system: str = "7", keep: bool = False) -> BaseFacts:
+    """A base backup finished `day` days before NOW (ids sort by time, like the real ones)."""
+    at = NOW - timedelta(days=day)
+    return BaseFacts(f"backup_{at:%Y-%m-%dT%H-%M-%S}-000Z", status, at, system, start, keep)
+
+
+def actions(backups: list[BaseFacts], days: int) -> dict[str, str]:
+    return {d.id: d.action for d in classify_base(backups, days, NOW)}
+
+
+# --- the rules (pure) -------------------------------------------------------------------------------------------------
+
+def test_base_backups_older_than_the_retention_go_but_never_the_newest_good_one_nor_a_pinned_one() -> None:
+    old, pinned, recent = base(40, start=10), base(30, start=20, keep=True), base(2, start=30)
+    assert actions([old, pinned, recent], 7) == {old.id: "delete", pinned.id: "keep", recent.id: "keep"}
+    only_old = base(100, start=5)
+    assert actions([only_old], 7) == {only_old.id: "keep"}  # the newest good one, however old
+    assert actions([old, recent], 0) == {old.id: "keep", recent.id: "keep"}  # 0: retention off
+
+
+def test_a_base_backup_waiting_for_wal_is_not_the_newest_good_one() -> None:
+    good, waiting = base(20, start=10), base(10, status="waiting-for-wal", start=20)
+    decided = actions([good, waiting], 7)
+    assert decided == {good.id: "keep", waiting.id: "keep"}  # the waiting one may still become good; the older good one stays
+    older_waiting, newer_good = base(30, status="waiting-for-wal", start=5), base(20, start=10)
+    assert actions([older_waiting, newer_good], 7) == {older_waiting.id: "delete", newer_good.id: "keep"}
+    unreadable = BaseFacts("backup_2026-01-01T00-00-00-000Z", "unreadable-metadata")
+    assert actions([unreadable, newer_good], 7)[unreadable.id] == "report"
+
+
+def test_wal_below_the_oldest_kept_base_backup_goes_per_system_on_every_timeline_and_the_newest_chain_stays() -> None:
+    old, pinned, kept = base(40, start=10), base(35, start=20, keep=True), base(2, start=30)
+    decisions = classify_base([old, pinned, kept], 7, NOW)
+    cutoffs = wal_cutoffs([old, pinned, kept], decisions)
+    assert cutoffs == {"7": 20}  # the pinned one's chain stays too
+    segments = {("7", 1): list(range(5, 40)), ("7", 2): [18, 19, 20, 21], ("8", 1): [1, 2]}
+    doomed = wal_to_delete(segments, cutoffs)
+    assert doomed == {("7", 1): list(range(5, 20)), ("7", 2): [18, 19]}
+    assert ("8", 1) not in doomed  # WAL streamed before any base backup of its system: kept
+
+
+def test_a_system_whose_base_backups_all_go_loses_its_wal_too() -> None:
+    gone, newest = base(60, start=3, system="9"), base(1, start=30)  # a server replaced by one with a new system identifier
+    decisions = classify_base([gone, newest], 7, NOW)
+    assert {d.id: d.action for d in decisions} == {gone.id: "delete", newest.id: "keep"}
+    assert wal_to_delete({("9", 1): [1, 2, 3, 4], ("7", 1): [29, 30]}, wal_cutoffs([gone, newest], decisions)) == {("9", 1): [1, 2, 3, 4],
+                                                                                                                 ("7", 1): [29]}
+
+
+# --- a real prune -----------------------------------------------------------------------------------------------------
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """`directory` read-only for everyone, root too (a read-only bind mount: unlink gets EROFS from the kernel)."""
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def _age(backups: Path, base_id: str, days: int) -> None:
+    """What a base backup taken `days` days ago looks like: its finishedAt moved back."""
+    path = backups / "base" / f"{base_id}.metadata.json"
+    meta = json.loads(path.read_text())
+    meta["finishedAt"] = (datetime.now(UTC) - timedelta(days=days)).isoformat().replace("+00:00", "Z")
+    path.write_text(json.dumps(meta))
+
+
+def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_newest_still_restores(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**pitr_env, "BASE_BACKUP_RETENTION_DAYS": "7"}
+    backups = Path(env["BACKUP_DIR"])
+    wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    receiver = Receiver(env, tmp_path / "receiver.log")
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        old_id = cli(env, "base-backup").stdout.strip()
+        for i in range(3):
+            wal_cluster.psql(f"INSERT INTO t VALUES ({i})")
+            switch(wal_cluster)
+        new_id = cli(env, "base-backup").stdout.strip()
+        wal_cluster.psql("INSERT INTO t SELECT g FROM generate_series(10, 99) g")
+        last = switch(wal_cluster)
+        wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
+        wait_for(lambda: all(b["status"] == "ok" for b in json.loads(cli(env, "list", "--base", "--json").stdout)), "both base backups good")
+    finally:
+        assert receiver.stop() == 0
+    bases = {b["id"]: b for b in json.loads(cli(env, "list", "--base", "--json").stdout)}
+    [before] = list_wal(env)
+    _age(backups, old_id, 30)
+
+    dry = cli(env, "prune", "--dry-run")
+    assert f"would delete: base {old_id}: older than 7 days" in dry.stdout and f"keep: base {new_id}: newest good base backup" in dry.stdout, dry.stdout
+    assert list_wal(env) == [before] and len(json.loads(cli(env, "list", "--base", "--json").stdout)) == 2
+
+    timeline_dir = next((backups / "wal").glob(f"*/{last[:8]}"))
+    with read_only(timeline_dir):  # files that cannot be removed are reported, not fatal
+        locked = cli(env, "prune")
+    assert "not removed:" in locked.stderr and "Read-only file system" in locked.stderr and "Traceback" not in locked.stderr, locked.stderr
+    assert [b["id"] for b in json.loads(cli(env, "list", "--base", "--json").stdout)] == [new_id]
+    assert list_wal(env)[0]["first"] == before["first"]
+
+    pruned = cli(env, "prune")
+    assert "WAL: deleted" in pruned.stdout and "not removed" not in pruned.stderr, (pruned.stdout, pruned.stderr)
+    [after] = list_wal(env)
+    assert after["first"] == bases[new_id]["startWal"] and after["last"] == before["last"] and after["gaps"] == []
+    assert before["first"] < bases[new_id]["startWal"]
+    assert not list((backups / "base").glob(old_id + "*"))
+
+    restored = WalCluster(port=54332)
+    try:
+        cli(env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
+        restored.start_existing()
+        restored.wait_promoted()
+        assert restored.psql("SELECT count(*) FROM t") == "93"
+    finally:
+        restored.destroy()

@@ -413,7 +413,13 @@ def create_base_backup(config: Config | None = None) -> dict[str, Any]:
     once the WAL up to its end LSN is archived by `wal-receive`."""
     from sidecar.physical.base import create_base_backup as create
 
-    return create(_config(config))
+    cfg = _config(config)
+    metadata = create(cfg)
+    try:  # base backup retention (and the WAL it frees) after each base backup; a failed prune does not fail it
+        prune_backups(cfg)
+    except SidecarError as exc:
+        log.error("base backup %s succeeded but pruning failed: %s", metadata["id"], exc)
+    return metadata
 
 
 def list_base_backups(config: Config | None = None) -> list[dict[str, Any]]:

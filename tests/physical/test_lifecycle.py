@@ -136,3 +136,68 @@ def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_new
         assert restored.psql("SELECT count(*) FROM t") == "93"
     finally:
         restored.destroy()
+
+
+# --- base backups on a schedule and after a gap -------------------------------------------------------------------------
+
+def test_a_gap_is_answered_by_a_base_backup_unless_one_started_after_it_and_at_most_one_per_hour() -> None:
+    from sidecar.daemon.scheduler import base_backup_for_gap
+
+    gap = NOW - timedelta(minutes=5)
+    assert base_backup_for_gap(None, None, None, NOW) == (False, "no gap")
+    assert base_backup_for_gap(gap, NOW - timedelta(days=3), None, NOW)[0] is True
+    assert base_backup_for_gap(gap, None, None, NOW)[0] is True  # no base backup at all
+    assert base_backup_for_gap(gap, NOW - timedelta(minutes=1), None, NOW)[0] is False  # one started after the gap covers it
+    deferred = base_backup_for_gap(gap, NOW - timedelta(minutes=20), NOW - timedelta(minutes=20), NOW)
+    assert deferred[0] is False and "at most one per 1 h" in deferred[1]  # the gap persists: no loop
+    assert base_backup_for_gap(gap, NOW - timedelta(minutes=61), NOW - timedelta(minutes=61), NOW)[0] is True
+
+
+def _lose_the_slot_and_the_spool(cluster: WalCluster, backups: Path) -> None:
+    """What a slot dropped by someone (and a spool lost with the pod) does: the next receiver starts where the server
+    is now, and the WAL written meanwhile is a gap."""
+    wait_for(lambda: cluster.psql("SELECT count(*) FROM pg_replication_slots WHERE active") == "0", "the slot to be released")
+    cluster.psql("SELECT pg_drop_replication_slot('pg_backup_sidecar')")
+    for partial in (backups / "wal" / "spool").glob("*.partial"):
+        partial.unlink()
+    for _ in range(3):
+        switch(cluster)
+    cluster.psql("CHECKPOINT")  # a new slot reserves WAL from the last checkpoint's redo: after the segments written meanwhile
+
+
+def test_the_daemon_takes_a_base_backup_at_start_and_after_a_gap_but_not_again_for_the_next_gap_within_the_hour(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_daemon import Running
+
+    env = {**pitr_env, "WAL_ARCHIVING": "true", "DRILL_AFTER_BACKUP": "false", "VALIDATION_ENABLED": "false", "BACKUP_SCHEDULE": "0 2 1 1 *",
+           "BASE_BACKUP_SCHEDULE": "0 3 1 1 *"}
+    backups = Path(env["BACKUP_DIR"])
+
+    def bases() -> list[dict[str, object]]:
+        return json.loads(cli(env, "list", "--base", "--json").stdout)  # type: ignore[no-any-return]
+
+    running = Running(env, tmp_path / "daemon1.log")
+    try:  # no base backup yet: one at once (the catch-up), good once its WAL is archived
+        running.wait_for(lambda: len(bases()) == 1 and bases()[0]["status"] == "ok" or (switch(wal_cluster) and False), "the first base backup")
+    finally:
+        assert running.stop() == 0
+    assert "base backup started (catch-up" in running.log.read_text()
+
+    _lose_the_slot_and_the_spool(wal_cluster, backups)
+    running = Running(env, tmp_path / "daemon2.log")
+    try:
+        running.wait_for(lambda: switch(wal_cluster) and len(bases()) == 2, "a base backup for the gap", timeout=90)
+    finally:
+        assert running.stop() == 0
+    log = running.log.read_text()
+    assert "gap in the WAL archive" in log and "base backup started (gap: segments" in log, log[-3000:]
+    [timeline] = list_wal(env)
+    assert timeline["gaps"], timeline  # the gap stays visible; the new base backup starts after it
+
+    _lose_the_slot_and_the_spool(wal_cluster, backups)  # the slot is lost again within the hour
+    running = Running(env, tmp_path / "daemon3.log")
+    try:
+        running.wait_for(lambda: switch(wal_cluster) and "not answered with a base backup now" in running.log.read_text(), "the deferral", timeout=90)
+    finally:
+        assert running.stop() == 0
+    assert len(bases()) == 2 and "at most one per 1 h" in running.log.read_text()

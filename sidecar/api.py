@@ -296,6 +296,13 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
             from sidecar.physical.base import prune_physical
 
             report.physical = prune_physical(cfg, dry_run, moment)
+            if cfg.remote is not None and remote:  # the same rule on the remote's base backups and WAL
+                from sidecar.physical.offsite import prune_remote
+
+                try:
+                    report.physical.remote = prune_remote(cfg, remote_store(cfg), dry_run, moment)
+                except ConfigError as exc:
+                    log.error("base backups and WAL on the remote not pruned: %s", "; ".join(exc.problems))
         if cfg.remote is not None and remote:
             report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
     return report
@@ -415,6 +422,16 @@ def create_base_backup(config: Config | None = None) -> dict[str, Any]:
 
     cfg = _config(config)
     metadata = create(cfg)
+    if cfg.remote is not None:  # off-site at once; a failure leaves it pending for the daemon's copier
+        from sidecar.physical.offsite import copy_base
+
+        try:
+            copied = copy_base(cfg, remote_store(cfg), only=metadata["id"])
+            if copied.error:
+                log.error("base backup %s is on the volume but was not copied off-site: %s; it is pending (the daemon retries it)",
+                          metadata["id"], copied.error, extra={"event": "offsite_copy_failed", "backup_id": metadata["id"]})
+        except SidecarError as exc:
+            log.error("base backup %s is on the volume but was not copied off-site: %s", metadata["id"], exc)
     try:  # base backup retention (and the WAL it frees) after each base backup; a failed prune does not fail it
         prune_backups(cfg)
     except SidecarError as exc:
@@ -476,12 +493,18 @@ def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = N
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
-                     stage_wal: bool | None = None) -> dict[str, Any]:
+                     stage_wal: bool | None = None, from_remote: bool = False) -> dict[str, Any]:
     """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
-    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch."""
+    copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch.
+    `from_remote`: base backup and WAL read from the remote store alone (a lost volume); the WAL is then always staged."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
-    return restore_to_data_dir(_config(config), parse_target(to_time, to_lsn, to_latest), into_data_dir, stage_wal)
+    target = parse_target(to_time, to_lsn, to_latest)
+    if from_remote:
+        from sidecar.physical.offsite import restore_from_remote
+
+        return restore_from_remote(_config(config), target, into_data_dir)
+    return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -491,7 +514,8 @@ def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) ->
     return supervise(config_path, stop, pid_variable)
 
 
-def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str) -> RestoreReport:
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str,
+                                 from_remote: bool = False) -> RestoreReport:
     """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
     into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
     from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
@@ -507,7 +531,12 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     target = parse_target(to_time, to_lsn, to_latest)
     root = scratch_directory()
     try:
-        result = restore_to_data_dir(cfg, target, root / "data")
+        if from_remote:  # base backup and WAL from the remote store alone
+            from sidecar.physical.offsite import restore_from_remote
+
+            result = restore_from_remote(cfg, target, root / "data")
+        else:
+            result = restore_to_data_dir(cfg, target, root / "data")
         server = ScratchServer(cfg, root, result.get("serverMajor"))
         try:
             server.start()

@@ -326,8 +326,12 @@ def _print_physical_prune(report: Any, dry_run: bool) -> None:
         print(f"  WAL of system {system} kept from segment {segment} on (the start of its oldest base backup kept)")
     for line in report.not_removed:
         print(f"warning: not removed: {line}", file=sys.stderr)
-    for line in getattr(report, "remote_lines", []):
-        print(f"  {line}")
+    remote = report.remote
+    if remote is not None:
+        locked = f", {len(remote.kept_by_lock)} objects kept by lock" if remote.kept_by_lock else ""
+        print(f"remote base backups: {verb} {len(remote.deleted)}, kept {len(remote.kept)}; WAL: {verb} {remote.wal_deleted} segments{locked}")
+        if remote.error:
+            print(f"error: base backups and WAL on the remote not pruned: {remote.error}", file=sys.stderr)
 
 
 def _pitr_requested(args: argparse.Namespace) -> bool:
@@ -375,12 +379,14 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if _pitr_requested(args):
-        if args.id or args.in_place or args.force or args.from_remote:
-            raise UsageError("--to-time/--to-lsn/--to-latest restore from base backups and WAL; leave out the backup id, --in-place, --force and --from-remote")
+        if args.id or args.in_place or args.force:
+            raise UsageError("--to-time/--to-lsn/--to-latest restore from base backups and WAL; leave out the backup id, --in-place and --force")
+        if args.from_remote and args.stage_wal is False:
+            raise UsageError("--from-remote stages the WAL into the data directory (the server cannot read the bucket); leave out --no-stage-wal")
         if args.target_db is not None:
             if args.into_data_dir or args.stage_wal is not None:
                 raise UsageError("--target-db and --into-data-dir are two kinds of point-in-time restore; give one")
-            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db)
+            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db, from_remote=args.from_remote)
             if args.json:
                 emit(asdict(restored))
             else:
@@ -393,7 +399,8 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
             raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory) or --target-db NAME")
         from pathlib import Path
 
-        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal)
+        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal,
+                                      from_remote=args.from_remote)
         if args.json:
             emit(result)
         else:

@@ -512,6 +512,10 @@ class Daemon:
         cfg = self.config
         if cfg.remote is not None:
             threading.Thread(target=self._offsite_loop, name="offsite", daemon=True).start()
+            if cfg.wal_archiving and cfg.volume:  # WAL and base backups off-site as they are archived (sidecar/physical/offsite.py)
+                from sidecar.physical.offsite import copy_loop
+
+                threading.Thread(target=copy_loop, args=(cfg, self.stopping), name="wal-offsite", daemon=True).start()
         newest = newest_good(self._backups(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:

@@ -6,6 +6,7 @@ into BACKUP_DIR/base/. A base backup is good only once the WAL from its start to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -195,15 +196,15 @@ def identities(config: Config, meta: dict[str, Any]) -> age.Identities | None:
     return age.parse_identities(config.identity_file)
 
 
-def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_tmp: Path) -> list[str]:
-    """Stream a base backup through sha256, age, decompression and the tar parser into `handler`; problems found
-    (sha256, truncation, files against the manifest), one line each."""
+def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_tmp: Path, source: Any | None = None) -> list[str]:
+    """Stream a base backup (its file on the volume, or `source`: a reader of the stored bytes, e.g. from the remote
+    store) through sha256, age, decompression and the tar parser into `handler`; problems found (sha256, truncation,
+    files against the manifest), one line each."""
     meta = backup.metadata
     item = meta["files"]["base"]
-    stored = base_dir(config) / item["name"]
     parser = tar.TarParser(handler)
     try:
-        with streams.open_stored(stored) as handle:
+        with streams.open_stored(base_dir(config) / item["name"]) if source is None else contextlib.nullcontext(source) as handle:
             tap = streams.ReadTap(handle, hashing=True)
             streams.decode(tap, parser, str(meta.get("compression", "none")), identities(config, meta))
         parser.close()
@@ -244,6 +245,7 @@ class PhysicalPruneReport:
     wal_deleted: dict[str, int] = field(default_factory=dict)        # "<system>/<timeline>" -> segments deleted
     wal_kept_from: dict[str, str] = field(default_factory=dict)      # system -> the oldest segment kept (the cutoff)
     not_removed: list[str] = field(default_factory=list)            # "path: reason" for files that could not be removed
+    remote: Any = None  # sidecar.physical.offsite.RemotePhysicalPrune, with a remote store
 
     @property
     def empty(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -201,3 +202,116 @@ def test_the_daemon_takes_a_base_backup_at_start_and_after_a_gap_but_not_again_f
     finally:
         assert running.stop() == 0
     assert len(bases()) == 2 and "at most one per 1 h" in running.log.read_text()
+
+
+# --- faults: a full volume while streaming, the sidecar killed with SIGKILL ---------------------------------------------
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of `directory` to the last byte; the filler file."""
+    import errno
+
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        for size in (1 << 20, 4096):  # then the last small blocks
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_volume_while_streaming_fails_visibly_damages_nothing_and_the_daemon_recovers_when_space_is_back(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.conftest import tmpfs
+    from tests.test_daemon import Running
+
+    with tmpfs(tmp_path / "volume", "size=48m") as volume:
+        env = {**pitr_env, "BACKUP_DIR": str(volume / "backups"), "WAL_ARCHIVING": "true", "DRILL_AFTER_BACKUP": "false",
+               "VALIDATION_ENABLED": "false", "BACKUP_SCHEDULE": "0 2 1 1 *", "BASE_BACKUP_SCHEDULE": "0 3 1 1 *"}
+        backups = Path(env["BACKUP_DIR"])
+        wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        running = Running(env, tmp_path / "daemon.log")
+        try:
+            running.wait_for(lambda: json.loads(cli(env, "list", "--base", "--json").stdout)[:1] and
+                             json.loads(cli(env, "list", "--base", "--json").stdout)[0]["status"] == "ok" or (switch(wal_cluster) and False),
+                             "the first base backup")
+            filler = _fill(volume)
+            wal_cluster.psql("INSERT INTO t SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 3000) g")
+            for _ in range(3):
+                switch(wal_cluster)
+            running.wait_for(lambda: "No space left on device" in running.log.read_text(), "the receiver to fail on the full volume")
+            time.sleep(2)  # it keeps failing (and retrying) while the volume is full
+            filler.unlink()
+            wal_cluster.psql("INSERT INTO t SELECT g, 'after' FROM generate_series(3001, 3010) g")
+            last = switch(wal_cluster)
+            running.wait_for(lambda: archived(backups, last), f"segment {last} archived once space is back", timeout=120)
+        finally:
+            assert running.stop() == 0
+        log = running.log.read_text()
+        full = [line for line in log.splitlines() if "No space left on device" in line]
+        assert full and "Traceback" not in log, log[-3000:]
+        print(f"{len(full)} log lines about the full volume, e.g. {full[0][:300]}")
+        [timeline] = list_wal(env)
+        assert timeline["gaps"] == [], timeline
+        assert not list(backups.glob("wal/*/*/.*.tmp"))  # no half-written file left in the archive
+        restored = WalCluster(port=54332)
+        try:  # every archived segment reads back and replays
+            cli(env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
+            restored.start_existing()
+            restored.wait_promoted()
+            assert restored.psql("SELECT count(*) FROM t") == "3010"
+        finally:
+            restored.destroy()
+
+
+def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_committed_a_second_before(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import psycopg
+
+    wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    receiver = Receiver(pitr_env, tmp_path / "receiver.log")
+    committed: dict[int, float] = {}
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        cli(pitr_env, "base-backup")
+        wait_for(lambda: json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["status"] == "ok" or (switch(wal_cluster) and False),
+                 "the base backup's WAL")
+        [streamer] = subprocess.run(["pgrep", "-P", str(receiver.proc.pid)], capture_output=True, text=True).stdout.split()
+        with psycopg.connect(wal_cluster.url("postgres"), autocommit=True) as conn:
+            started = time.monotonic()
+            i = 0
+            killed = None
+            while time.monotonic() - started < 2.5:  # segments switch now and then: the kill may come mid-archive too
+                i += 1
+                conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                committed[i] = time.monotonic()
+                if i % 150 == 0:
+                    conn.execute("SELECT pg_switch_wal()")
+                if killed is None and time.monotonic() - started > 2:
+                    os.kill(int(streamer), signal.SIGKILL)  # the whole sidecar at once, as the kernel's OOM killer or a node loss would
+                    os.kill(receiver.proc.pid, signal.SIGKILL)
+                    killed = time.monotonic()
+                time.sleep(0.002)
+        receiver.proc.wait()
+    finally:
+        if receiver.proc.poll() is None:
+            receiver.kill()
+    assert killed is not None
+    restored = WalCluster(port=54332)
+    try:
+        cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(restored.data))  # every archived segment's sha256 checked first
+        restored.start_existing()
+        restored.wait_promoted()
+        present = {int(x) for x in restored.psql("SELECT id FROM t").split()}
+    finally:
+        restored.destroy()
+    before_kill = {k for k, at in committed.items() if at <= killed}
+    missing = sorted(before_kill - present)
+    oldest_missing_age = killed - committed[missing[0]] if missing else 0.0
+    print(f"sidecar SIGKILL: rows committed before the kill {len(before_kill)}, missing after restore --to-latest {len(missing)}, "
+          f"oldest missing committed {oldest_missing_age:.3f}s before the kill")
+    assert oldest_missing_age < 1.0, (len(missing), oldest_missing_age)

@@ -79,3 +79,35 @@ def test_wal_and_base_backups_go_off_site_and_a_lost_volume_restores_to_a_time_f
     finally:
         restored.destroy()
     assert not backups.exists() or not list(backups.glob("wal/*/0*"))  # nothing was read from (or written to) a volume
+
+
+def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_oldest_kept_and_keeps_history(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sidecar.config import load_config
+    from sidecar.physical.offsite import base_object, prune_remote, remote_base_backups
+    from sidecar.storage.local import LocalStore
+
+    store = LocalStore(tmp_path / "bucket")  # the same Store interface as the bucket; the rule is what is tested here
+    config = load_config(environ={"DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "volume"), "BASE_BACKUP_RETENTION_DAYS": "7"})
+    now = datetime.now(UTC)
+    for backup_id, days, segno in (("backup_2026-10-01T00-00-00-000Z", 40, 2), ("backup_2026-11-20T00-00-00-000Z", 1, 6)):
+        data = f"tar of {backup_id}".encode()
+        meta = {"id": backup_id, "kind": "base", "files": {"base": {"name": f"{backup_id}.tar.zst", "size": len(data), "checksum": "-"}},
+                "walSegmentSize": 1 << 20, "startLsn": f"0/{segno:X}00028", "endWal": segment_name(1, segno, 1 << 20), "timeline": 1,
+                "systemIdentifier": "7", "finishedAt": (now - timedelta(days=days)).isoformat()}
+        store.put_stream(base_object(f"{backup_id}.tar.zst"), [data])
+        store.put_stream(base_object(f"{backup_id}.metadata.json"), [json.dumps(meta).encode()])
+    for name in [segment_name(1, s, 1 << 20) for s in range(1, 9)] + ["00000002.history"]:
+        store.put_stream(wal_object("7", name + ".zst"), [name.encode()])
+        store.put_stream(wal_object("7", name + ".json"), [json.dumps({"name": name, "file": name + ".zst"}).encode()])
+    assert [b.status for b in remote_base_backups(store)] == ["ok", "ok"]
+
+    dry = prune_remote(config, store, True, now)
+    assert dry.deleted == ["backup_2026-10-01T00-00-00-000Z"] and dry.wal_deleted == 5 and len(store.list("wal_")) == 18
+    done = prune_remote(config, store, False, now)
+    assert done.error is None and done.kept == ["backup_2026-11-20T00-00-00-000Z"]
+    left = sorted(info.name for info in store.list(""))
+    assert left == sorted([base_object("backup_2026-11-20T00-00-00-000Z.metadata.json"), base_object("backup_2026-11-20T00-00-00-000Z.tar.zst")]
+                          + [wal_object("7", segment_name(1, s, 1 << 20) + ext) for s in (6, 7, 8) for ext in (".json", ".zst")]
+                          + [wal_object("7", "00000002.history" + ext) for ext in (".json", ".zst")])

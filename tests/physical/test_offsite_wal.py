@@ -79,6 +79,10 @@ def test_wal_and_base_backups_go_off_site_and_a_lost_volume_restores_to_a_time_f
     finally:
         restored.destroy()
     assert not backups.exists() or not list(backups.glob("wal/*/0*"))  # nothing was read from (or written to) a volume
+    into_db = cli(env, "restore", "--to-time", target.isoformat(), "--from-remote", "--target-db", "as_it_was")  # one database, into the live server
+    assert "into as_it_was" in into_db.stdout, into_db.stdout
+    assert wal_cluster.psql("SELECT count(*), max(id) FROM t", "as_it_was") == "100|100"
+    assert wal_cluster.psql("SELECT count(*) FROM t") == "150"  # the live one untouched
 
 
 def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_oldest_kept_and_keeps_history(tmp_path: Path) -> None:

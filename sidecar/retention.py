@@ -148,10 +148,10 @@ class BaseDecision:
     reason: str
 
 
-def classify_base(backups: list[BaseFacts], days: int, now: datetime) -> list[BaseDecision]:
+def classify_base(backups: list[BaseFacts], days: int, now: datetime, hold: dict[str, str] | None = None) -> list[BaseDecision]:
     """Keep base backups younger than `days` (0: keep all), the newest good one (a base backup `waiting-for-wal` is not
-    good), any newer than it (they may still become good), pinned ones; report unreadable ones; delete the rest.
-    Newest first."""
+    good), any newer than it (they may still become good), pinned ones, and those `hold` names (id -> why: not off-site
+    yet); report unreadable ones; delete the rest. Newest first."""
     ordered = sorted(backups, key=lambda b: b.id, reverse=True)
     newest_good = next((b for b in ordered if b.good and b.finished is not None and b.finished <= now), None)
     cutoff = now - timedelta(days=days)
@@ -167,6 +167,8 @@ def classify_base(backups: list[BaseFacts], days: int, now: datetime) -> list[Ba
             reasons.append(f"newer than the newest good base backup ({backup.status})" if newest_good else "no good base backup yet")
         if backup.keep:
             reasons.append("pinned (unpin to release)")
+        if hold and backup.id in hold:
+            reasons.append(hold[backup.id])
         if not days:
             reasons.append("retention disabled")
         elif backup.finished >= cutoff:
@@ -206,3 +208,10 @@ def wal_to_delete(segments: dict[tuple[str, int], list[int]], cutoffs: dict[str,
         if below:
             doomed[(system, timeline)] = below
     return doomed
+
+
+def copied_only(doomed: dict[tuple[str, int], list[int]], marks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[int]]:
+    """Of the segments retention lets go, those already off-site (numbered up to the newest copied of their system and
+    timeline, `marks`): with a remote store, WAL never leaves the volume before it has a copy."""
+    kept = {key: [s for s in segnos if s <= marks.get(key, -1)] for key, segnos in doomed.items()}
+    return {key: segnos for key, segnos in kept.items() if segnos}

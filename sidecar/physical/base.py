@@ -24,7 +24,7 @@ from sidecar.physical.server import identify, require_replication
 from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn, record_segment_size, segment_name, segment_of
 from sidecar.postgres import Child, child_env, find_tool, tool_version
 from sidecar.repository import METADATA_SUFFIX, Repository, iso_timestamp, new_id, parse_id, write_atomically
-from sidecar.retention import BaseFacts, classify_base, wal_cutoffs, wal_to_delete
+from sidecar.retention import BaseFacts, classify_base, copied_only, wal_cutoffs, wal_to_delete
 
 BASE_DIR = "base"
 log = logging.getLogger(__name__)
@@ -288,7 +288,14 @@ def prune_physical(config: Config, dry_run: bool = False, now: datetime | None =
     directory = base_dir(config)
     backups = list_base_backups(config)
     facts = [base_facts(b) for b in backups]
-    decisions = classify_base(facts, config.base_backup_retention_days, moment)
+    hold: dict[str, str] = {}
+    marks: dict[tuple[str, int], int] | None = None
+    if config.remote is not None:  # nothing leaves the volume before it is off-site
+        from sidecar.physical.offsite import copied_marks
+
+        copied, marks = copied_marks(config)
+        hold = {b.id: "not off-site yet" for b in backups if b.status in ("ok", "waiting-for-wal") and b.id not in copied}
+    decisions = classify_base(facts, config.base_backup_retention_days, moment, hold)
     by_id = {b.id: b for b in backups}
     for decision in decisions:
         report.decisions.append({"id": decision.id, "action": decision.action, "reason": decision.reason})
@@ -313,6 +320,8 @@ def prune_physical(config: Config, dry_run: bool = False, now: datetime | None =
     timelines = archive.timelines()
     cutoffs = wal_cutoffs(facts, decisions)
     doomed = wal_to_delete({(t.system_id, t.timeline): t.segnos for t in timelines}, cutoffs)
+    if marks is not None:
+        doomed = copied_only(doomed, marks)
     sizes = {t.system_id: t.segment_size for t in timelines}
     for system, cutoff in cutoffs.items():
         if system in sizes and cutoff is not None:

@@ -159,6 +159,28 @@ def _copy_file(copier: _Copier, archive: WalArchive, system: str, name: str) -> 
     return copier.put(wal_object(system, name + ".json"), [(directory / (name + ".json")).read_bytes()])
 
 
+def copied_marks(config: Config) -> tuple[set[str], dict[tuple[str, int], int]]:
+    """For the configured remote, from the volume's records: the ids of the base backups copied, and per (system,
+    timeline) the number of the newest segment copied (every archived one up to it is off-site)."""
+    remote = config.remote
+    url, endpoint = (remote.url, remote.endpoint) if remote is not None else ("", None)
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) and state.get("url") == url and state.get("endpoint") == endpoint else {}
+
+    copied = {str(i) for i in read(base_dir(config) / STATE).get("copied", [])}
+    marks: dict[tuple[str, int], int] = {}
+    root = WalArchive(config.backup_dir).root
+    for path in root.glob(f"*/{STATE}") if root.is_dir() else []:
+        for tli, segno in read(path).get("copied", {}).items():
+            marks[(path.parent.name, int(tli, 16))] = int(segno)
+    return copied, marks
+
+
 def pending_wal(config: Config, store_url: str, endpoint: str | None) -> int:
     """How many archived WAL segments are not off-site yet (for `copy` and the tests)."""
     archive = WalArchive(config.backup_dir)

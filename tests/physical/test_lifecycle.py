@@ -67,6 +67,16 @@ def test_a_system_whose_base_backups_all_go_loses_its_wal_too() -> None:
                                                                                                                  ("7", 1): [29]}
 
 
+def test_with_a_remote_nothing_leaves_the_volume_before_it_is_off_site() -> None:
+    from sidecar.retention import copied_only
+
+    old, recent = base(40, start=10), base(2, start=30)
+    held = classify_base([old, recent], 7, NOW, hold={old.id: "not off-site yet"})
+    assert {d.id: (d.action, d.reason) for d in held}[old.id] == ("keep", "not off-site yet")
+    doomed = {("7", 1): [10, 11, 12, 13], ("7", 2): [12]}
+    assert copied_only(doomed, {("7", 1): 11}) == {("7", 1): [10, 11]}  # timeline 2 not copied at all: nothing of it goes
+
+
 # --- a real prune -----------------------------------------------------------------------------------------------------
 
 @contextmanager

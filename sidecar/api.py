@@ -116,6 +116,7 @@ class PruneReport:
     decisions: list[dict[str, str]] = field(default_factory=list)  # {id, action, reason} for every backup, newest first
     remote: RemotePruneReport | None = None  # with a remote store configured
     volume: bool = True  # False: no backup volume (BACKUP_VOLUME=false), only `remote` means anything
+    physical: Any = None  # sidecar.physical.base.PhysicalPruneReport: base backups and WAL (point-in-time recovery), if any
 
 
 def _config(config: Config | None) -> Config:
@@ -345,6 +346,17 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 log.warning("%s: %s", decision.entry.id, decision.reason)
             else:
                 report.kept.append(decision.entry.id)
+        if cfg.volume and ((cfg.backup_dir / "base").is_dir() or (cfg.backup_dir / "wal").is_dir()):
+            from sidecar.physical.base import prune_physical
+
+            report.physical = prune_physical(cfg, dry_run, moment)
+            if cfg.remote is not None and remote:  # the same rule on the remote's base backups and WAL
+                from sidecar.physical.offsite import prune_remote
+
+                try:
+                    report.physical.remote = prune_remote(cfg, remote_store(cfg), dry_run, moment)
+                except ConfigError as exc:
+                    log.error("base backups and WAL on the remote not pruned: %s", "; ".join(exc.problems))
         if cfg.remote is not None and remote:
             report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
     return report
@@ -462,7 +474,23 @@ def create_base_backup(config: Config | None = None) -> dict[str, Any]:
     once the WAL up to its end LSN is archived by `wal-receive`."""
     from sidecar.physical.base import create_base_backup as create
 
-    return create(_config(config))
+    cfg = _config(config)
+    metadata = create(cfg)
+    if cfg.remote is not None:  # off-site at once; a failure leaves it pending for the daemon's copier
+        from sidecar.physical.offsite import copy_base
+
+        try:
+            copied = copy_base(cfg, remote_store(cfg), only=metadata["id"])
+            if copied.error:
+                log.error("base backup %s is on the volume but was not copied off-site: %s; it is pending (the daemon retries it)",
+                          metadata["id"], copied.error, extra={"event": "offsite_copy_failed", "backup_id": metadata["id"]})
+        except SidecarError as exc:
+            log.error("base backup %s is on the volume but was not copied off-site: %s", metadata["id"], exc)
+    try:  # base backup retention (and the WAL it frees) after each base backup; a failed prune does not fail it
+        prune_backups(cfg)
+    except SidecarError as exc:
+        log.error("base backup %s succeeded but pruning failed: %s", metadata["id"], exc)
+    return metadata
 
 
 def list_base_backups(config: Config | None = None) -> list[dict[str, Any]]:
@@ -545,14 +573,19 @@ def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = N
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,
-                     stage_wal: bool | None = None, *, to_restore_point: str | None = None, to_xid: str | None = None,
-                     exclusive: bool = False, timeline: str | None = None) -> dict[str, Any]:
+                     stage_wal: bool | None = None, from_remote: bool = False, *, to_restore_point: str | None = None,
+                     to_xid: str | None = None, exclusive: bool = False, timeline: str | None = None) -> dict[str, Any]:
     """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
     copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch.
-    `exclusive` stops just before a time, LSN or transaction; `timeline` is latest (default), current or a number."""
+    `exclusive` stops just before a time, LSN or transaction; `timeline` is latest (default), current or a number.
+    `from_remote`: base backup and WAL read from the remote store alone (a lost volume); the WAL is then always staged."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    if from_remote:
+        from sidecar.physical.offsite import restore_from_remote
+
+        return restore_from_remote(_config(config), target, into_data_dir)
     return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
 
 
@@ -563,9 +596,9 @@ def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) ->
     return supervise(config_path, stop, pid_variable)
 
 
-def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str, *,
-                                 to_restore_point: str | None = None, to_xid: str | None = None, exclusive: bool = False,
-                                 timeline: str | None = None) -> RestoreReport:
+def restore_to_point_in_database(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, target_db: str,
+                                 from_remote: bool = False, *, to_restore_point: str | None = None, to_xid: str | None = None,
+                                 exclusive: bool = False, timeline: str | None = None) -> RestoreReport:
     """The database of DATABASE_URL as it was at the target, into `target_db` of the live server: base backup + WAL
     into a scratch directory, a scratch PostgreSQL (same major version) recovers and promotes, the database is backed up
     from it (pg_dump, row counts) into a scratch repository and restored through the logical restore (new database,
@@ -581,7 +614,12 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     root = scratch_directory()
     try:
-        result = restore_to_data_dir(cfg, target, root / "data")
+        if from_remote:  # base backup and WAL from the remote store alone
+            from sidecar.physical.offsite import restore_from_remote
+
+            result = restore_from_remote(cfg, target, root / "data")
+        else:
+            result = restore_to_data_dir(cfg, target, root / "data")
         server = ScratchServer(cfg, root, result.get("serverMajor"))
         try:
             server.start()

@@ -321,6 +321,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                         print(f"  {actions[decision['action']]}: {decision['id']}: {decision['reason']}")
                 for name in remote.leftovers:
                     print(f"  {'would remove' if args.dry_run else 'removed'} leftover: {name}")
+        if pruned.physical is not None and not args.json:
+            _print_physical_prune(pruned.physical, args.dry_run)
         if pruned.remote is not None and pruned.remote.error is not None:
             print(f"error: remote not pruned: {pruned.remote.error}", file=sys.stderr)
             return FAILED
@@ -330,6 +332,27 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
         return OK
     raise UsageError(f"unknown command {args.command}")
+
+
+def _print_physical_prune(report: Any, dry_run: bool) -> None:
+    """The base backups and WAL part of `prune` (point-in-time recovery)."""
+    verb = "would delete" if dry_run else "deleted"
+    kept = sum(1 for d in report.decisions if d["action"] == "keep")
+    wal = sum(report.wal_deleted.values())
+    print(f"base backups: {verb} {len(report.deleted)}, kept {kept}; WAL: {verb} {wal} segments")
+    for decision in report.decisions:
+        if dry_run or decision["action"] != "keep":
+            print(f"  {verb if decision['action'] == 'delete' else decision['action']}: base {decision['id']}: {decision['reason']}")
+    for system, segment in report.wal_kept_from.items():
+        print(f"  WAL of system {system} kept from segment {segment} on (the start of its oldest base backup kept)")
+    for line in report.not_removed:
+        print(f"warning: not removed: {line}", file=sys.stderr)
+    remote = report.remote
+    if remote is not None:
+        locked = f", {len(remote.kept_by_lock)} objects kept by lock" if remote.kept_by_lock else ""
+        print(f"remote base backups: {verb} {len(remote.deleted)}, kept {len(remote.kept)}; WAL: {verb} {remote.wal_deleted} segments{locked}")
+        if remote.error:
+            print(f"error: base backups and WAL on the remote not pruned: {remote.error}", file=sys.stderr)
 
 
 def _pitr_requested(args: argparse.Namespace) -> bool:
@@ -399,13 +422,16 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if _pitr_requested(args):
-        if args.id or args.in_place or args.force or args.from_remote:
+        if args.id or args.in_place or args.force:
             raise UsageError("--to-time/--to-lsn/--to-restore-point/--to-xid/--to-latest restore from base backups and WAL; "
-                             "leave out the backup id, --in-place, --force and --from-remote")
+                             "leave out the backup id, --in-place and --force")
+        if args.from_remote and args.stage_wal is False:
+            raise UsageError("--from-remote stages the WAL into the data directory (the server cannot read the bucket); leave out --no-stage-wal")
         if args.target_db is not None:
             if args.into_data_dir or args.stage_wal is not None:
                 raise UsageError("--target-db and --into-data-dir are two kinds of point-in-time restore; give one")
-            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db, **_pitr_target(args))
+            restored = api.restore_to_point_in_database(config, args.to_time, args.to_lsn, args.to_latest, args.target_db,
+                                                        from_remote=args.from_remote, **_pitr_target(args))
             if args.json:
                 emit(asdict(restored))
             else:
@@ -420,7 +446,8 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
             raise UsageError("point-in-time restore needs --into-data-dir DIR (a new or empty directory) or --target-db NAME")
         from pathlib import Path
 
-        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal, **_pitr_target(args))
+        result = api.restore_to_point(config, args.to_time, args.to_lsn, args.to_latest, Path(args.into_data_dir), args.stage_wal,
+                                      from_remote=args.from_remote, **_pitr_target(args))
         if args.json:
             emit(result)
         else:

@@ -75,6 +75,12 @@ class Config:
     # --- a whole server (issue 14, sidecar/logical/server.py) ---
     databases: tuple[str, ...] = ()  # backup.databases: () = DATABASE_URL's database only (as before); ("*",) = all; else the list
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
+    base_retention_days: int | None = None  # days to keep base backups (and the WAL they need); None: retention_days
+    base_backup_cron: str = "0 3 * * 0"  # the daemon's base backups when WAL archiving is on (weekly, Sunday 03:00)
+
+    @property
+    def base_backup_retention_days(self) -> int:
+        return self.retention_days if self.base_retention_days is None else self.base_retention_days
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""
@@ -131,6 +137,8 @@ class Config:
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
             "backup.databases": ("all" if self.databases == ALL_DATABASES else ",".join(self.databases)) or None,
             "backup.parallel": self.parallel,
+            "base_backup.retention_days": self.base_backup_retention_days,
+            "base_backup.schedule": self.base_backup_cron,
         }
 
     def drill_server(self) -> Config:
@@ -333,6 +341,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     # a whole server (sidecar/logical/server.py)
     "backup.databases": ("BACKUP_DATABASES", _databases),
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
+    "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
+    "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
 }
 
 
@@ -414,7 +424,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     elif "backup.state_dir" in values:
         problems.append(f"{raw['backup.state_dir'][0]} applies only without a volume (BACKUP_VOLUME=false); with a volume the state is kept in BACKUP_DIR")
     if not volume and values.get("wal.enabled"):
-        problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the WAL archive is kept there; off-site WAL is not built yet): "
+        problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the spool and the WAL archive live there; the off-site copy is made from it): "
                         "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false")
     if problems:
         raise ConfigError(problems)
@@ -460,6 +470,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_spool_dir=values.get("wal.spool_dir"),
         databases=values.get("backup.databases", ()),
         parallel=values.get("backup.parallel", 1),
+        base_retention_days=values.get("base_backup.retention_days"),
+        base_backup_cron=values.get("base_backup.schedule", "0 3 * * 0"),
     )
 
 
@@ -490,7 +502,7 @@ def state_directory(path: Path | None, where: str, problems: list[str]) -> Path:
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
 OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
                    "RESTORE_REQUEST_ID")
-OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_", "BASE_BACKUP_")
 # what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
 SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")

@@ -115,3 +115,103 @@ def _why_deleted(entry: Entry, policy: Policy) -> str:
     parts += [f"not the {tier} backup kept for its period" for tier, n in (("daily", policy.daily), ("weekly", policy.weekly),
                                                                               ("monthly", policy.monthly)) if n]
     return ", ".join(parts)
+
+
+# --- base backups and the WAL they need (point-in-time recovery) ------------------------------------
+#
+# pgBackRest's rule (repo-retention-full + archive expiry): base backups are kept by age, never the newest good one,
+# never a pinned one; the WAL archive then keeps, per system, every segment from the start of the oldest base backup
+# kept. Recovery from a base backup reads segments from its start segment on (on its timeline and the ones after), so a
+# segment numbered below the start of every kept base backup of its system is read by nothing kept, on any timeline.
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What retention needs to know of one base backup (pure data; read by sidecar.physical.base)."""
+
+    id: str
+    status: str  # ok | waiting-for-wal | missing-file | size-mismatch | unreadable-metadata
+    finished: datetime | None = None
+    system_id: str = ""
+    start_segno: int = 0
+    keep: bool = False
+
+    @property
+    def good(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class BaseDecision:
+    id: str
+    action: str  # keep | delete | report
+    reason: str
+
+
+def classify_base(backups: list[BaseFacts], days: int, now: datetime, hold: dict[str, str] | None = None) -> list[BaseDecision]:
+    """Keep base backups younger than `days` (0: keep all), the newest good one (a base backup `waiting-for-wal` is not
+    good), any newer than it (they may still become good), pinned ones, and those `hold` names (id -> why: not off-site
+    yet); report unreadable ones; delete the rest. Newest first."""
+    ordered = sorted(backups, key=lambda b: b.id, reverse=True)
+    newest_good = next((b for b in ordered if b.good and b.finished is not None and b.finished <= now), None)
+    cutoff = now - timedelta(days=days)
+    decisions = []
+    for backup in ordered:
+        if backup.status == "unreadable-metadata" or backup.finished is None:
+            decisions.append(BaseDecision(backup.id, "report", f"{backup.status}: not deleted, check it by hand"))
+            continue
+        reasons = []
+        if newest_good is not None and backup.id == newest_good.id:
+            reasons.append("newest good base backup")
+        elif newest_good is None or backup.id > newest_good.id:
+            reasons.append(f"newer than the newest good base backup ({backup.status})" if newest_good else "no good base backup yet")
+        if backup.keep:
+            reasons.append("pinned (unpin to release)")
+        if hold and backup.id in hold:
+            reasons.append(hold[backup.id])
+        if not days:
+            reasons.append("retention disabled")
+        elif backup.finished >= cutoff:
+            reasons.append(f"younger than {days} days")
+        if reasons:
+            decisions.append(BaseDecision(backup.id, "keep", "; ".join(reasons)))
+        else:
+            decisions.append(BaseDecision(backup.id, "delete", f"older than {days} days" + ("" if backup.good else f", {backup.status}")))
+    return decisions
+
+
+def wal_cutoffs(backups: list[BaseFacts], decisions: list[BaseDecision]) -> dict[str, int | None]:
+    """{system identifier: the start segment number of its oldest kept base backup}; None for a system whose base
+    backups all go (nothing kept can replay its WAL: it all goes). A system without any base backup (WAL streamed
+    before the first base backup) gets no entry: its WAL is kept."""
+    kept = {d.id for d in decisions if d.action != "delete"}
+    cutoffs: dict[str, int | None] = {}
+    for backup in backups:
+        if not backup.system_id:
+            continue
+        cutoffs.setdefault(backup.system_id, None)
+        if backup.id in kept:
+            current = cutoffs[backup.system_id]
+            cutoffs[backup.system_id] = backup.start_segno if current is None else min(current, backup.start_segno)
+    return cutoffs
+
+
+def wal_to_delete(segments: dict[tuple[str, int], list[int]], cutoffs: dict[str, int | None]) -> dict[tuple[str, int], list[int]]:
+    """{(system, timeline): segment numbers to delete}: those below their system's cutoff (all of a system whose cutoff
+    is None). History files are never segments here: they stay."""
+    doomed: dict[tuple[str, int], list[int]] = {}
+    for (system, timeline), segnos in segments.items():
+        if system not in cutoffs:
+            continue
+        cutoff = cutoffs[system]
+        below = [s for s in segnos if cutoff is None or s < cutoff]
+        if below:
+            doomed[(system, timeline)] = below
+    return doomed
+
+
+def copied_only(doomed: dict[tuple[str, int], list[int]], marks: dict[tuple[str, int], int]) -> dict[tuple[str, int], list[int]]:
+    """Of the segments retention lets go, those already off-site (numbered up to the newest copied of their system and
+    timeline, `marks`): with a remote store, WAL never leaves the volume before it has a copy."""
+    kept = {key: [s for s in segnos if s <= marks.get(key, -1)] for key, segnos in doomed.items()}
+    return {key: segnos for key, segnos in kept.items() if segnos}

@@ -59,6 +59,25 @@ def needs_catch_up(newest_good: datetime | None, cron: str, tz: str, now: dateti
     return newest_good is None or now - newest_good > interval(cron, tz, now)
 
 
+GAP_BASE_BACKUP_EVERY = timedelta(hours=1)  # at most one base backup per hour for gaps: a persistent gap must not loop
+GAP_ANSWERED = ".gap-answered.json"  # wal/.gap-answered.json: when the daemon last took a base backup for a gap (survives restarts)
+
+
+def base_backup_for_gap(gap_at: datetime | None, newest_base_started: datetime | None, last_answered: datetime | None, now: datetime,
+                        every: timedelta = GAP_BASE_BACKUP_EVERY) -> tuple[bool, str]:
+    """Whether a gap in the WAL is answered with a base backup now, and why (pure). A base backup started after the gap
+    answers it; otherwise one is taken, but at most one per `every` (the last one is remembered on the volume), so a gap
+    that persists (a slot lost over and over) never becomes a base backup loop."""
+    if gap_at is None:
+        return False, "no gap"
+    if newest_base_started is not None and newest_base_started >= gap_at:
+        return False, f"base backup started at {iso_timestamp(newest_base_started)}, after the gap"
+    if last_answered is not None and now - last_answered < every:
+        return False, (f"a base backup was taken for a gap at {iso_timestamp(last_answered)}; at most one per "
+                       f"{every.total_seconds() / 3600:g} h, the next at {iso_timestamp(last_answered + every)}")
+    return True, "a gap in the WAL archive"
+
+
 RESTORES_DIR = ".restores"
 INTERRUPTED = ("the sidecar stopped during this restore; the live database is either the old or the restored one, never half-restored "
                "(docs/reliability.md): check it, then send a new request_id to restore again")
@@ -97,6 +116,10 @@ class Daemon:
         self._requests_lock = threading.Lock()
         self._offsite_wake = threading.Event()
         self._copy_lock = threading.Lock()  # one copying round at a time: the copier thread, or a drill from the remote waiting for its copy
+        self._base_wanted: str | None = None  # why a base backup is due and waits for the running operation to end
+        self._gap_seen: str | None = None
+        self._gap_logged: str | None = None
+        self._gap_recheck = datetime.min.replace(tzinfo=timezone.utc)
         if config.remote is not None:
             metrics.watch_remote(config.remote)
         self._load_restores()
@@ -351,6 +374,79 @@ class Daemon:
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
 
+    # --- base backups (WAL_ARCHIVING=true): on BASE_BACKUP_SCHEDULE, and at once after a gap ----------------------------
+
+    def start_base_backup(self, reason: str) -> bool:
+        """A base backup in a thread (`pg-backup-sidecar base-backup`, which prunes after it); False if an operation runs."""
+        if not self._run_lock.acquire(blocking=False):
+            return False
+
+        def run() -> None:
+            started = time.monotonic()
+            self.metrics.in_progress.labels(operation="base_backup").set(1)
+            try:
+                log.info("base backup started (%s)", reason, extra={"event": "base_backup_started", "reason": reason})
+                ok, result = self._cli("base-backup")
+                if ok:
+                    log.info("base backup %s taken in %.1fs (%s)", result["id"], time.monotonic() - started, reason,
+                             extra={"event": "base_backup_succeeded", "backup_id": result["id"]})
+                else:
+                    log.error("base backup (%s) failed: %s", reason, result, extra={"event": "base_backup_failed"})
+            finally:
+                self.metrics.in_progress.labels(operation="base_backup").set(0)
+                self._run_lock.release()
+
+        threading.Thread(target=run, name="base-backup", daemon=True).start()
+        return True
+
+    def _newest_base(self, good_only: bool) -> datetime | None:
+        """When the newest base backup (or the newest good one) started; None if there is none."""
+        from sidecar.physical.base import base_dir, list_base_backups
+        from sidecar.repository import parse_id
+
+        if good_only:
+            good = [b for b in list_base_backups(self.config) if b.good]
+            return parse_id(good[0].id) if good else None
+        ids = sorted(p.name.removesuffix(".metadata.json") for p in base_dir(self.config).glob("backup_*.metadata.json"))
+        for backup_id in reversed(ids):
+            try:
+                return parse_id(backup_id)
+            except SidecarError:
+                continue
+        return None
+
+    def _gap_answered_path(self) -> Path:
+        return self.config.backup_dir / "wal" / GAP_ANSWERED
+
+    def _check_gap(self, now: datetime) -> str | None:
+        """The reason for a base backup if a gap the receiver noted needs one now (see base_backup_for_gap)."""
+        from sidecar.physical.wal import last_gap
+
+        gap = last_gap(self.config.backup_dir)
+        if gap is None:
+            return None
+        if gap["at"] == self._gap_seen and now < self._gap_recheck:  # a new gap is looked at at once, an old one once a minute
+            return None
+        self._gap_seen, self._gap_recheck = gap["at"], now + timedelta(minutes=1)
+        gap_at = datetime.fromisoformat(str(gap["at"]).replace("Z", "+00:00"))
+        answered = None
+        try:
+            answered = datetime.fromisoformat(json.loads(self._gap_answered_path().read_text())["at"].replace("Z", "+00:00"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        take, why = base_backup_for_gap(gap_at, self._newest_base(good_only=False), answered, now)
+        if not take:
+            if "at most one" in why and self._gap_logged != gap["at"]:
+                self._gap_logged = gap["at"]
+                log.warning("WAL gap at %s (%s) not answered with a base backup now: %s", gap["at"], gap.get("reason"), why,
+                            extra={"event": "wal_gap_base_backup_deferred"})
+            return None
+        try:
+            write_atomically(self._gap_answered_path(), json.dumps({"at": iso_timestamp(now), "gap": gap}).encode(), self.repo.file_mode)
+        except OSError as exc:
+            log.warning("cannot note the gap's base backup on the volume (%s)", exc.strerror)
+        return f"gap: {gap.get('reason')}"
+
     # --- off-site copies ---------------------------------------------------------------------------
 
     def copy_pending(self) -> bool:
@@ -416,6 +512,10 @@ class Daemon:
         cfg = self.config
         if cfg.remote is not None:
             threading.Thread(target=self._offsite_loop, name="offsite", daemon=True).start()
+            if cfg.wal_archiving and cfg.volume:  # WAL and base backups off-site as they are archived (sidecar/physical/offsite.py)
+                from sidecar.physical.offsite import copy_loop
+
+                threading.Thread(target=copy_loop, args=(cfg, self.stopping), name="wal-offsite", daemon=True).start()
         newest = newest_good(self._backups(), datetime.now(timezone.utc), include_future=False)
         newest_at = datetime.fromtimestamp(completed_at(newest), timezone.utc) if newest else None
         if cfg.run_on_start:
@@ -425,6 +525,12 @@ class Daemon:
         due = next_run(cfg.schedule_cron, cfg.schedule_timezone, datetime.now(timezone.utc))
         log.info("next backup at %s", due.isoformat())
         drill_due = next_run(cfg.drill_cron, cfg.schedule_timezone, datetime.now(timezone.utc)) if cfg.drill_cron else None
+        base_due = None
+        if cfg.wal_archiving:
+            base_due = next_run(cfg.base_backup_cron, cfg.schedule_timezone, datetime.now(timezone.utc))
+            if needs_catch_up(self._newest_base(good_only=True), cfg.base_backup_cron, cfg.schedule_timezone, datetime.now(timezone.utc)):
+                self._base_wanted = "catch-up: no good base backup within one BASE_BACKUP_SCHEDULE interval"
+            log.info("next base backup at %s", base_due.isoformat())
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
             now = datetime.now(timezone.utc)
@@ -435,4 +541,15 @@ class Daemon:
             if cfg.drill_cron and drill_due and now >= drill_due:
                 self.start_drill()
                 drill_due = next_run(cfg.drill_cron, cfg.schedule_timezone, now)
+            if base_due is not None:
+                if now >= base_due:
+                    self._base_wanted = "schedule"
+                    base_due = next_run(cfg.base_backup_cron, cfg.schedule_timezone, now)
+                    log.info("next base backup at %s", base_due.isoformat())
+                try:
+                    self._base_wanted = self._check_gap(now) or self._base_wanted
+                except (OSError, SidecarError) as exc:
+                    log.warning("cannot look for WAL gaps: %s", exc)
+                if self._base_wanted and self.start_base_backup(self._base_wanted):
+                    self._base_wanted = None
             self.stopping.wait(1.0)

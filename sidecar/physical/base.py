@@ -6,11 +6,12 @@ into BACKUP_DIR/base/. A base backup is good only once the WAL from its start to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sidecar.physical.server import identify, require_replication
 from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn, record_segment_size, segment_name, segment_of
 from sidecar.postgres import Child, child_env, find_tool, tool_version
 from sidecar.repository import METADATA_SUFFIX, Repository, iso_timestamp, new_id, parse_id, write_atomically
+from sidecar.retention import BaseFacts, classify_base, copied_only, wal_cutoffs, wal_to_delete
 
 BASE_DIR = "base"
 log = logging.getLogger(__name__)
@@ -194,15 +196,15 @@ def identities(config: Config, meta: dict[str, Any]) -> age.Identities | None:
     return age.parse_identities(config.identity_file)
 
 
-def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_tmp: Path) -> list[str]:
-    """Stream a base backup through sha256, age, decompression and the tar parser into `handler`; problems found
-    (sha256, truncation, files against the manifest), one line each."""
+def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_tmp: Path, source: Any | None = None) -> list[str]:
+    """Stream a base backup (its file on the volume, or `source`: a reader of the stored bytes, e.g. from the remote
+    store) through sha256, age, decompression and the tar parser into `handler`; problems found (sha256, truncation,
+    files against the manifest), one line each."""
     meta = backup.metadata
     item = meta["files"]["base"]
-    stored = base_dir(config) / item["name"]
     parser = tar.TarParser(handler)
     try:
-        with streams.open_stored(stored) as handle:
+        with streams.open_stored(base_dir(config) / item["name"]) if source is None else contextlib.nullcontext(source) as handle:
             tap = streams.ReadTap(handle, hashing=True)
             streams.decode(tap, parser, str(meta.get("compression", "none")), identities(config, meta))
         parser.close()
@@ -230,3 +232,112 @@ def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[s
     if backup.status == "waiting-for-wal":
         notes.append(f"waiting for WAL: {backup.problem}")
     return backup.id, problems, notes
+
+
+# --- retention of base backups and of the WAL they need (the decisions: sidecar.retention) ----------------------------
+
+@dataclass
+class PhysicalPruneReport:
+    """What `prune` did (or, in a dry run, would do) to base backups and the WAL archive."""
+
+    decisions: list[dict[str, str]] = field(default_factory=list)  # {id, action, reason}, newest first
+    deleted: list[str] = field(default_factory=list)                # base backup ids
+    wal_deleted: dict[str, int] = field(default_factory=dict)        # "<system>/<timeline>" -> segments deleted
+    wal_kept_from: dict[str, str] = field(default_factory=dict)      # system -> the oldest segment kept (the cutoff)
+    not_removed: list[str] = field(default_factory=list)            # "path: reason" for files that could not be removed
+    remote: Any = None  # sidecar.physical.offsite.RemotePhysicalPrune, with a remote store
+
+    @property
+    def empty(self) -> bool:
+        return not self.decisions and not self.wal_deleted
+
+
+def base_facts(backup: BaseBackup) -> BaseFacts:
+    """The retention facts of a listed base backup (pure)."""
+    meta = backup.metadata
+    if not meta:
+        return BaseFacts(backup.id, backup.status)
+    try:
+        size = int(meta["walSegmentSize"])
+        finished = datetime.fromisoformat(str(meta["finishedAt"]).replace("Z", "+00:00"))
+        return BaseFacts(backup.id, backup.status, finished, str(meta["systemIdentifier"]), segment_of(parse_lsn(meta["startLsn"]), size),
+                         bool(meta.get("keep")))
+    except (KeyError, ValueError, TypeError):
+        return BaseFacts(backup.id, "unreadable-metadata")
+
+
+def _remove(path: Path, report: PhysicalPruneReport) -> bool:
+    """Remove one file; a file that cannot be removed (read-only, immutable, busy) is reported, never fatal."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        report.not_removed.append(f"{path}: {exc.strerror or exc}")
+        log.warning("cannot remove %s (%s); remove it by hand", path, exc.strerror or exc, extra={"event": "prune_not_removed"})
+        return False
+    return True
+
+
+def prune_physical(config: Config, dry_run: bool = False, now: datetime | None = None) -> PhysicalPruneReport:
+    """Delete the base backups retention lets go (BASE_BACKUP_RETENTION_DAYS), then, per system, the WAL segments below the
+    start of its oldest base backup kept. The caller holds the volume lock (base backups are taken under it); the
+    receiver only ever adds segments above every cutoff, so it can run meanwhile."""
+    moment = now or datetime.now(UTC)
+    report = PhysicalPruneReport()
+    directory = base_dir(config)
+    backups = list_base_backups(config)
+    facts = [base_facts(b) for b in backups]
+    hold: dict[str, str] = {}
+    marks: dict[tuple[str, int], int] | None = None
+    if config.remote is not None:  # nothing leaves the volume before it is off-site
+        from sidecar.physical.offsite import copied_marks
+
+        copied, marks = copied_marks(config)
+        hold = {b.id: "not off-site yet" for b in backups if b.status in ("ok", "waiting-for-wal") and b.id not in copied}
+    decisions = classify_base(facts, config.base_backup_retention_days, moment, hold)
+    by_id = {b.id: b for b in backups}
+    for decision in decisions:
+        report.decisions.append({"id": decision.id, "action": decision.action, "reason": decision.reason})
+        if decision.action != "delete":
+            continue
+        report.deleted.append(decision.id)
+        if dry_run:
+            continue
+        meta = by_id[decision.id].metadata
+        name = str(meta.get("files", {}).get("base", {}).get("name", ""))
+        # the metadata first: from then on it is not listed, so an interrupted prune never leaves a half base backup listed
+        if _remove(directory / (decision.id + METADATA_SUFFIX), report) and name.startswith(decision.id + ".tar") and "/" not in name:
+            _remove(directory / name, report)
+        log.info("pruned base backup %s (%s)", decision.id, decision.reason, extra={"event": "base_backup_pruned", "backup_id": decision.id})
+    if directory.is_dir() and not dry_run:  # data files whose metadata is gone: a prune interrupted between the two
+        listed = {b.id for b in backups if b.id not in report.deleted}
+        for path in directory.glob("backup_*.tar*"):
+            if not path.name.endswith((".partial", ".tmp")) and path.name.split(".", 1)[0] not in listed \
+                    and not (directory / (path.name.split(".", 1)[0] + METADATA_SUFFIX)).exists():
+                _remove(path, report)
+    archive = WalArchive(config.backup_dir)
+    timelines = archive.timelines()
+    cutoffs = wal_cutoffs(facts, decisions)
+    doomed = wal_to_delete({(t.system_id, t.timeline): t.segnos for t in timelines}, cutoffs)
+    if marks is not None:
+        doomed = copied_only(doomed, marks)
+    sizes = {t.system_id: t.segment_size for t in timelines}
+    for system, cutoff in cutoffs.items():
+        if system in sizes and cutoff is not None:
+            report.wal_kept_from[system] = segment_name(1, cutoff, sizes[system])[8:]  # the segment part: the same on every timeline
+    for (system, timeline), segnos in sorted(doomed.items()):
+        report.wal_deleted[f"{system}/{timeline:08X}"] = len(segnos)
+        if dry_run:
+            continue
+        for segno in segnos:
+            name = segment_name(timeline, segno, sizes[system])
+            tli_dir = archive.directory(system, name)
+            # the record first: without it the segment is not archived (a half-deleted segment is never served)
+            if _remove(tli_dir / (name + ".json"), report):
+                for path in tli_dir.glob(name + ".*"):
+                    _remove(path, report)
+        streams.fsync_dir(archive.root / system / f"{timeline:08X}")
+        log.info("pruned %d WAL segments of system %s timeline %d below %s", len(segnos), system, timeline,
+                 report.wal_kept_from.get(system, "?"), extra={"event": "wal_pruned"})
+    return report

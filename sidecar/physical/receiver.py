@@ -18,7 +18,7 @@ from pathlib import Path
 from sidecar.config import Config
 from sidecar.errors import LockHeld, SidecarError
 from sidecar.physical.server import ensure_slot, identify, require_replication
-from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, gaps, parse_segment, record_segment_size, segment_name
+from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, gaps, note_gap, parse_segment, record_segment_size, segment_name
 from sidecar.postgres import Child, _inherited_fds, child_env, find_tool
 from sidecar.repository import Repository
 from sidecar.streams import fsync_dir
@@ -94,6 +94,11 @@ class Receiver:
         if status == "lost":
             log.error("replication slot %s has lost WAL (wal_status 'lost'): the archive will have a gap; take a base backup now",
                       self.config.wal_slot_name, extra={"event": "wal_gap"})
+            self.gap(f"replication slot {self.config.wal_slot_name} has lost WAL (wal_status 'lost')")
+
+    def gap(self, reason: str) -> None:
+        """The gap notification hook: noted on the volume (wal/.gap.json), where the daemon answers it with a base backup."""
+        note_gap(self.config.backup_dir, self.system_id, reason, self.repo.file_mode)
 
     def archive_ready(self) -> int:
         """Archive every completed file in the spool, history files first, segments in order. Returns how many."""
@@ -112,6 +117,7 @@ class Receiver:
                     log.error("gap in the WAL archive of system %s timeline %d: segments %s..%s are missing; take a base backup now",
                               self.system_id, timeline, segment_name(timeline, first, self.segment_size),
                               segment_name(timeline, last, self.segment_size), extra={"event": "wal_gap"})
+                    self.gap(f"segments {segment_name(timeline, first, self.segment_size)}..{segment_name(timeline, last, self.segment_size)} are missing")
                 self.last[timeline] = max(segno, previous or segno)
             path.unlink()
             fsync_dir(self.spool)
@@ -149,6 +155,7 @@ class Receiver:
                 if "has already been removed" in tail:
                     log.error("the server no longer has the WAL the receiver needs (%s): the archive has a gap; take a base backup now", tail,
                               extra={"event": "wal_gap"})
+                    self.gap(f"the server no longer has the WAL the receiver needs ({tail[:200]})")
                 else:
                     log.error("pg_receivewal exited with code %s: %s; restarting in %.0fs", child.proc.returncode, tail or "no message", backoff,
                               extra={"event": "wal_receiver_exited"})

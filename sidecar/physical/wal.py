@@ -250,3 +250,33 @@ def record_segment_size(archive: WalArchive, system_id: str, size: int) -> None:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --- gaps, for the daemon: the receiver notes each one, the daemon answers with a base backup -------------------------
+
+GAP_FILE = ".gap.json"  # wal/.gap.json: the newest gap the receiver saw {"at", "systemIdentifier", "reason"}
+
+
+def note_gap(backup_dir: Path, system_id: str, reason: str, file_mode: int = 0o600) -> None:
+    """Record that the archive of `system_id` has a gap now (written atomically; the newest gap wins). A volume that
+    cannot take it is a warning in the caller's log, never a receiver failure."""
+    root = backup_dir / WAL_DIR
+    record = {"at": iso_timestamp(datetime.now(UTC)), "systemIdentifier": system_id, "reason": reason}
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(root / GAP_FILE, json.dumps(record).encode() + b"\n", file_mode)
+    except OSError as exc:
+        import logging
+
+        logging.getLogger(__name__).warning("cannot note the WAL gap on the volume (%s): the daemon will not answer it with a base backup",
+                                            exc.strerror or exc)
+
+
+def last_gap(backup_dir: Path) -> dict[str, Any] | None:
+    """The newest gap noted by the receiver, or None."""
+    try:
+        data = json.loads((backup_dir / WAL_DIR / GAP_FILE).read_bytes())
+        datetime.fromisoformat(str(data["at"]).replace("Z", "+00:00"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None

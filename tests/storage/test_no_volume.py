@@ -111,7 +111,7 @@ def test_no_volume_without_a_remote_or_with_a_backup_dir_is_one_config_error_eac
     assert not (tmp_path / "b").exists()
     result = cli({**base, **remote, "WAL_ARCHIVING": "true"}, "validate-config", check=False)
     assert result.returncode == 2 and result.stderr.splitlines() == [
-        "config error: WAL_ARCHIVING=true needs a backup volume (the WAL archive is kept there; off-site WAL is not built yet): "
+        "config error: WAL_ARCHIVING=true needs a backup volume (the spool and the WAL archive live there; the off-site copy is made from it): "
         "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false"], result.stderr
 
 

@@ -155,6 +155,10 @@ def classify_base(backups: list[BaseFacts], days: int, now: datetime, hold: dict
     ordered = sorted(backups, key=lambda b: b.id, reverse=True)
     newest_good = next((b for b in ordered if b.good and b.finished is not None and b.finished <= now), None)
     cutoff = now - timedelta(days=days)
+    # the newest good one that finished before the window (of the newest good one's system): with its WAL, every moment
+    # of the window stays recoverable, not only those after the oldest base backup younger than `days` (pgBackRest's rule)
+    reaching = next((b for b in ordered if b.good and b.finished is not None and b.finished <= cutoff
+                     and newest_good is not None and b.system_id == newest_good.system_id), None) if days else None
     decisions = []
     for backup in ordered:
         if backup.status == "unreadable-metadata" or backup.finished is None:
@@ -165,6 +169,8 @@ def classify_base(backups: list[BaseFacts], days: int, now: datetime, hold: dict
             reasons.append("newest good base backup")
         elif newest_good is None or backup.id > newest_good.id:
             reasons.append(f"newer than the newest good base backup ({backup.status})" if newest_good else "no good base backup yet")
+        if reaching is not None and backup.id == reaching.id and backup.id != (newest_good.id if newest_good else None):
+            reasons.append(f"newest good base backup from before the {days}-day window (its WAL reaches every moment of it)")
         if backup.keep:
             reasons.append("pinned (unpin to release)")
         if hold and backup.id in hold:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sidecar.config import Config
 from sidecar.errors import LockHeld, SidecarError
-from sidecar.physical.server import ensure_slot, identify, require_replication
+from sidecar.physical.server import ensure_slot, identify, recreate_slot, require_replication
 from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, gaps, note_gap, parse_segment, record_segment_size, segment_name
 from sidecar.postgres import Child, _inherited_fds, child_env, find_tool
 from sidecar.repository import Repository
@@ -90,11 +90,29 @@ class Receiver:
         for line in self.archive.timelines():
             if line.system_id == self.system_id and line.segnos:
                 self.last[line.timeline] = line.segnos[-1]
-        status = ensure_slot(self.config, self.config.wal_slot_name)
-        if status == "lost":
-            log.error("replication slot %s has lost WAL (wal_status 'lost'): the archive will have a gap; take a base backup now",
+        self._check_slot()
+
+    def _check_slot(self) -> None:
+        """Create the slot if missing (also one dropped while we ran); one that lost its WAL (wal_status 'lost') is a gap:
+        noted, and the slot made again so that streaming goes on from now."""
+        if ensure_slot(self.config, self.config.wal_slot_name) == "lost":
+            log.error("replication slot %s has lost WAL (wal_status 'lost'): the archive will have a gap; creating it again; take a base backup now",
                       self.config.wal_slot_name, extra={"event": "wal_gap"})
             self.gap(f"replication slot {self.config.wal_slot_name} has lost WAL (wal_status 'lost')")
+            recreate_slot(self.config, self.config.wal_slot_name)
+
+    def _retire_partials(self) -> None:
+        """The server no longer has the WAL after the spool's `.partial`: it is archived as it is (pg_receivewal pads it
+        with zeros, where recovery sees the end of the WAL), so restores still reach its last record, and pg_receivewal
+        starts again from the slot's position instead of asking for that WAL on every restart."""
+        for path in sorted(self.spool.glob("*.partial")):
+            name = path.name.removesuffix(".partial")
+            if SEGMENT.fullmatch(name):
+                os.rename(path, self.spool / name)
+                fsync_dir(self.spool)
+                log.warning("archiving the partial segment %s as it is: the WAL after it is gone from the server", name,
+                            extra={"event": "wal_partial_archived", "segment": name})
+        self.archive_ready()
 
     def gap(self, reason: str) -> None:
         """The gap notification hook: noted on the volume (wal/.gap.json), where the daemon answers it with a base backup."""
@@ -156,9 +174,14 @@ class Receiver:
                     log.error("the server no longer has the WAL the receiver needs (%s): the archive has a gap; take a base backup now", tail,
                               extra={"event": "wal_gap"})
                     self.gap(f"the server no longer has the WAL the receiver needs ({tail[:200]})")
+                    self._retire_partials()
                 else:
                     log.error("pg_receivewal exited with code %s: %s; restarting in %.0fs", child.proc.returncode, tail or "no message", backoff,
                               extra={"event": "wal_receiver_exited"})
+                try:
+                    self._check_slot()  # dropped under us, or lost its WAL (max_slot_wal_keep_size while we were stopped)
+                except SidecarError as exc:
+                    log.warning("cannot check replication slot %s: %s", self.config.wal_slot_name, exc)
                 if time.monotonic() - started > 60:
                     backoff = 1.0
                 self.stop.wait(backoff)

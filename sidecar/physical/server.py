@@ -88,6 +88,13 @@ def _size(text: str) -> int:
     return int(match.group(1)) * {"B": 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, None: 1}[match.group(2)]
 
 
+def recreate_slot(config: Config, slot: str) -> None:
+    """Drop a slot that lost its WAL and create it again, reserving WAL from now on."""
+    with connect(config) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+
+
 def ensure_slot(config: Config, slot: str) -> str:
     """Create the physical slot if missing (reserving WAL now); its wal_status ('lost' means WAL is gone: a gap)."""
     with connect(config) as conn:

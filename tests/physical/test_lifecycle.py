@@ -38,6 +38,16 @@ def test_base_backups_older_than_the_retention_go_but_never_the_newest_good_one_
     assert actions([old, recent], 0) == {old.id: "keep", recent.id: "keep"}  # 0: retention off
 
 
+def test_the_newest_good_base_backup_from_before_the_window_stays_so_every_moment_of_the_window_is_recoverable() -> None:
+    older, reaching, inside = base(30, start=10), base(9, start=20), base(3, start=30)
+    decisions = classify_base([older, reaching, inside], 7, NOW)
+    assert {d.id: d.action for d in decisions} == {older.id: "delete", reaching.id: "keep", inside.id: "keep"}
+    assert "from before the 7-day window" in next(d.reason for d in decisions if d.id == reaching.id)
+    assert wal_cutoffs([older, reaching, inside], decisions) == {"7": 20}  # its WAL stays: 9 days back, not only 3
+    other_system = base(9, start=20, system="9")  # another server's: not what this server's window needs
+    assert actions([other_system, inside], 7)[other_system.id] == "delete"
+
+
 def test_a_base_backup_waiting_for_wal_is_not_the_newest_good_one() -> None:
     good, waiting = base(20, start=10), base(10, status="waiting-for-wal", start=20)
     decided = actions([good, waiting], 7)
@@ -70,8 +80,8 @@ def test_a_system_whose_base_backups_all_go_loses_its_wal_too() -> None:
 def test_with_a_remote_nothing_leaves_the_volume_before_it_is_off_site() -> None:
     from sidecar.retention import copied_only
 
-    old, recent = base(40, start=10), base(2, start=30)
-    held = classify_base([old, recent], 7, NOW, hold={old.id: "not off-site yet"})
+    old, reaching, recent = base(40, start=10), base(10, start=20), base(2, start=30)
+    held = classify_base([old, reaching, recent], 7, NOW, hold={old.id: "not off-site yet"})
     assert {d.id: (d.action, d.reason) for d in held}[old.id] == ("keep", "not off-site yet")
     doomed = {("7", 1): [10, 11, 12, 13], ("7", 2): [12]}
     assert copied_only(doomed, {("7", 1): 11}) == {("7", 1): [10, 11]}  # timeline 2 not copied at all: nothing of it goes
@@ -117,9 +127,10 @@ def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_new
         wait_for(lambda: all(b["status"] == "ok" for b in json.loads(cli(env, "list", "--base", "--json").stdout)), "both base backups good")
     finally:
         assert receiver.stop() == 0
+    _age(backups, old_id, 30)
+    _age(backups, new_id, 8)  # both before the 7-day window: the newer one reaches every moment of it, the older one goes
     bases = {b["id"]: b for b in json.loads(cli(env, "list", "--base", "--json").stdout)}
     [before] = list_wal(env)
-    _age(backups, old_id, 30)
 
     dry = cli(env, "prune", "--dry-run")
     assert f"would delete: base {old_id}: older than 7 days" in dry.stdout and f"keep: base {new_id}: newest good base backup" in dry.stdout, dry.stdout

@@ -254,8 +254,12 @@ def verify_backup(ref: str, config: Config | None = None, remote: bool = False) 
     try:
         verify_remote(store, entry.metadata)
     except ChecksumMismatch as exc:
+        _count_remote_error(cfg, "verify")  # pg_backup_remote_errors_total{operation="verify"}: a damaged off-site copy
         report.problems.append(str(exc))
         return report
+    except SidecarError:
+        _count_remote_error(cfg, "verify")  # the store failed while it was read back
+        raise
     report.ok = True
     report.notes.append(f"every object read back from {store.description}; sha256 and sizes match the metadata")
     now = datetime.now(UTC)
@@ -265,6 +269,15 @@ def verify_backup(ref: str, config: Config | None = None, remote: bool = False) 
         report.notes.append(f"not recorded on the remote ({exc})")
     _note_remote_verified(cfg, entry.id, now)
     return report
+
+
+def _count_remote_error(cfg: Config, operation: str) -> None:
+    if cfg.remote is None:
+        return
+    try:
+        _offsite.count_error(Repository(cfg.backup_dir), operation)
+    except OSError as exc:
+        log.warning("a failed %s of the remote copy could not be counted on the volume: %s", operation, exc)
 
 
 def _note_remote_verified(cfg: Config, backup_id: str, at: datetime) -> None:

@@ -154,6 +154,9 @@ def _check_tools(config: Config, report: CheckReport, server_major: int | None) 
 
 
 def _check_volume(config: Config, report: CheckReport) -> None:
+    if not config.volume:
+        _check_state_dir(config, report)
+        return
     directory = config.backup_dir
     existing = next((p for p in (directory, *directory.absolute().parents) if p.exists()), Path("/"))
     if not existing.is_dir():
@@ -183,6 +186,22 @@ def _check_volume(config: Config, report: CheckReport) -> None:
                                "will probably not fit; grow the volume or lower the retention")
     else:
         report.checked.append(f"{where} is writable, {free} bytes free" + (f" (newest backup: {size} bytes)" if size else ""))
+
+
+def _check_state_dir(config: Config, report: CheckReport) -> None:
+    """No backup volume (BACKUP_VOLUME=false): backups stream to the remote; the directory only holds the lock and the
+    daemon's records, so it must be writable, and its free space does not matter."""
+    directory = config.backup_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".check-", suffix=".tmp") as probe:
+            probe.write(b"\0")
+            probe.flush()
+    except OSError as exc:
+        report.problems.append(f"state directory {directory} is not writable ({exc.strerror}): it holds the backup lock and "
+                               "the daemon's records; give this user write access or set SIDECAR_STATE_DIR")
+        return
+    report.checked.append(f"no backup volume: backups stream straight to the remote; state directory {directory} is writable")
 
 
 def _check_encryption(config: Config, report: CheckReport) -> None:
@@ -240,6 +259,11 @@ def _check_remote(config: Config, report: CheckReport) -> None:
         report.problems.append(str(exc))
         return
     backups = sum(1 for name in names if name.endswith(METADATA_SUFFIX))
+    if not config.volume:  # nothing is ever waiting: every backup is written to the remote
+        report.checked.append(f"remote {store.description}: reachable, bucket found, credentials accepted, listable; "
+                              f"{backups} backup{'' if backups == 1 else 's'} there")
+        _probe_remote(store, report)
+        return
     try:
         waiting = len(pending(Repository(config.backup_dir), config.remote)) if config.backup_dir.is_dir() else 0
     except OSError:

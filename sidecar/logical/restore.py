@@ -25,8 +25,9 @@ from sidecar.logical.backup import count_rows
 from sidecar.logical.validation import Finding, ValidationResult, split_known, validate
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
-from sidecar.storage.base import ChunkReader, StorageError, Store
+from sidecar.storage.base import ChunkReader, ObjectMissing, StorageError, Store, sha256_of
 from sidecar.storage.copy import add_fact, find_remote, verify_remote
+from sidecar.storage.offsite import count_error
 from sidecar.streams import CHUNK_SIZE, Progress, ReadTap, decode, file_sha256, open_stored
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     identities = identities_for(config, metadata)
     # From the volume every file's sha256 is checked before anything starts; from the remote store in the same single
     # pass that restores it (remote_entries has checked that every object is there with its size): the restore's
-    # child commits only once the whole file matched, and the swap comes after that.
+    # child commits only once the whole file matched, and the swap comes after that. A backup with roles reads the
+    # remote objects twice: the roles commit before the dump is read, so everything is checked first (_check_remote_first).
     problems = check_files(repo, entry) if store is None else []
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
@@ -221,6 +223,8 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
     if in_place and metadata["format"] != "custom":
         raise UsageError("--in-place needs a custom-format backup (.dump); restore this plain SQL backup into a new database instead")
 
+    if store is not None and metadata["files"].get("globals"):
+        _check_remote_first(store, metadata)
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     admin = _admin_connection(config, target)
     try:
@@ -455,6 +459,21 @@ def _summary(sessions: list[str]) -> str:
     return ", ".join(f"{n} x {name}" for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))) or "none"
 
 
+def _check_remote_first(store: Store, metadata: dict[str, Any]) -> None:
+    """From the remote store, the roles are created (and committed) before the dump is read: so every object's sha256
+    is checked first, in a streaming pass of its own (bounded memory; it costs one more read of the dump from the
+    store), and a damaged copy is refused before any change, no role created."""
+    for item in metadata["files"].values():
+        name = item["name"]
+        try:
+            digest, size = sha256_of(store.open_read(name))
+        except ObjectMissing:
+            raise ChecksumMismatch(f"{name} is missing from {store.description}; restore refused, nothing was committed") from None
+        if digest != item["checksum"] or size != item["size"]:
+            raise ChecksumMismatch(f"{name}: sha256 {digest} ({size} bytes) does not match the metadata ({item['checksum']}, "
+                                   f"{item['size']} bytes): it changed or is damaged; restore refused before any change, nothing was committed")
+
+
 def _run_globals(config: Config, files: Files, metadata: dict[str, Any], admin_db: str | None, identities: age.Identities | None) -> None:
     item = metadata["files"].get("globals")
     if not item:
@@ -681,6 +700,7 @@ def _record_drill(repo: Repository, store: Store | None, backup_id: str, verifie
         except SidecarError as exc:
             log.warning("the drill's outcome for %s could not be recorded on the remote store: %s", backup_id, exc)
     if remote_failed:
+        count_error(repo, "drill")  # pg_backup_remote_errors_total{operation="drill"}
         log.warning("the off-site copy of %s failed its drill; the volume's copy (if any) keeps its own drill status", backup_id)
         return recorded
     try:

@@ -41,6 +41,10 @@ def test_without_a_volume_a_backup_goes_to_the_bucket_is_listed_from_it_and_rest
     state = tmp_path / "state"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700 and not any(p.name.startswith("backup_") for p in state.rglob("*"))
     assert cli(env, "verify", "latest").stdout.startswith(f"{taken}: OK")
+    checked = cli(env, "check")  # no word about a volume that does not exist, nor copies waiting for one
+    assert "no backup volume: backups stream straight to the remote" in checked.stdout, checked.stdout
+    assert "backup directory" not in checked.stdout and "waiting to be copied" not in checked.stdout, checked.stdout
+    assert "1 backup there" in checked.stdout and "Traceback" not in checked.stderr, checked.stdout
     drilled = json.loads(cli(env, "drill", "latest", "--json").stdout)  # from the bucket: the only place it is
     assert drilled["ok"] is True and drilled["source"] != "volume", drilled
     assert cli(env, "pin", taken).stdout.strip() == f"{taken} pinned"

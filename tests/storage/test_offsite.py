@@ -190,6 +190,10 @@ def test_a_flipped_byte_in_a_remote_object_makes_verify_remote_exit_1_naming_it(
     assert result.returncode == 1, result.stderr
     assert f"{taken}: BAD" in result.stdout and dump in result.stdout and "do not restore from it" in result.stdout
     assert cli(env, "verify", taken).returncode == 0  # the local copy is fine
+    # counted where pg_backup_remote_errors_total{operation="verify"} is read from (the volume), as a failed copy is
+    from sidecar.repository import Repository
+    from sidecar.storage.offsite import counters
+    assert counters(Repository(Path(env["BACKUP_DIR"]))).get("errors", {}).get("verify") == 1
 
 
 def test_the_daemon_tries_pending_backups_at_start_up_and_retries_until_the_store_is_back(
@@ -252,6 +256,26 @@ def test_a_flipped_byte_in_a_remote_object_makes_restore_from_remote_refuse_and_
     assert line.startswith(f"error: {dump}: sha256 ") and "does not match the metadata" in line and "nothing was committed" in line
     assert cluster.psql("SELECT count(*) FROM t", db) == "20001"  # the live database was not swapped
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_%'") == "0"  # no scratch database left
+
+
+def test_a_flipped_byte_in_the_remote_dump_leaves_a_brand_new_server_without_any_change_not_even_its_roles(
+        cluster: Cluster, fresh_cluster: Cluster, db: str, env: dict[str, str], seaweed: SeaweedServer, prefix: str, tmp_path: Path) -> None:
+    role = f"owner_{uuid.uuid4().hex[:8]}"
+    cluster.psql(f"CREATE ROLE {role}; CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 20000) g; "
+                 f"ALTER TABLE t OWNER TO {role}", db)
+    env = remote_env(env, seaweed, prefix)
+    taken = backup_id(env)
+    [backup] = listed(env, "--remote")
+    assert "globals" in backup["files"]  # the backup carries the role
+    dump = backup["files"]["dump"]["name"]
+    flip_a_byte(seaweed.store(prefix), dump)
+    new_env = {**env, "DATABASE_URL": fresh_cluster.url(db), "BACKUP_DIR": str(tmp_path / "empty-volume")}
+    result = cli(new_env, "restore", taken, "--from-remote", check=False)
+    assert result.returncode == 3, result.stderr
+    [line] = error_lines(result.stderr)
+    assert line.startswith(f"error: {dump}: sha256 ") and "does not match the metadata" in line and "before any change" in line, line
+    assert fresh_cluster.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{role}'", "postgres") == "0"  # no role created
+    assert fresh_cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}%'", "postgres") == "0"
 
 
 def test_a_backup_with_an_off_site_copy_its_remote_verify_and_restore_from_remote_each_peak_under_100_mb(

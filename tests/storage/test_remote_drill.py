@@ -73,6 +73,9 @@ def test_a_drill_from_the_remote_refuses_a_flipped_byte_names_the_object_and_lea
     [remote] = listed(env, "--remote")
     assert remote["drillStatus"] == "failed" and dump in remote["verified"]["findings"][0]
     assert listed(env)[0]["drillStatus"] == "never"  # the volume's copy is intact: its own drill status is not touched
+    from sidecar.repository import Repository
+    from sidecar.storage.offsite import counters
+    assert counters(Repository(Path(env["BACKUP_DIR"]))).get("errors", {}).get("drill") == 1  # pg_backup_remote_errors_total
     assert cli(env, "drill", taken).returncode == 0  # and it still restores
 
 

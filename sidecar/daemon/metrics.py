@@ -149,7 +149,8 @@ class RemoteCollector(Collector):
                 ("errors", "pg_backup_remote_errors_total", "Failed operations on the remote store (after their retries), by operation, whichever process ran them.")):
             counter = CounterMetricFamily(name.removesuffix("_total"), text, labels=["operation"])
             values = totals.get(family, {})
-            for operation in sorted({*REMOTE_OPERATIONS, *values}):
+            always = (*REMOTE_OPERATIONS, "verify", "drill") if family == "errors" else REMOTE_OPERATIONS  # reads fail too, never upload
+            for operation in sorted({*always, *values}):
                 counter.add_metric([operation], values.get(operation, 0.0))
             yield counter
 

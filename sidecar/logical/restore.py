@@ -210,6 +210,8 @@ def _restore(config: Config, repo: Repository, ref: str, target_db: str | None, 
     if isinstance(metadata.get("databases"), list):
         raise UsageError(f"backup {entry.id} is a whole server's set: restore it with 'restore {entry.id}' (every database) or "
                          f"'restore {entry.id} --database NAME'")
+    if store is not None and metadata["files"].get("globals"):
+        _check_remote_first(store, metadata)
     return restore_database(config, files, metadata, entry.id, target_db, in_place, force, identities, clock)
 
 
@@ -222,9 +224,6 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
         raise UsageError(f"target database name {target!r} is empty or longer than {MAX_NAME} bytes")
     if in_place and metadata["format"] != "custom":
         raise UsageError("--in-place needs a custom-format backup (.dump); restore this plain SQL backup into a new database instead")
-
-    if store is not None and metadata["files"].get("globals"):
-        _check_remote_first(store, metadata)
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     admin = _admin_connection(config, target)
     try:

@@ -68,9 +68,9 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
     try:
         first = switch(wal_cluster)
         running.wait_for(lambda: archived(backups, first), "the daemon's receiver to archive a segment")
-        taken = running.wait_for(lambda: (r := cli(pitr_env, "base-backup", "--json", check=False)).returncode == 0 and r,
-                                 "a base backup (the daemon's start-up drill holds the lock a moment)")
-        base = json.loads(taken.stdout)
+        # no good base backup yet: the daemon takes one at start-up (its catch-up), the window's earliest moment
+        base = running.wait_for(lambda: min((b for b in json.loads(cli(pitr_env, "list", "--base", "--json").stdout) if b["status"] == "ok"),
+                                            key=lambda b: b["id"], default=None), "the daemon's start-up base backup", timeout=90)
         before = datetime.now(UTC)
         wal_cluster.psql("INSERT INTO t SELECT generate_series(1, 100)")
         after = datetime.now(UTC)

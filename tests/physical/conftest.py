@@ -18,6 +18,7 @@ import pytest
 
 from sidecar.embedded import HBA, Cluster
 from sidecar.postgres import find_tool
+from tests.conftest import INITDB_OPTIONS, copy_of_initdb
 
 
 def pg18_bin_dir() -> Path | None:
@@ -64,8 +65,7 @@ class WalCluster(Cluster):
         super()._run(argv)
 
     def start(self) -> WalCluster:
-        self._run([find_tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
-                   "--wal-segsize=1"])
+        copy_of_initdb(self, find_tool("initdb"), *INITDB_OPTIONS, "--wal-segsize=1")
         (self.data / "pg_hba.conf").write_text(HBA + self.replication_hba)
         self._pg_ctl_start()
         return self

@@ -1,4 +1,4 @@
-"""Restore gives back an identical database: same server (swap) and a brand-new server."""
+"""Restore gives back an identical database: same server (swap) and a brand-new server, on PostgreSQL 15 and 18."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 
 from sidecar.age import generate_identity
 from sidecar.embedded import Cluster
-from tests.conftest import PASSWORD, backup_id, cli, fingerprint, load_dataset, password_user
+from tests.conftest import MAJORS, PASSWORD, backup_id, cli, fingerprint, load_dataset, of_major, password_user
+
+
+@pytest.fixture(name="cluster", params=MAJORS)
+def each_major(request: pytest.FixtureRequest) -> Cluster:
+    """Every round trip runs on PostgreSQL 15 and on 18 (ids pg15/pg18), with that major's tools."""
+    return of_major(request)
 
 OWN_SCHEMA = """
 CREATE ROLE app_owner;

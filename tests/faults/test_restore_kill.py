@@ -8,10 +8,18 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli
+from tests.conftest import MAJORS, backup_id, cli, of_major
 
 TRIALS = 12
+
+
+@pytest.fixture(name="cluster", params=MAJORS)
+def each_major(request: pytest.FixtureRequest) -> Cluster:
+    """On PostgreSQL 15 and on 18 (ids pg15/pg18)."""
+    return of_major(request)
 
 
 def test_sigkill_during_a_restore_leaves_the_old_or_the_new_database_never_none(cluster: Cluster, db: str, env: dict[str, str]) -> None:

@@ -17,9 +17,16 @@ from pathlib import Path
 import pytest
 
 from sidecar.embedded import Cluster
-from tests.conftest import backup_id, cli, tmpfs
+from tests.conftest import MAJORS, backup_id, cli, of_major, tmpfs
 
 
+@pytest.fixture(name="cluster")
+def major_or_15(request: pytest.FixtureRequest) -> Cluster:
+    """PostgreSQL 15; on 15 and 18 (ids pg15/pg18) for tests marked parametrize("cluster", MAJORS, indirect=True)."""
+    return of_major(request)
+
+
+@pytest.mark.parametrize("cluster", MAJORS, indirect=True)
 def test_postgresql_stopped_mid_dump_fails_the_backup_with_the_tools_message(fresh_cluster: Cluster, env: dict[str, str]) -> None:
     fresh_cluster.psql("CREATE DATABASE app")
     fresh_cluster.psql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 3000000) g", "app")

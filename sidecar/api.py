@@ -595,11 +595,20 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
     if from_remote:
         from sidecar.physical.offsite import restore_from_remote
 
         return restore_from_remote(_config(config), target, into_data_dir)
     return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
+
+
+def _remote_targets_only(from_remote: bool, to_restore_point: str | None, to_xid: str | None, exclusive: bool, timeline: str | None) -> None:
+    """A restore from the bucket reaches a time, an LSN or the end of the copied WAL on the base backup's timeline; the
+    other targets are refused rather than ignored (recovery would run past them)."""
+    if from_remote and (to_restore_point or to_xid or exclusive or timeline not in (None, "latest")):
+        raise UsageError("--from-remote restores to --to-time, --to-lsn or --to-latest on the base backup's timeline; "
+                         "--to-restore-point, --to-xid, --exclusive and --timeline need the WAL archive on the volume")
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -625,6 +634,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
 
     cfg = _config(config)
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
     root = scratch_directory()
     try:
         if from_remote:  # base backup and WAL from the remote store alone

@@ -343,6 +343,8 @@ def restore_set(config: Config, ref: str, database: str | None = None, force: bo
         problems = _restore.check_files(repo, entry) if store is None else []
         if problems:
             raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+        if store is not None:  # roles and the first databases change the server before the last dump is read: check all first
+            _restore._check_remote_first(store, metadata)
         try:
             _restore._run_globals(config, files, metadata, admin_db=_admin_db(config), identities=identities)
             _create_tablespaces(config, files, metadata, identities)
@@ -389,6 +391,8 @@ def drill_set(config: Config, repo: Repository, backup_id: str, store: Store | N
     problems = _restore.check_files(repo, entry) if store is None else []
     if problems:
         raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+    if store is not None:  # the roles are created before the dumps are read: check every object first
+        _restore._check_remote_first(store, metadata)
     try:
         _restore._run_globals(config, files, metadata, admin_db=_admin_db(config), identities=identities)
         _create_tablespaces(config, files, metadata, identities)

@@ -31,7 +31,7 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError
 from sidecar.physical import tar
 from sidecar.physical.base import BaseBackup, base_dir, base_facts, identities, list_base_backups, read_base
-from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of
+from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of, segment_size_of
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
 from sidecar.retention import classify_base, wal_cutoffs, wal_to_delete
 from sidecar.storage.base import ChunkReader, Deleted, ObjectExists, StorageError, Store
@@ -176,8 +176,15 @@ def copied_marks(config: Config) -> tuple[set[str], dict[tuple[str, int], int]]:
     marks: dict[tuple[str, int], int] = {}
     root = WalArchive(config.backup_dir).root
     for path in root.glob(f"*/{STATE}") if root.is_dir() else []:
-        for tli, segno in read(path).get("copied", {}).items():
+        state = read(path)
+        for tli, segno in state.get("copied", {}).items():
             marks[(path.parent.name, int(tli, 16))] = int(segno)
+        for name in state.get("conflicts", []):  # not off-site (another object holds its name): kept on the volume
+            if SEGMENT.fullmatch(str(name)):
+                key = (path.parent.name, int(name[:8], 16))
+                below = parse_segment(str(name), segment_size_of(path.parent))[1] - 1
+                if key in marks:
+                    marks[key] = min(marks[key], below)
     return copied, marks
 
 
@@ -222,7 +229,8 @@ def copy_base(config: Config, store: Store, report: CopyReport | None = None, on
         if written:
             log.info("base backup %s copied off-site to %s", backup.id, store.description, extra={"event": "offsite_copied", "backup_id": backup.id})
         listed = {b.id for b in backups}
-        state["copied"] = [i for i in state["copied"] if i in listed] + [backup.id]
+        # a conflict (another object under its name) is an alarm, not a copy: the volume keeps it (retention holds it)
+        state["copied"] = [i for i in state["copied"] if i in listed] + ([backup.id] if written else [])
         _save_state(path, state, copier.repo.file_mode)
     return report
 

@@ -4,8 +4,10 @@ and the tar parser on a stream cut into odd pieces."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,35 @@ def test_a_truncated_or_damaged_tar_stream_is_an_error() -> None:
     damaged[10] ^= 1
     with pytest.raises(tar.TarError, match="checksum"):
         tar.TarParser(_Seen()).write(bytes(damaged))
+
+
+def test_a_wal_segment_whose_off_site_copy_conflicted_is_not_counted_as_off_site(tmp_path: Path) -> None:
+    """Another object under a segment's name is an alarm, not a copy: retention must keep that segment on the volume."""
+    import json
+
+    from sidecar.config import load_config
+    from sidecar.physical.offsite import STATE, copied_marks
+
+    env = {"DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path), "BACKUP_REMOTE_URL": "s3://bucket/p",
+           "BACKUP_REMOTE_ENDPOINT": "http://127.0.0.1:9", "BACKUP_REMOTE_ALLOW_HTTP": "true"}
+    config = load_config(None, env)
+    assert config.remote is not None
+    system = tmp_path / "wal" / "7"
+    system.mkdir(parents=True)
+    (system / "segment_size").write_text(f"{1 << 20}\n")
+    state = {"url": config.remote.url, "endpoint": config.remote.endpoint, "copied": {"00000001": 10, "00000002": 12},
+             "conflicts": ["000000010000000000000005", "00000002.history"], "history": []}
+    (system / STATE).write_text(json.dumps(state))
+    _, marks = copied_marks(config)
+    assert marks == {("7", 1): 4, ("7", 2): 12}
+
+
+def test_a_restore_from_the_bucket_refuses_targets_it_cannot_reach_instead_of_running_past_them(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "b"),
+           "BACKUP_REMOTE_URL": "s3://bucket/p", "BACKUP_REMOTE_ENDPOINT": "http://127.0.0.1:9", "BACKUP_REMOTE_ALLOW_HTTP": "true", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for target in (["--to-xid", "1234", "--exclusive"], ["--to-restore-point", "before_migration"], ["--to-time", "2026-11-26T12:00:00Z", "--timeline", "2"]):
+        result = cli(env, "restore", *target, "--from-remote", "--into-data-dir", str(tmp_path / "d"), check=False)
+        assert result.returncode == 2 and "--from-remote restores to --to-time, --to-lsn or --to-latest" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()

@@ -16,23 +16,14 @@ import pytest
 
 from sidecar.embedded import HBA, Cluster
 from sidecar.postgres import find_tool
-from tests.conftest import INITDB_OPTIONS, copy_of_initdb, pg18_bin_dir
+from tests.conftest import INITDB_OPTIONS, TestCluster, copy_of_initdb, pg18_bin_dir
 
 
-class WalCluster(Cluster):
-    """A Cluster with --wal-segsize=1 and `local replication` allowed (trust, like the rest of the test clusters);
+class WalCluster(TestCluster):
+    """A TestCluster with --wal-segsize=1 and `local replication` allowed (trust, like the rest of the test clusters);
     with `bin_dir`, that PostgreSQL's programs instead of the newest of /usr/lib/postgresql."""
 
     replication_hba = "local replication all trust\n"
-
-    def __init__(self, port: int, bin_dir: Path | None = None) -> None:
-        super().__init__(port=port)
-        self.bin_dir = bin_dir
-
-    def _run(self, argv: list[str]) -> None:
-        if self.bin_dir is not None:
-            argv = [str(self.bin_dir / Path(argv[0]).name), *argv[1:]]
-        super()._run(argv)
 
     def start(self) -> WalCluster:
         copy_of_initdb(self, find_tool("initdb"), *INITDB_OPTIONS, "--wal-segsize=1")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from sidecar import age
 from sidecar.embedded import Cluster
 from sidecar.logical.dbprops import split_list
 from sidecar.postgres import find_tool
@@ -62,10 +64,18 @@ def test_a_swap_keeps_the_databases_privileges_settings_comment_and_connection_l
 
 
 def test_a_brand_new_server_gets_the_database_with_its_privileges_and_settings(cluster: Cluster, fresh_cluster: Cluster, db: str,
-                                                                               env: dict[str, str]) -> None:
+                                                                               env: dict[str, str], tmp_path: Path) -> None:
+    """Encrypted: the settings and the comment (where a secret may live) are not readable in the metadata either."""
     secure(cluster, db)
+    cluster.psql(f"ALTER DATABASE \"{db}\" SET application_name = 'hunter2-api-key'")
     before = properties(cluster, db)
+    secret, public = age.generate_identity()
+    (tmp_path / "key.txt").write_text(secret + "\n")
+    env = {**env, "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public, "BACKUP_ENCRYPTION_IDENTITY_FILE": str(tmp_path / "key.txt")}
     bid = backup_id(env)
+    for path in Path(env["BACKUP_DIR"]).rglob("*.json"):
+        text = path.read_text()
+        assert "hunter2" not in text and "7MB" not in text and "t drop" not in text, f"{path.name} holds a database setting in plain text"
     out = json.loads(cli({**env, "DATABASE_URL": fresh_cluster.url(db)}, "restore", bid, "--json").stdout)
     assert out["mode"] == "new-database"
     assert properties(fresh_cluster, db) == before

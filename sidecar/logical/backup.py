@@ -520,7 +520,7 @@ def _create(config: Config, destination: Destination, label: str | None, keep: b
             "encoding": info["encoding"],
             "collate": info["collate"],
             "ctype": info["ctype"],
-            "databaseProperties": properties,
+            "databaseProperties": dbprops.seal(properties, config.recipients if encrypted else ()),
             "rolePasswords": role_passwords,  # False: the backup user is not a superuser, roles come back without passwords
             "databaseSize": int(size_row[0]) if size_row else None,  # on disk: what a restore needs on the server
             "pgDumpVersion": dump_version,

@@ -5,12 +5,18 @@ database before it is swapped in, so a restore never opens a database to a role 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from sidecar import age
+from sidecar.errors import SidecarError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,36 @@ def read(conn: psycopg.Connection[Any], dbname: str) -> dict[str, Any]:
         raise LookupError(dbname)
     owner, limit, comment, default_acl, acl, settings = row
     return {"owner": owner, "connectionLimit": limit, "comment": comment, "acl": None if default_acl else list(acl), "settings": list(settings)}
+
+
+# what may hold a secret (a setting's value: a password in an extension's setting, a key; a comment): in an encrypted
+# backup these travel age-encrypted to the backup's recipients inside the metadata, as the dump itself does
+SEALED = ("comment", "settings")
+
+
+def seal(props: dict[str, Any], recipients: Sequence[str]) -> dict[str, Any]:
+    """The properties as the metadata of a backup encrypted to `recipients` holds them (unchanged without recipients)."""
+    if not recipients:
+        return props
+    secret = io.BytesIO()
+    age.encrypt(io.BytesIO(json.dumps({k: props.get(k) for k in SEALED}).encode()), secret, recipients)
+    return {**{k: v for k, v in props.items() if k not in SEALED}, "sealed": base64.b64encode(secret.getvalue()).decode()}
+
+
+def unseal(props: dict[str, Any] | None, identities: age.Identities | None) -> dict[str, Any] | None:
+    """The properties as read at backup time, decrypting what `seal` encrypted."""
+    if not props or "sealed" not in props:
+        return props
+    if identities is None:
+        raise SidecarError("the backup's database settings are encrypted and no identity was given: set BACKUP_ENCRYPTION_IDENTITY_FILE")
+    plain = io.BytesIO()
+    try:
+        age.decrypt(io.BytesIO(base64.b64decode(props["sealed"], validate=True)), plain, identities)
+        opened = json.loads(plain.getvalue())
+    except (ValueError, age.AgeError) as exc:
+        raise SidecarError(f"the backup's encrypted database settings cannot be read ({exc}): the metadata is damaged or the "
+                           "identity is not one of the backup's recipients") from None
+    return {**{k: v for k, v in props.items() if k != "sealed"}, **{k: opened.get(k) for k in SEALED}}
 
 
 def split_list(value: str) -> list[str]:

@@ -247,7 +247,7 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
             mismatches, checked, new, known = _check_restored(config, scratch, metadata)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
-            problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, metadata.get("databaseProperties"))
+            problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, dbprops.unseal(metadata.get("databaseProperties"), identities))
             if problems and not force:
                 where = "the live database was not touched" if exists else f"{target} was dropped again"
                 raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")

@@ -302,7 +302,7 @@ def _dump_one(config: Config, name: str, index: int, file_name: str, out: Output
         "encoding": info["encoding"],
         "collate": info["collate"],
         "ctype": info["ctype"],
-        "databaseProperties": properties,
+        "databaseProperties": dbprops.seal(properties, config.recipients if config.encryption else ()),
         "databaseSize": int(size_row[0]) if size_row else None,
         "rowCounts": counts,
         "validation": checked.to_json(samples=not config.encryption) if checked else None,

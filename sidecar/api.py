@@ -364,12 +364,13 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
 
             report.physical = prune_physical(cfg, dry_run, moment)
             if cfg.remote is not None and remote:  # the same rule on the remote's base backups and WAL
-                from sidecar.physical.offsite import prune_remote
+                from sidecar.physical.offsite import RemotePhysicalPrune, prune_remote
 
                 try:
                     report.physical.remote = prune_remote(cfg, remote_store(cfg), dry_run, moment)
                 except ConfigError as exc:
-                    log.error("base backups and WAL on the remote not pruned: %s", "; ".join(exc.problems))
+                    report.physical.remote = RemotePhysicalPrune(error="; ".join(exc.problems))
+                    log.error("base backups and WAL on the remote not pruned: %s", report.physical.remote.error)
         if cfg.remote is not None and remote:
             report.remote = _prune_remote(cfg, repo, local, dry_run, moment)
     return report

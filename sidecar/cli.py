@@ -323,10 +323,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
                     print(f"  {'would remove' if args.dry_run else 'removed'} leftover: {name}")
         if pruned.physical is not None and not args.json:
             _print_physical_prune(pruned.physical, args.dry_run)
+        failed = pruned.remote is not None and pruned.remote.error is not None
         if pruned.remote is not None and pruned.remote.error is not None:
             print(f"error: remote not pruned: {pruned.remote.error}", file=sys.stderr)
-            return FAILED
-        return OK
+        remote_physical = pruned.physical.remote if pruned.physical is not None else None
+        if remote_physical is not None and remote_physical.error is not None and args.json:  # said in the text above otherwise
+            print(f"error: base backups and WAL on the remote not pruned: {remote_physical.error}", file=sys.stderr)
+        return FAILED if failed or (remote_physical is not None and remote_physical.error is not None) else OK
     if args.command in ("pin", "unpin"):
         changed = api.set_pinned(args.id, args.command == "pin", config)
         print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
@@ -351,6 +354,8 @@ def _print_physical_prune(report: Any, dry_run: bool) -> None:
     if remote is not None:
         locked = f", {len(remote.kept_by_lock)} objects kept by lock" if remote.kept_by_lock else ""
         print(f"remote base backups: {verb} {len(remote.deleted)}, kept {len(remote.kept)}; WAL: {verb} {remote.wal_deleted} segments{locked}")
+        for name in remote.leftovers:
+            print(f"  {'would remove' if dry_run else 'removed'} leftover: {name}")
         if remote.error:
             print(f"error: base backups and WAL on the remote not pruned: {remote.error}", file=sys.stderr)
 

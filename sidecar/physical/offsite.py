@@ -35,6 +35,7 @@ from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
 from sidecar.retention import classify_base, wal_cutoffs, wal_to_delete
 from sidecar.storage.base import ChunkReader, Deleted, ObjectExists, StorageError, Store
+from sidecar.storage.copy import LEFTOVER_AGE
 from sidecar.storage.offsite import count_error, count_upload
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,33 @@ class RemotePhysicalPrune:
     kept: list[str] = field(default_factory=list)
     wal_deleted: int = 0
     kept_by_lock: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # objects of an interrupted delete or copy, removed (or, dry run, to remove)
     error: str | None = None
+
+
+def leftovers(store: Store, now: datetime, pending: set[str]) -> list[str]:
+    """Stored files on the remote without their metadata/record object, every one older than LEFTOVER_AGE: a prune
+    interrupted between the record and the file, or a copy that never finished (`pending`: base backup ids the volume
+    still has to copy, never counted). Deleting one a copy still needs is harmless: the copy writes it again."""
+    out = []
+    infos = list(store.list(BASE_PREFIX)) + list(store.list(WAL_PREFIX))
+    names = {info.name for info in infos}
+    for info in infos:
+        if info.modified > now - LEFTOVER_AGE or info.name.endswith(".json"):
+            continue
+        if info.name.startswith(BASE_PREFIX):
+            backup_id = info.name.removeprefix(BASE_PREFIX).split(".", 1)[0]
+            if backup_id in pending or base_object(backup_id + METADATA_SUFFIX) in names:
+                continue
+        else:
+            wal_name = info.name.removesuffix(".age")
+            for extension in streams.EXTENSIONS.values():
+                if extension and wal_name.endswith(extension):
+                    wal_name = wal_name.removesuffix(extension)
+            if wal_name + ".json" in names:
+                continue
+        out.append(info.name)
+    return sorted(out)
 
 
 def prune_remote(config: Config, store: Store, dry_run: bool, now: datetime) -> RemotePhysicalPrune:
@@ -347,10 +374,20 @@ def prune_remote(config: Config, store: Store, dry_run: bool, now: datetime) -> 
                     report.wal_deleted += 1
                     if dry_run:
                         continue
-                    record = _load(store, wal_object(system, name + ".json"))
+                    try:
+                        record = _load(store, wal_object(system, name + ".json"))
+                    except ValueError as exc:
+                        raise SidecarError(f"the record {wal_object(system, name + '.json')} is damaged ({exc}); the segment is past "
+                                           f"retention: delete the objects named wal_{system}_{name}.* by hand") from None
                     for obj in (wal_object(system, name + ".json"), wal_object(system, str(record["file"]))):
                         if store.delete(obj) is Deleted.KEPT_BY_LOCK:
                             report.kept_by_lock.append(obj)
+        pending = {b.id for b in list_base_backups(config)} - copied_marks(config)[0] if config.volume else set()
+        report.leftovers = leftovers(store, now, pending)
+        for name in [] if dry_run else report.leftovers:
+            if store.delete(name) is Deleted.KEPT_BY_LOCK:
+                report.kept_by_lock.append(name)
+            log.info("removed leftover object %s from %s (its record is gone: an interrupted prune or copy)", name, store.description)
     except (SidecarError, ValueError, KeyError) as exc:
         report.error = str(exc)
         log.error("pruning base backups and WAL on %s failed: %s", store.description, exc)

@@ -4,11 +4,13 @@ object as an alarm, and a point-in-time restore from the bucket alone once the v
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sidecar.physical.offsite import wal_object
 from sidecar.physical.wal import parse_segment, segment_name
@@ -95,16 +97,7 @@ def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_
     store = LocalStore(tmp_path / "bucket")  # the same Store interface as the bucket; the rule is what is tested here
     config = load_config(environ={"DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "volume"), "BASE_BACKUP_RETENTION_DAYS": "7"})
     now = datetime.now(UTC)
-    for backup_id, days, segno in (("backup_2026-10-01T00-00-00-000Z", 40, 2), ("backup_2026-11-20T00-00-00-000Z", 8, 6)):
-        data = f"tar of {backup_id}".encode()
-        meta = {"id": backup_id, "kind": "base", "files": {"base": {"name": f"{backup_id}.tar.zst", "size": len(data), "checksum": "-"}},
-                "walSegmentSize": 1 << 20, "startLsn": f"0/{segno:X}00028", "endWal": segment_name(1, segno, 1 << 20), "timeline": 1,
-                "systemIdentifier": "7", "finishedAt": (now - timedelta(days=days)).isoformat()}
-        store.put_stream(base_object(f"{backup_id}.tar.zst"), [data])
-        store.put_stream(base_object(f"{backup_id}.metadata.json"), [json.dumps(meta).encode()])
-    for name in [segment_name(1, s, 1 << 20) for s in range(1, 9)] + ["00000002.history"]:
-        store.put_stream(wal_object("7", name + ".zst"), [name.encode()])
-        store.put_stream(wal_object("7", name + ".json"), [json.dumps({"name": name, "file": name + ".zst"}).encode()])
+    remote_chain(store, now)
     assert [b.status for b in remote_base_backups(store)] == ["ok", "ok"]
 
     # both before the 7-day window: the newer one reaches every moment of it (and is the newest good), the older one goes
@@ -116,3 +109,49 @@ def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_
     assert left == sorted([base_object("backup_2026-11-20T00-00-00-000Z.metadata.json"), base_object("backup_2026-11-20T00-00-00-000Z.tar.zst")]
                           + [wal_object("7", segment_name(1, s, 1 << 20) + ext) for s in (6, 7, 8) for ext in (".json", ".zst")]
                           + [wal_object("7", "00000002.history" + ext) for ext in (".json", ".zst")])
+
+    # a prune or copy cut short leaves a stored file without its record: gone once a day old, never younger (a copy may
+    # be writing it), and never a file whose record is there
+    strays = [base_object("backup_2026-09-01T00-00-00-000Z.tar.zst"), wal_object("7", segment_name(1, 3, 1 << 20) + ".zst"),
+              wal_object("7", "00000003.history.zst")]
+    young = wal_object("7", segment_name(1, 9, 1 << 20) + ".zst")
+    for name in strays + [young]:
+        store.put_stream(name, [name.encode()])
+    for name in strays:
+        os.utime(tmp_path / "bucket" / name, ((now - timedelta(days=2)).timestamp(),) * 2)
+    again = prune_remote(config, store, False, now)
+    assert again.error is None and again.leftovers == sorted(strays) and again.deleted == []
+    assert sorted(info.name for info in store.list("")) == sorted(left + [young])
+
+
+def remote_chain(store: Any, now: datetime) -> None:
+    """On `store`: base backups of 40 and 8 days ago (system 7, 1 MiB segments) and WAL segments 1-8 with a history file."""
+    from datetime import timedelta
+
+    from sidecar.physical.offsite import base_object
+
+    for backup_id, days, segno in (("backup_2026-10-01T00-00-00-000Z", 40, 2), ("backup_2026-11-20T00-00-00-000Z", 8, 6)):
+        data = f"tar of {backup_id}".encode()
+        meta = {"id": backup_id, "kind": "base", "files": {"base": {"name": f"{backup_id}.tar.zst", "size": len(data), "checksum": "-"}},
+                "walSegmentSize": 1 << 20, "startLsn": f"0/{segno:X}00028", "endWal": segment_name(1, segno, 1 << 20), "timeline": 1,
+                "systemIdentifier": "7", "finishedAt": (now - timedelta(days=days)).isoformat()}
+        store.put_stream(base_object(f"{backup_id}.tar.zst"), [data])
+        store.put_stream(base_object(f"{backup_id}.metadata.json"), [json.dumps(meta).encode()])
+    for name in [segment_name(1, s, 1 << 20) for s in range(1, 9)] + ["00000002.history"]:
+        store.put_stream(wal_object("7", name + ".zst"), [name.encode()])
+        store.put_stream(wal_object("7", name + ".json"), [json.dumps({"name": name, "file": name + ".zst"}).encode()])
+
+
+def test_prune_fails_with_one_line_when_the_remote_wal_cannot_be_pruned(tmp_path: Path, seaweed: SeaweedServer) -> None:
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    store = seaweed.store(prefix)
+    remote_chain(store, datetime.now(UTC))
+    store.delete(wal_object("7", segment_name(1, 1, 1 << 20) + ".json"))
+    store.put_stream(wal_object("7", segment_name(1, 1, 1 << 20) + ".json"), [b"{damaged"])
+    (tmp_path / "volume" / "wal").mkdir(parents=True)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "DATABASE_", "PG", "AWS_"))}, **seaweed.environment(prefix),
+           "DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "volume"), "BASE_BACKUP_RETENTION_DAYS": "7"}
+    out = cli(env, "prune", check=False)
+    assert out.returncode == 3, out.stdout + out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: base backups and WAL on the remote not pruned: the record") and segment_name(1, 1, 1 << 20) in line

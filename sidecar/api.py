@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -360,9 +361,15 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
             else:
                 report.kept.append(decision.entry.id)
         if cfg.volume and ((cfg.backup_dir / "base").is_dir() or (cfg.backup_dir / "wal").is_dir()):
-            from sidecar.physical.base import prune_physical
+            from sidecar.physical.base import PhysicalPruneReport, prune_physical
+            from sidecar.physical.hold import pruning
 
-            report.physical = prune_physical(cfg, dry_run, moment)
+            with pruning(cfg.backup_dir) as free:
+                if free:
+                    report.physical = prune_physical(cfg, dry_run, moment)
+                else:
+                    report.physical = PhysicalPruneReport(busy="a point-in-time restore is reading the archive")
+                    log.warning("base backups and WAL not pruned: a point-in-time restore is reading them; the next prune will")
             if cfg.remote is not None and remote:  # the same rule on the remote's base backups and WAL
                 from sidecar.physical.offsite import RemotePhysicalPrune, prune_remote
 
@@ -601,7 +608,11 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
         from sidecar.physical.offsite import restore_from_remote
 
         return restore_from_remote(_config(config), target, into_data_dir)
-    return restore_to_data_dir(_config(config), target, into_data_dir, stage_wal)
+    from sidecar.physical.hold import reading
+
+    cfg = _config(config)
+    with reading(cfg.backup_dir):  # what is staged is read here; without staging, the new server reads it later (unheld)
+        return restore_to_data_dir(cfg, target, into_data_dir, stage_wal)
 
 
 def _remote_targets_only(from_remote: bool, to_restore_point: str | None, to_xid: str | None, exclusive: bool, timeline: str | None) -> None:
@@ -636,20 +647,27 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     cfg = _config(config)
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
+    from sidecar.physical.hold import reading
+
     root = scratch_directory()
     try:
-        if from_remote:  # base backup and WAL from the remote store alone
-            from sidecar.physical.offsite import restore_from_remote
+        with reading(cfg.backup_dir) if cfg.volume else contextlib.nullcontext():  # until replayed: prune leaves them
+            if from_remote:  # base backup and WAL from the remote store alone
+                from sidecar.physical.offsite import restore_from_remote
 
-            result = restore_from_remote(cfg, target, root / "data")
-        else:
-            result = restore_to_data_dir(cfg, target, root / "data")
-        server = ScratchServer(cfg, root, result.get("serverMajor"))
+                result = restore_from_remote(cfg, target, root / "data")
+            else:
+                result = restore_to_data_dir(cfg, target, root / "data")
+            server = ScratchServer(cfg, root, result.get("serverMajor"))
+            try:
+                server.start()
+                params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
+                scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
+                server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"), target=target.describe())
+            except BaseException:
+                server.stop()
+                raise
         try:
-            server.start()
-            params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
-            scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
-            server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"), target=target.describe())
             log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
             dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),
                                remote=None, data_dir=None, drill_database_url=None, retention_days=0)

@@ -342,7 +342,10 @@ def _print_physical_prune(report: Any, dry_run: bool) -> None:
     verb = "would delete" if dry_run else "deleted"
     kept = sum(1 for d in report.decisions if d["action"] == "keep")
     wal = sum(report.wal_deleted.values())
-    print(f"base backups: {verb} {len(report.deleted)}, kept {kept}; WAL: {verb} {wal} segments")
+    if report.busy:
+        print(f"base backups and WAL: not pruned this time ({report.busy}); the next prune will")
+    else:
+        print(f"base backups: {verb} {len(report.deleted)}, kept {kept}; WAL: {verb} {wal} segments")
     for decision in report.decisions:
         if dry_run or decision["action"] != "keep":
             print(f"  {verb if decision['action'] == 'delete' else decision['action']}: base {decision['id']}: {decision['reason']}")

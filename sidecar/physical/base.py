@@ -246,6 +246,7 @@ class PhysicalPruneReport:
     wal_kept_from: dict[str, str] = field(default_factory=dict)      # system -> the oldest segment kept (the cutoff)
     not_removed: list[str] = field(default_factory=list)            # "path: reason" for files that could not be removed
     remote: Any = None  # sidecar.physical.offsite.RemotePhysicalPrune, with a remote store
+    busy: str | None = None  # why nothing was pruned this time (a point-in-time restore is reading the archive)
 
     @property
     def empty(self) -> bool:

@@ -31,6 +31,7 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError
 from sidecar.physical import tar
 from sidecar.physical.base import BaseBackup, base_dir, base_facts, identities, list_base_backups, read_base
+from sidecar.physical.hold import copying
 from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of, segment_size_of
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
 from sidecar.retention import classify_base, wal_cutoffs, wal_to_delete
@@ -210,6 +211,13 @@ def copy_base(config: Config, store: Store, report: CopyReport | None = None, on
     directory = base_dir(config)
     if not directory.is_dir():
         return report
+    with copying(directory, wait=only is not None) as mine:  # the daemon's copier skips a round the command is copying in
+        if mine:
+            _copy_base(config, store, copier, report, directory, only)
+    return report
+
+
+def _copy_base(config: Config, store: Store, copier: _Copier, report: CopyReport, directory: Path, only: str | None) -> None:
     path = directory / STATE
     state = _load_state(path, store, {"copied": []})
     backups = list_base_backups(config)
@@ -226,14 +234,13 @@ def copy_base(config: Config, store: Store, report: CopyReport | None = None, on
             report.error = f"base backup {backup.id}: {exc}"
             if isinstance(exc, StorageError):
                 count_error(copier.repo, OPERATION)
-            return report
+            return
         if written:
             log.info("base backup %s copied off-site to %s", backup.id, store.description, extra={"event": "offsite_copied", "backup_id": backup.id})
         listed = {b.id for b in backups}
         # a conflict (another object under its name) is an alarm, not a copy: the volume keeps it (retention holds it)
         state["copied"] = [i for i in state["copied"] if i in listed] + ([backup.id] if written else [])
         _save_state(path, state, copier.repo.file_mode)
-    return report
 
 
 def copy_loop(config: Config, stop: threading.Event) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,6 +136,18 @@ def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_new
     dry = cli(env, "prune", "--dry-run")
     assert f"would delete: base {old_id}: older than 7 days" in dry.stdout and f"keep: base {new_id}: newest good base backup" in dry.stdout, dry.stdout
     assert list_wal(env) == [before] and len(json.loads(cli(env, "list", "--base", "--json").stdout)) == 2
+
+    # a point-in-time restore reading the archive (another process: the lock is the volume's) keeps prune's hands off it
+    reader = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom sidecar.physical.hold import reading\n"
+                               f"with reading(Path({str(backups)!r})):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "held"
+        busy = cli(env, "prune")
+        assert "base backups and WAL: not pruned this time (a point-in-time restore is reading the archive)" in busy.stdout, busy.stdout
+        assert len(json.loads(cli(env, "list", "--base", "--json").stdout)) == 2 and list_wal(env) == [before]
+    finally:
+        reader.communicate("")
 
     timeline_dir = next((backups / "wal").glob(f"*/{last[:8]}"))
     with read_only(timeline_dir):  # files that cannot be removed are reported, not fatal

@@ -80,7 +80,14 @@ class Config:
 
     @property
     def base_backup_retention_days(self) -> int:
-        return self.retention_days if self.base_retention_days is None else self.base_retention_days
+        """BASE_BACKUP_RETENTION_DAYS; unset: BACKUP_RETENTION_DAYS, or, when that is 0 because the dumps are kept by tiers
+        (BACKUP_KEEP_*), the daily tier's days (7 without one): a point-in-time window as long as the daily dumps reach,
+        not every WAL segment forever."""
+        if self.base_retention_days is not None:
+            return self.base_retention_days
+        if self.retention_days == 0 and (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly):
+            return self.keep_daily or 7
+        return self.retention_days
 
     def conninfo(self) -> dict[str, str]:
         """Connection parameters, password included (for libpq only, never for output)."""

@@ -56,6 +56,18 @@ def test_the_retention_tiers_are_read_from_the_environment() -> None:
     assert load_config(None, {"DATABASE_URL": URL}).keep_daily == 0
 
 
+def test_dumps_kept_by_tiers_alone_still_let_old_base_backups_and_wal_go() -> None:
+    """BACKUP_RETENTION_DAYS=0 with tiers: the base backups' days follow the daily tier (it meant 'keep all WAL' before)."""
+    def days(**env: str) -> int:
+        return load_config(None, {"DATABASE_URL": URL, **env}).base_backup_retention_days
+
+    assert days(BACKUP_RETENTION_DAYS="0", BACKUP_KEEP_DAILY="10", BACKUP_KEEP_MONTHLY="12") == 10
+    assert days(BACKUP_RETENTION_DAYS="0", BACKUP_KEEP_WEEKLY="4") == 7
+    assert days(BACKUP_RETENTION_DAYS="0") == 0  # no rule at all: keep everything, as the dumps
+    assert days(BACKUP_RETENTION_DAYS="0", BACKUP_KEEP_DAILY="10", BASE_BACKUP_RETENTION_DAYS="0") == 0  # said explicitly
+    assert days() == 30 and days(BACKUP_RETENTION_DAYS="14", BACKUP_KEEP_DAILY="3") == 14
+
+
 def test_validate_config_warns_about_unknown_variables_naming_the_likely_one_and_still_passes() -> None:
     env = {"DATABASE_URL": URL, "PATH": "/usr/bin:/bin", "BACKUP_RETENTION_DAY": "3", "DRILL_AFTER_BACKUPS": "false", "SIDECAR_WHATEVER": "1",
            # what Kubernetes adds for a Service named sidecar-db: not ours, not warned about

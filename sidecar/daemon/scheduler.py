@@ -117,6 +117,8 @@ class Daemon:
         self._offsite_wake = threading.Event()
         self._copy_lock = threading.Lock()  # one copying round at a time: the copier thread, or a drill from the remote waiting for its copy
         self._base_wanted: str | None = None  # why a base backup is due and waits for the running operation to end
+        self._backup_wanted: str | None = None  # a scheduled backup waiting for a base backup, restore or drill to end
+        self._backup_waiting_said = False
         self._gap_seen: str | None = None
         self._gap_logged: str | None = None
         self._gap_recheck = datetime.min.replace(tzinfo=timezone.utc)
@@ -270,11 +272,36 @@ class Daemon:
         return (f"{backup_id} is not off-site yet (its copy failed, see the error above; the copier retries it); the drill of the "
                 "off-site copy runs with the next backup or drill schedule, or by hand: pg-backup-sidecar drill ID --from-remote")
 
+    def running(self) -> list[str]:
+        """The operations the in-progress gauges show as running."""
+        return [op for op in ("backup", "restore", "drill", "base_backup")
+                if self.metrics.registry.get_sample_value("pg_backup_in_progress", {"operation": op})]
+
+    def start_wanted_backup(self) -> None:
+        """Start the scheduled backup when it is due. When a base backup, a restore or a drill is running, it waits for it to
+        end (it was skipped before: a weekly base backup of a large database cost that night's dump); when a backup is
+        running, that backup is this one."""
+        reason = self._backup_wanted
+        if reason is None:
+            return
+        running = self.running()
+        if "backup" in running:
+            log.warning("backup (%s) skipped: a backup is running already", reason)
+            self._backup_wanted, self._backup_waiting_said = None, False
+            return
+        if self._run_lock.locked():
+            if not self._backup_waiting_said:
+                what = running[0].replace("_", " ") if running else "another operation"
+                log.info("backup (%s) is due; it starts when the running %s has finished", reason, what, extra={"event": "backup_deferred"})
+                self._backup_waiting_said = True
+            return
+        if self.start_backup(reason if not self._backup_waiting_said else f"{reason}, deferred") is not None:
+            self._backup_wanted, self._backup_waiting_said = None, False
+
     def busy(self) -> dict[str, Any]:
         """The 409 answer while an operation runs, naming it as far as the in-progress gauges tell."""
-        running = [op for op in ("backup", "restore", "drill")
-                   if self.metrics.registry.get_sample_value("pg_backup_in_progress", {"operation": op})]
-        what = f"a {running[0]}" if running else "another operation"
+        running = self.running()
+        what = f"a {running[0].replace('_', ' ')}" if running else "another operation"
         return {"error": f"{what} is running; retry when it has finished", "busy": running[0] if running else None}
 
     def find_restore(self, key: str) -> dict[str, Any] | None:
@@ -535,9 +562,10 @@ class Daemon:
             self.heartbeat = time.monotonic()
             now = datetime.now(timezone.utc)
             if now >= due:
-                self.start_backup("schedule")
+                self._backup_wanted = "schedule"
                 due = next_run(cfg.schedule_cron, cfg.schedule_timezone, now)
                 log.info("next backup at %s", due.isoformat())
+            self.start_wanted_backup()
             if cfg.drill_cron and drill_due and now >= drill_due:
                 self.start_drill()
                 drill_due = next_run(cfg.drill_cron, cfg.schedule_timezone, now)

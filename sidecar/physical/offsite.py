@@ -408,12 +408,16 @@ def _fetch_wal(store: Store, system: str, name: str, dest: Path, config: Config,
     record before it is renamed into place (a damaged one stops the restore, named)."""
     try:
         record = _load(store, wal_object(system, name + ".json"))
+        stored = wal_object(system, str(record["file"]))
     except StorageError as exc:
         raise NotFound(f"WAL file {name} is not on the remote ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ChecksumMismatch(f"WAL file {name}: its record {wal_object(system, name + '.json')} on the remote is damaged ({exc}); "
+                               "nothing was started: restore to a target before it, or copy the volume's record back") from None
     tmp = dest.with_name("." + dest.name + ".tmp")
     out = streams.HashingFile(tmp)
     try:
-        reader = ChunkReader(store.open_read(wal_object(system, str(record["file"]))))
+        reader = ChunkReader(store.open_read(stored))
         tap = streams.ReadTap(reader, hashing=True)
         streams.decode(tap, out, str(record.get("compression", "none")), identities(config, meta) if record.get("encrypted") else None)
         raw = out.close()

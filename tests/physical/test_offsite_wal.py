@@ -86,6 +86,12 @@ def test_wal_and_base_backups_go_off_site_and_a_lost_volume_restores_to_a_time_f
     assert wal_cluster.psql("SELECT count(*), max(id) FROM t", "as_it_was") == "100|100"
     assert wal_cluster.psql("SELECT count(*) FROM t") == "150"  # the live one untouched
 
+    store.delete(wal_object(system, after + ".json"))  # a damaged record on the remote: one line naming it, nothing written
+    store.put_stream(wal_object(system, after + ".json"), [b"{damaged"])
+    broken = cli(env, "restore", "--to-latest", "--from-remote", "--into-data-dir", str(tmp_path / "never"), check=False)
+    assert broken.returncode == 3 and "Traceback" not in broken.stderr, broken.stderr
+    assert f"WAL file {after}: its record" in broken.stderr.strip().splitlines()[-1] and not (tmp_path / "never").exists()
+
 
 def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_oldest_kept_and_keeps_history(tmp_path: Path) -> None:
     from datetime import timedelta

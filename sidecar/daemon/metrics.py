@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import CHECK_NAMES
+from sidecar.physical.observe import SLOT_STATUSES
 from sidecar.repository import FUTURE_TOLERANCE, Entry, Repository, newest_good
 from sidecar.storage import offsite
 from sidecar.storage.remote import RemoteConfig
@@ -104,7 +105,7 @@ class RepositoryCollector(Collector):
                                 value=len(last_drill[1].get("preexisting") or []) if last_drill else 0)
 
 
-REMOTE_OPERATIONS = ("copy",)  # always exported (at 0 until the first one), so increase() sees the first event
+REMOTE_OPERATIONS = ("copy", "wal-copy")  # always exported (at 0 until the first one), so increase() sees the first event
 
 
 class RemoteCollector(Collector):
@@ -153,9 +154,6 @@ class RemoteCollector(Collector):
             for operation in sorted({*always, *values}):
                 counter.add_metric([operation], values.get(operation, 0.0))
             yield counter
-
-
-SLOT_STATUSES = ("reserved", "extended", "unreserved", "lost", "missing", "unknown")
 
 
 class WalCollector(Collector):

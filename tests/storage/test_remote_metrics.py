@@ -54,6 +54,7 @@ def test_a_backup_the_daemons_child_copied_off_site_is_counted_once_in_upload_by
     assert sample(metrics, 'pg_backup_remote_upload_bytes_total{operation="copy"}') == sum(o.size for o in objects)
     assert sample(metrics, 'pg_backup_remote_upload_seconds_total{operation="copy"}') > 0
     assert sample(metrics, 'pg_backup_remote_errors_total{operation="copy"}') == 0
+    assert sample(metrics, 'pg_backup_remote_errors_total{operation="wal-copy"}') == 0  # exported before the first failure: increase() sees it
     assert 0 <= sample(metrics, "pg_backup_remote_age_seconds") < 120
     assert sample(metrics, "pg_backup_remote_last_copy_timestamp_seconds") > 0
     assert sample(metrics, "pg_backup_remote_last_verify_timestamp_seconds") == 0  # never verified

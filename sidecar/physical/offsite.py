@@ -190,20 +190,6 @@ def copied_marks(config: Config) -> tuple[set[str], dict[tuple[str, int], int]]:
     return copied, marks
 
 
-def pending_wal(config: Config, store_url: str, endpoint: str | None) -> int:
-    """How many archived WAL segments are not off-site yet (for `copy` and the tests)."""
-    archive = WalArchive(config.backup_dir)
-    count = 0
-    for line in archive.timelines():
-        try:
-            state = json.loads((archive.root / line.system_id / STATE).read_text())
-        except (OSError, ValueError):
-            state = {}
-        mark = state.get("copied", {}).get(f"{line.timeline:08X}", -1) if state.get("url") == store_url and state.get("endpoint") == endpoint else -1
-        count += sum(1 for s in line.segnos if s > mark)
-    return count
-
-
 def copy_base(config: Config, store: Store, report: CopyReport | None = None, only: str | None = None) -> CopyReport:
     """Copy the base backups not copied yet (or `only` that one), oldest first: the stored file, then the metadata."""
     report = report or CopyReport()
@@ -251,7 +237,11 @@ def copy_loop(config: Config, stop: threading.Event) -> None:
     wait = 0.0
     backoff = RETRY[0]
     failing = False
+    seen: tuple[tuple[str, int], ...] | None = None
     while not stop.wait(wait):
+        now_seen = _archive_signature(config)
+        if not failing and now_seen == seen:  # nothing archived or taken since the last good round: no listing
+            continue
         try:
             store = api.remote_store(config)
             report = copy_base(config, store)
@@ -262,11 +252,26 @@ def copy_loop(config: Config, stop: threading.Event) -> None:
         if report.ok:
             if failing:
                 log.info("off-site copies of WAL and base backups resumed", extra={"event": "offsite_resumed"})
-            failing, wait, backoff = False, POLL, RETRY[0]
+            failing, wait, backoff, seen = False, POLL, RETRY[0], now_seen
             continue
         log.error("off-site copy of WAL or base backups failed: %s; pending, next try in %.0fs", report.error, backoff,
                   extra={"event": "offsite_copy_failed"})
         failing, wait, backoff = True, backoff, min(backoff * 2, RETRY[1])
+
+
+def _archive_signature(config: Config) -> tuple[tuple[str, int], ...]:
+    """The modification times of the directories a new WAL file or base backup lands in (a few stats, not a listing of
+    every archived segment): unchanged, there is nothing new to copy."""
+    root = WalArchive(config.backup_dir).root
+    paths = [base_dir(config)] + ([p for system in root.iterdir() if system.is_dir() for p in system.iterdir() if p.is_dir()]
+                                  if root.is_dir() else [])
+    out = []
+    for path in paths:
+        try:
+            out.append((str(path), path.stat().st_mtime_ns))
+        except OSError:
+            pass
+    return tuple(sorted(out))
 
 
 # --- what the remote holds -------------------------------------------------------------------------------------------

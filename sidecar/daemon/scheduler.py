@@ -122,6 +122,7 @@ class Daemon:
         self._gap_seen: str | None = None
         self._gap_logged: str | None = None
         self._gap_recheck = datetime.min.replace(tzinfo=timezone.utc)
+        self._hole_recheck = datetime.min.replace(tzinfo=timezone.utc)
         if config.remote is not None:
             metrics.watch_remote(config.remote)
         self._load_restores()
@@ -447,9 +448,19 @@ class Daemon:
 
     def _check_gap(self, now: datetime) -> str | None:
         """The reason for a base backup if a gap the receiver noted needs one now (see base_backup_for_gap)."""
-        from sidecar.physical.wal import last_gap
+        from sidecar.physical.wal import last_gap, note_gap
 
         gap = last_gap(self.config.backup_dir)
+        if now >= self._hole_recheck:  # a hole in the archive the receiver did not note (a segment deleted by hand, a lost
+            self._hole_recheck = now + timedelta(minutes=1)  # volume's copy): the same gap to the metric, so the same answer
+            from sidecar.physical.observe import archive_hole
+
+            hole = archive_hole(self.config)
+            reason = f"segment {hole[1]} is missing from the archive" if hole else None
+            if hole and reason and (gap is None or gap.get("reason") != reason):
+                log.warning("WAL archive of system %s: %s; a base backup will cover it", hole[0], reason, extra={"event": "wal_gap"})
+                note_gap(self.config.backup_dir, hole[0], str(reason), self.repo.file_mode)
+                gap = last_gap(self.config.backup_dir)
         if gap is None:
             return None
         if gap["at"] == self._gap_seen and now < self._gap_recheck:  # a new gap is looked at at once, an old one once a minute

@@ -15,7 +15,7 @@ from typing import Any
 from sidecar.config import Config
 from sidecar.physical.base import list_base_backups
 from sidecar.physical.receiver import spool_dir
-from sidecar.physical.wal import SEGMENT, WalArchive, parse_segment
+from sidecar.physical.wal import SEGMENT, WalArchive, parse_segment, segment_name
 from sidecar.physical.window import WindowReader
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,33 @@ class SlotProbe:
         return {**state, "status": status, "active": bool(row[0]), "retained": float(row[2]) if row[2] is not None else math.nan}
 
 
+def _holes(good: list[Any], mine: list[Any]) -> list[str]:
+    """The first missing segment of each run missing from the WAL archived since the newest good base backup began
+    (on its timeline and later ones): what a restore from it to a later moment could not replay."""
+    if not good:
+        return []
+    newest_base = good[0].metadata
+    size = int(newest_base["walSegmentSize"])
+    start = parse_segment(str(newest_base["startWal"]), size)[1]
+    out = []
+    for line in mine:
+        if line.timeline >= int(newest_base["timeline"]):
+            after = [n for n in line.segnos if n >= start] if line.timeline == int(newest_base["timeline"]) else line.segnos
+            out += [segment_name(line.timeline, a + 1, size) for a, b in zip(after, after[1:], strict=False) if b > a + 1]
+    return out
+
+
+def archive_hole(config: Config) -> tuple[str, str] | None:
+    """(system, first missing segment) when the archive has a hole after the newest good base backup's start, the same
+    rule as pg_backup_wal_gaps: the daemon answers it with a base backup as it answers a gap the receiver noted."""
+    good = [b for b in list_base_backups(config) if b.good]
+    if not good:
+        return None
+    system = str(good[0].metadata["systemIdentifier"])
+    holes = _holes(good, [t for t in WalArchive(config.backup_dir).timelines() if t.system_id == system and t.segnos])
+    return (system, holes[0]) if holes else None
+
+
 def wal_state(config: Config, reader: WindowReader, probe: SlotProbe) -> dict[str, Any]:
     """The numbers behind the WAL metrics (see sidecar/daemon/metrics.py WalCollector)."""
     archive = WalArchive(config.backup_dir)
@@ -90,15 +117,7 @@ def wal_state(config: Config, reader: WindowReader, probe: SlotProbe) -> dict[st
         if on:
             unarchived = float(max(0, segno - on[0].segnos[-1] - 1))
     window = max((w for w in windows if w.system_id == system and w.earliest), key=lambda w: w.timeline, default=None)
-    gaps = 0
-    if good and window is not None:
-        newest_base = good[0].metadata
-        size = int(newest_base["walSegmentSize"])
-        start = parse_segment(str(newest_base["startWal"]), size)[1]
-        for line in mine:
-            if line.timeline >= int(newest_base["timeline"]):
-                after = [n for n in line.segnos if n >= start] if line.timeline == int(newest_base["timeline"]) else line.segnos
-                gaps += sum(1 for a, b in zip(after, after[1:], strict=False) if b > a + 1)
+    gaps = len(_holes(good, mine)) if window is not None else 0
     spool = 0
     try:
         with os.scandir(spool_dir(config)) as entries:

@@ -127,5 +127,11 @@ def test_list_wal_the_http_api_and_the_metrics_show_the_recovery_window_and_arch
         middle = switch(wal_cluster)
         running.wait_for(lambda: archived(backups, middle), f"segment {middle} to be archived")
         assert sample(request(running.base, "/metrics")[1], "pg_backup_wal_gaps") == 1
+        # the daemon answers a hole as it answers a gap the receiver noted: a base backup, after which the metric is 0 again
+        running.wait_for(lambda: (json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["id"] > base["id"]) or (switch(wal_cluster) and False),
+                         "a base backup answering the hole", timeout=90)
+        running.wait_for(lambda: sample(request(running.base, "/metrics")[1], "pg_backup_wal_gaps") == 0 or (switch(wal_cluster) and False),
+                         "the new base backup to be good and the gap gone", timeout=90)
+        assert f"segment {last} is missing from the archive" in running.log.read_text()
     finally:
         assert running.stop() == 0

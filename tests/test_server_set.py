@@ -15,6 +15,7 @@ import pytest
 
 from sidecar import age
 from sidecar.embedded import Cluster
+from sidecar.postgres import find_tool
 from tests.conftest import backup_id, cli, fingerprint
 from tests.storage.seaweed import SeaweedServer
 
@@ -184,6 +185,7 @@ def test_a_database_that_fails_to_dump_fails_the_whole_set_naming_it(server: Clu
         assert result.returncode == 3, result.stderr
         errors = [line for line in result.stderr.splitlines() if "backup failed" in line]
         assert len(errors) == 1 and "database locked:" in errors[0] and "permission denied" in errors[0], result.stderr
+        assert "not dumped after it: billing" in errors[0], errors[0]  # the set has failed: the rest is not dumped for nothing
         assert cli(env, "list").stdout.strip() == "no backups yet"
         assert [p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")] == []  # no partial left either
     finally:
@@ -211,3 +213,22 @@ def test_an_encrypted_set_without_a_volume_streams_to_the_bucket_and_one_databas
     assert [r["database"] for r in restored["restored"]] == ["shop"] and restored["ok"] is True
     assert fresh_cluster.psql("SELECT count(*) FROM items", "shop") == "500"
     assert fresh_cluster.psql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'shop'") == "app_owner"
+
+
+def test_a_set_dump_waiting_for_a_lock_names_the_session_holding_it_in_that_database(server: Cluster, tmp_path: Path) -> None:
+    if not (server.data / "postmaster.pid").exists():
+        server.restart()
+    env = _env(server, tmp_path / "b", BACKUP_DATABASES="billing,shop", VALIDATION_ENABLED="false")
+    holder = subprocess.Popen([find_tool("psql"), "-X", "-q", "-d", server.url("shop"), "-c",
+                               "BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(5); COMMIT;"],
+                              env={**env, "PGAPPNAME": "nightly-migration"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):  # until it holds the lock
+            if server.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'shop' AND application_name = 'nightly-migration' "
+                           "AND query LIKE '%pg_sleep%'") == "1":
+                break
+        out = cli(env, "backup")
+    finally:
+        holder.wait(timeout=30)
+    waits = [line for line in out.stderr.splitlines() if "waiting" in line and "for a lock" in line]
+    assert waits and "'nightly-migration'" in waits[0] and "pg_sleep" in waits[0], out.stderr

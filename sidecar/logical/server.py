@@ -45,7 +45,7 @@ from sidecar.config import ALL_DATABASES, Config
 from sidecar.errors import ChecksumMismatch, ConfigError, SidecarError, UsageError
 from sidecar.logical import dbprops, roles
 from sidecar.logical import restore as _restore
-from sidecar.logical.backup import Destination, Output, RemoteDestination, VolumeDestination, _dump_globals, dump_database, dump_format
+from sidecar.logical.backup import Destination, LockWatch, Output, RemoteDestination, VolumeDestination, _dump_globals, dump_database, dump_format
 from sidecar.logical.validation import validate
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository, dump_extension, globals_extension, iso_timestamp, new_id
@@ -145,22 +145,37 @@ def _create_set(config: Config, destination: Destination, label: str | None, kee
             conn.close()
         log.info("backup set %s: %d databases (%s), %d at a time", backup_id, len(names), ", ".join(names), config.parallel)
 
-        def one(index: int, name: str) -> dict[str, Any]:
+        given_up = threading.Event()  # one database failed: the set fails, so the dumps not started yet are not started
+
+        def one(index: int, name: str) -> dict[str, Any] | None:
+            if given_up.is_set():
+                return None
             file_name = dump_name(backup_id, index, config)
-            return _dump_one(config, name, index, file_name, open_file(file_name))
+            try:
+                return _dump_one(config, name, index, file_name, open_file(file_name))
+            except BaseException:
+                given_up.set()
+                raise
 
         with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="dump") as pool:
             futures = [(name, pool.submit(one, index, name)) for index, name in enumerate(names, start=1)]
-            databases, failed = [], []
+            databases, failed, skipped = [], [], []
             for name, future in futures:
                 try:
-                    databases.append(future.result())
+                    result = future.result()
                 except SidecarError as exc:
                     failed.append((name, exc))
+                    continue
+                if result is None:
+                    skipped.append(name)
+                else:
+                    databases.append(result)
         if failed:
             first, why = failed[0]
             more = f" ({len(failed) - 1} more failed: {', '.join(n for n, _ in failed[1:])})" if len(failed) > 1 else ""
-            raise SidecarError(f"backup failed: database {first}: {str(why).removeprefix('backup failed: ')}{more}; nothing of set {backup_id} is listed")
+            not_started = f"; not dumped after it: {', '.join(skipped)}" if skipped else ""
+            raise SidecarError(f"backup failed: database {first}: {str(why).removeprefix('backup failed: ')}{more}{not_started}; "
+                               f"nothing of set {backup_id} is listed")
 
         files = {"globals": {"name": globals_name, "size": globals_file.size, "checksum": globals_digest}}
         if tablespaces_file:
@@ -269,9 +284,18 @@ def _create_tablespaces(config: Config, files: _restore.Files, metadata: dict[st
 
 
 def _dump_one(config: Config, name: str, index: int, file_name: str, out: Output) -> dict[str, Any]:
-    """One database of the set, in its own snapshot, into `out` (closed here); its entry of `databases`."""
-    clock = time.monotonic()
+    """One database of the set, in its own snapshot, into `out` (closed here); its entry of `databases`. Its own lock
+    watch says in the log when its dump waits for a lock in that database, and who holds it."""
     cfg = config.with_database(name)
+    watch = LockWatch(cfg)
+    try:
+        return _dump_watched(config, cfg, name, index, file_name, out)
+    finally:
+        watch.stop()
+
+
+def _dump_watched(config: Config, cfg: Config, name: str, index: int, file_name: str, out: Output) -> dict[str, Any]:
+    clock = time.monotonic()
     try:
         checked = validate(cfg) if config.validation_enabled else None
         if checked and not checked.is_valid and config.validation_block_backup:

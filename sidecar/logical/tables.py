@@ -158,13 +158,6 @@ def prepare_source(conn: psycopg.Connection[Any], tables: list[Table], suffix: s
             "ORDER BY n.nspname, c.relname", (list(oids.values()),)).fetchall()
         everything = {int(oid): Table(s, r) for oid, s, r in rows}
         chosen = {oid: table for table, oid in oids.items()}
-        left_out = []
-        for name, owner, other in conn.execute(
-                "SELECT conname, conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint "
-                "WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY(%s::oid[]) AND NOT confrelid = ANY(%s::oid[]) ORDER BY 2, 1",
-                (list(everything), list(everything))).fetchall():
-            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.SQL(owner), sql.Identifier(name)))
-            left_out.append(f"foreign key {name} of {owner} to {other} (not restored)")
         names: list[Table] = []
         relations: list[Table] = []
         for oid, table in everything.items():
@@ -187,6 +180,13 @@ def prepare_source(conn: psycopg.Connection[Any], tables: list[Table], suffix: s
                     conn.execute(sql.SQL("ALTER {} {}.{} RENAME TO {}").format(sql.SQL(kind), sql.Identifier(schema), sql.Identifier(name),
                                                                                sql.Identifier(new.name)))
                 names.append(new)
+        left_out = []
+        for name, owner, other in conn.execute(
+                "SELECT conname, conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint "
+                "WHERE contype = 'f' AND conparentid = 0 AND conrelid = ANY(%s::oid[]) AND NOT confrelid = ANY(%s::oid[]) ORDER BY 2, 1",
+                (list(everything), list(everything))).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.SQL(owner), sql.Identifier(name)))
+            left_out.append(f"foreign key {name} of {owner} to {other} (not restored)")
     return Prepared(relations, names, {t: renames[t] for t in tables}, left_out)
 
 

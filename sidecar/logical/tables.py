@@ -423,7 +423,7 @@ def restore_tables_from_backup(config: Config, ref: str, table_texts: list[str],
             finally:
                 admin.close()
             try:
-                failed = _load_scratch(config, files, metadata, identities, Path(scratch_dir), scratch, tables)
+                failed = _load_scratch(config, files, metadata, identities, Path(scratch_dir), scratch, tables, entries)
                 source, env = postgres.child_env(config.with_database(scratch))
                 prepared, rows, created = _transplant(config, source, env, lambda: postgres.connect(config, dbname=scratch), tables, suffix,
                                                       database, f"in backup {entry.id}")
@@ -444,7 +444,7 @@ def _drop_leftovers(admin: psycopg.Connection[Any], database: str) -> None:
 
 
 def _load_scratch(config: Config, files: Any, metadata: dict[str, Any], identities: Any, workdir: Path, scratch: str,
-                  tables: list[Table]) -> list[tuple[Table, str]]:
+                  tables: list[Table], everything: list[tuple[str, str]]) -> list[tuple[Table, str]]:
     """The scratch database: every definition, the chosen tables' rows (and their partitions'), then indexes and
     constraints, then the chosen tables' foreign keys where they hold (one to a table not restored fails there: its
     rows have nothing to point to)."""
@@ -460,7 +460,6 @@ def _load_scratch(config: Config, files: Any, metadata: dict[str, Any], identiti
             "SELECT n.nspname, c.relname FROM tree t JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace",
             ([t.schema for t in tables], [t.name for t in tables])).fetchall()
     family = [Table(s, r) for s, r in rows]
-    everything = toc_entries(_pg_restore(config, files, metadata, identities, workdir, ["--list"], "reading the table of contents"))
     _pg_restore(config, files, metadata, identities, workdir, into, "restoring the tables' rows", select_entries(everything, family, "data"))
     post = toc_entries(_pg_restore(config, files, metadata, identities, workdir, ["--list", "--section=post-data"], "listing indexes"))
     _pg_restore(config, files, metadata, identities, workdir, into, "restoring indexes and constraints", select_entries(post, family, "schema"))

@@ -345,7 +345,8 @@ def find_moment(config: Config, table_text: str, kind: str, before: datetime | N
     what = {"dropped": f"dropped {table}", "truncated": f"emptied or rewrote {table} (TRUNCATE, VACUUM FULL, CLUSTER or a rewriting ALTER TABLE)",
             "last-write": f"last wrote to {table}" + (f" before {iso_timestamp(before)}" if before else "")}[kind]
     log.info("transaction %d %s, committed at %s", found.xid, what, iso_timestamp(found.at), extra={"event": "pitr_find", "xid": found.xid})
-    return Moment(str(table), kind, found.xid, iso_timestamp(found.at), format_lsn(found.lsn), segment, identity.base.id, read, what)
+    committed = found.at.isoformat().replace("+00:00", "Z")  # to the microsecond, as PostgreSQL records it
+    return Moment(str(table), kind, found.xid, committed, format_lsn(found.lsn), segment, identity.base.id, read, what)
 
 
 def _segment_start(name: str, meta: dict[str, Any]) -> int:

@@ -183,8 +183,13 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
 def test_a_table_of_a_logical_backup_is_restored_beside_the_live_one(cluster: Cluster, db: str, env: dict[str, str]) -> None:
     cluster.psql("CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id serial PRIMARY KEY, parent_id int REFERENCES parent, v text);"
                  "INSERT INTO parent SELECT generate_series(1, 10); INSERT INTO child (parent_id, v) SELECT 1 + g % 10, md5(g::text) FROM generate_series(1, 300) g;"
-                 "CREATE TABLE other (x int); INSERT INTO other VALUES (1)", db)
+                 "CREATE TABLE other (x int); INSERT INTO other VALUES (1);"
+                 "CREATE TABLE measure (at date NOT NULL, v int) PARTITION BY RANGE (at); CREATE INDEX measure_at ON measure (at);"
+                 "CREATE TABLE measure_2025 PARTITION OF measure FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+                 "CREATE TABLE measure_2026 PARTITION OF measure FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');"
+                 "INSERT INTO measure SELECT date '2025-06-01' + g, g FROM generate_series(1, 400) g", db)
     expected = _sum(cluster, "child", db)
+    measure = _sum(cluster, "measure", db)
     backup = backup_id(env)
     cluster.psql("DELETE FROM child; INSERT INTO other VALUES (2)", db)
     done = cli(env, "restore", backup, "--table", "public.child")
@@ -197,6 +202,12 @@ def test_a_table_of_a_logical_backup_is_restored_beside_the_live_one(cluster: Cl
                               (("--table", "public.missing", "--as-suffix", "_x"), 2, "table public.missing is not in backup")]:
         refused = cli(env, "restore", backup, *args, check=False)
         assert refused.returncode == code and len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr, refused.stderr
+    cluster.psql("TRUNCATE measure", db)
+    partitioned = cli(env, "restore", backup, "--table", "public.measure", "--as-suffix", "_back")  # its partitions come along
+    assert "as public.measure_back (400 rows)" in partitioned.stdout and _sum(cluster, "measure_back", db) == measure, partitioned.stdout
+    assert cluster.psql("SELECT string_agg(c.relname || ':' || (SELECT count(*) FROM pg_index i WHERE i.indrelid = c.oid), ',' ORDER BY c.relname) "
+                        "FROM pg_inherits JOIN pg_class c ON c.oid = inhrelid WHERE inhparent = 'measure_back'::regclass", db) == \
+        "measure_2025_back:1,measure_2026_back:1"
     into = cli(env, "restore", backup, "--table", "public.child", "--table", "public.parent", "--target-db", f"{db}_copy")
     assert "created: database" in into.stdout, into.stdout
     assert _sum(cluster, "child", f"{db}_copy") == expected

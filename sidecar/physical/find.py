@@ -378,8 +378,11 @@ def _identify(config: Config, table: Table, kind: str, good: list[BaseBackup], e
             _not_there_now(config, table, oid)
             chosen = base or next(b for b in good if b.id == used)
             return Identity(database, oid, None, chosen)
-    where = f"at {iso_timestamp(existed_at)}" if existed_at else f"in any good base backup ({', '.join(tried)})"
-    raise NothingFound(f"table {table} did not exist {where}; check the name (schema.name), or give --existed-at T, a moment it existed")
+    if existed_at is not None:
+        raise NothingFound(f"table {table} did not exist at {iso_timestamp(existed_at)}; check the name (schema.name), or give another "
+                           "--existed-at T, a moment it existed")
+    raise NothingFound(f"table {table} is in no good base backup ({', '.join(tried)}): it was created after the newest, or the name is "
+                       "wrong (schema.name); give --existed-at T, a moment it existed (e.g. shortly before it was dropped)")
 
 
 def _not_there_now(config: Config, table: Table, oid: int) -> None:

@@ -501,6 +501,9 @@ def _run_tables(args: argparse.Namespace, config: Config) -> int | None:
             print(f"transaction {moment.xid} {moment.what}: committed at {moment.committed_at} (LSN {moment.lsn}, WAL segment {moment.segment})")
             print(f"recovery target just before it: --to-xid {moment.xid} --exclusive")
             print(f"  {moment.restore_command()}")
+            if not moment.archived:
+                print(f"note: segment {moment.segment} is the receiver's newest, not archived yet: a restore reaches it once it is; complete it "
+                      "with SELECT pg_switch_wal() on the server, and see 'list --wal'")
         return OK
     if args.command != "restore" or not (args.table or args.as_suffix is not None):
         return None

@@ -29,7 +29,7 @@ from sidecar import age
 from sidecar.config import Config
 from sidecar.errors import SidecarError, UsageError
 from sidecar.physical.base import BaseBackup, list_base_backups
-from sidecar.physical.pitr import ScratchServer, Target, resolve_timeline, restore_to_data_dir, scratch_directory, wal_chain, waldump_tool
+from sidecar.physical.pitr import ScratchServer, Target, _partial, resolve_timeline, restore_to_data_dir, scratch_directory, wal_chain, waldump_tool
 from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn
 from sidecar.repository import iso_timestamp
 
@@ -103,6 +103,7 @@ class Moment:
     base_backup: str
     segments_searched: int
     what: str
+    archived: bool = True  # False: found in the receiver's newest segment, not archived yet (a restore cannot reach it yet)
 
     def restore_command(self) -> str:
         return f"pg-backup-sidecar restore --to-xid {self.xid} --exclusive --table {_shell(self.table)}"
@@ -238,15 +239,19 @@ def _waldump(tool: str, path: Path, args: list[str]) -> Iterator[Record]:
         raise SidecarError(f"pg_waldump cannot read WAL segment {path.name}: {error.strip()[:300]}")
 
 
-def scan(config: Config, archive: WalArchive, system: str, chain: list[str], search: Search, tool: str, relation: str | None) -> int:
+def scan(config: Config, archive: WalArchive, system: str, chain: list[str], search: Search, tool: str, relation: str | None,
+         partial: Path | None = None) -> int:
     """Feed every record of `chain` that matters to `search`, a segment at a time (each decoded into a scratch file,
-    sha256 checked, then removed); the number of segments read."""
+    sha256 checked, then removed), then of the receiver's `partial` segment if given; the number of segments read."""
     identity = age.parse_identities(config.identity_file) if config.identity_file else None
     read = 0
     with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-find-") as scratch:
-        for name in chain:
-            path = Path(scratch) / name
-            archive.fetch(system, name, path, identity)
+        for name in [*chain, *([partial.name] if partial else [])]:
+            path = Path(scratch) / name.removesuffix(".partial")
+            if partial is not None and name == partial.name:
+                shutil.copyfile(partial, path)  # not archived yet: the receiver's copy, as it has it now
+            else:
+                archive.fetch(system, name, path, identity)
             read += 1
             if relation is not None:  # a transaction's writes come before its end: feed them first
                 for record in _waldump(tool, path, ["--rmgr=Heap", "--rmgr=Heap2", f"--relation={relation}"]):
@@ -328,7 +333,8 @@ def find_moment(config: Config, table_text: str, kind: str, before: datetime | N
     system = str(meta["systemIdentifier"])
     chain = wal_chain(archive, meta, Target("latest"), path)
     search = Search(kind, identity.database, identity.oid, before)
-    read = scan(config, archive, system, chain, search, tool, identity.relation if kind == "last-write" else None)
+    partial = _partial(config, system, chain, int(meta["walSegmentSize"])) if chain else None
+    read = scan(config, archive, system, chain, search, tool, identity.relation if kind == "last-write" else None, partial)
     span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
     if search.found is None:
         what = {"dropped": "dropped it", "truncated": "emptied or rewrote it (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE)",
@@ -339,14 +345,15 @@ def find_moment(config: Config, table_text: str, kind: str, before: datetime | N
                            f"{identity.base.id} searched{since}); check the table name and 'list --wal'")
     found = search.found
     segment = chain[-1]
-    for name in chain:
+    for name in [*chain, *([partial.name.removesuffix(".partial")] if partial else [])]:
         if _segment_start(name, meta) <= found.lsn:
             segment = name
+    archived = segment in chain
     what = {"dropped": f"dropped {table}", "truncated": f"emptied or rewrote {table} (TRUNCATE, VACUUM FULL, CLUSTER or a rewriting ALTER TABLE)",
             "last-write": f"last wrote to {table}" + (f" before {iso_timestamp(before)}" if before else "")}[kind]
     log.info("transaction %d %s, committed at %s", found.xid, what, iso_timestamp(found.at), extra={"event": "pitr_find", "xid": found.xid})
     committed = found.at.isoformat().replace("+00:00", "Z")  # to the microsecond, as PostgreSQL records it
-    return Moment(str(table), kind, found.xid, committed, format_lsn(found.lsn), segment, identity.base.id, read, what)
+    return Moment(str(table), kind, found.xid, committed, format_lsn(found.lsn), segment, identity.base.id, read, what, archived)
 
 
 def _segment_start(name: str, meta: dict[str, Any]) -> int:

@@ -112,6 +112,7 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
                                                                                                  tmp_path: Path) -> None:
     c = wal_cluster
     backups = Path(pitr_env["BACKUP_DIR"])
+    scratch = {*Path("/tmp").glob("pg-backup-sidecar-pitr-*"), *Path("/tmp").glob("pg-backup-sidecar-find-*")}
     c.psql("CREATE TABLE customers (id int PRIMARY KEY, name text); CREATE TABLE other (id serial PRIMARY KEY, note text);"
            "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers, amount numeric CHECK (amount > 0), "
            "  note text); CREATE INDEX orders_customer ON orders (customer_id);"
@@ -145,9 +146,14 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
         now = datetime.now(UTC)
         last = switch(c)
         wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
+        emptied = c.psql("BEGIN; TRUNCATE other; SELECT txid_current() % 4294967296; COMMIT")  # only in the receiver's .partial
+        position = c.psql("SELECT pg_current_wal_lsn()")
+        wait_for(lambda: c.psql(f"SELECT flush_lsn >= '{position}' FROM pg_stat_replication") == "t", "the receiver to flush the TRUNCATE")
     finally:
         assert receiver.stop() == 0
     live = {t: _sum(c, t) for t in ("customers", "other", "staging")}
+    recent = cli(pitr_env, "pitr", "find", "--truncated-table", "public.other").stdout
+    assert f"transaction {emptied} emptied" in recent and "not archived yet" in recent, recent
 
     found = cli(pitr_env, "pitr", "find", "--dropped-table", "public.orders")
     assert f"transaction {dropped} dropped public.orders" in found.stdout, found.stdout
@@ -177,7 +183,7 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
     again = cli(pitr_env, "restore", "--to-time", before_delete.isoformat(), "--table", "public.events", check=False)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "public.events_pitr (a table) already exists in database postgres" in again.stderr, again.stderr
-    assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*")) and not list(Path("/tmp").glob("pg-backup-sidecar-find-*"))
+    assert {*Path("/tmp").glob("pg-backup-sidecar-pitr-*"), *Path("/tmp").glob("pg-backup-sidecar-find-*")} <= scratch  # all removed
 
 
 def test_a_table_of_a_logical_backup_is_restored_beside_the_live_one(cluster: Cluster, db: str, env: dict[str, str]) -> None:

@@ -109,7 +109,7 @@ class Moment:
         return f"pg-backup-sidecar restore --to-xid {self.xid} --exclusive --table {_shell(self.table)}"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "target": {"toXid": self.xid, "exclusive": True}, "restoreCommand": self.restore_command()}
+        return {**asdict(self), "target": {"to_xid": self.xid, "exclusive": True}, "restore_command": self.restore_command()}
 
 
 def _shell(text: str) -> str:

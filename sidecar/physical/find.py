@@ -218,11 +218,11 @@ class Search:
 # --- the archive ------------------------------------------------------------------------------------
 
 
-def _waldump(tool: str, path: Path, args: list[str]) -> Iterator[Record]:
+def _waldump(tool: str, directory: Path, args: list[str]) -> Iterator[Record]:
     from sidecar.postgres import base_env
 
-    proc = subprocess.Popen([tool, *args, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", env=base_env(), cwd=path.parent)
+    proc = subprocess.Popen([tool, "--path", str(directory), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", env=base_env(), cwd=directory)
     assert proc.stdout is not None and proc.stderr is not None
     try:
         for line in proc.stdout:
@@ -236,30 +236,48 @@ def _waldump(tool: str, path: Path, args: list[str]) -> Iterator[Record]:
         proc.wait()
     unreadable = ("invalid magic number", "could not open", "WAL segment size", "could not read file", "unrecognized", "invalid option")
     if proc.returncode != 0 and any(text in error for text in unreadable):
-        raise SidecarError(f"pg_waldump cannot read WAL segment {path.name}: {error.strip()[:300]}")
+        raise SidecarError(f"pg_waldump cannot read the WAL in {directory.name}: {error.strip()[:300]}")
 
 
 def scan(config: Config, archive: WalArchive, system: str, chain: list[str], search: Search, tool: str, relation: str | None,
-         partial: Path | None = None) -> int:
-    """Feed every record of `chain` that matters to `search`, a segment at a time (each decoded into a scratch file,
-    sha256 checked, then removed), then of the receiver's `partial` segment if given; the number of segments read."""
+         segment_size: int, partial: Path | None = None) -> int:
+    """Feed every record of `chain` that matters to `search`, a segment at a time, then of the receiver's `partial`
+    segment if given; the number of segments read. Each segment is decoded into a scratch directory (sha256 checked)
+    beside the next one, so that a record that starts in it and ends in the next is read whole (pg_waldump reads
+    both, the records that start in the next are left to its own turn); then removed: two segments on disk at most."""
+    from sidecar.physical.wal import parse_segment
+
     identity = age.parse_identities(config.identity_file) if config.identity_file else None
+    names = [*chain, *([partial.name] if partial else [])]
     read = 0
     with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-find-") as scratch:
-        for name in [*chain, *([partial.name] if partial else [])]:
-            path = Path(scratch) / name.removesuffix(".partial")
-            if partial is not None and name == partial.name:
-                shutil.copyfile(partial, path)  # not archived yet: the receiver's copy, as it has it now
-            else:
-                archive.fetch(system, name, path, identity)
+        directory = Path(scratch)
+
+        def materialize(name: str) -> Path:
+            path = directory / name.removesuffix(".partial")
+            if not path.exists():
+                if partial is not None and name == partial.name:
+                    shutil.copyfile(partial, path)  # not archived yet: the receiver's copy, as it has it now
+                else:
+                    archive.fetch(system, name, path, identity)
+            return path
+
+        for i, name in enumerate(names):
+            path = materialize(name)
+            following = materialize(names[i + 1]) if i + 1 < len(names) else None
             read += 1
-            if relation is not None:  # a transaction's writes come before its end: feed them first
-                for record in _waldump(tool, path, ["--rmgr=Heap", "--rmgr=Heap2", f"--relation={relation}"]):
+            timeline, segno = parse_segment(path.name, segment_size)
+            start, end = segno * segment_size, (segno + 1) * segment_size
+            window = ["--timeline", str(timeline), "--start", format_lsn(start), "--end", format_lsn(end + (segment_size if following else 0))]
+            passes = [["--rmgr=Heap", "--rmgr=Heap2", f"--relation={relation}"]] if relation is not None else []  # writes before ends
+            passes.append(["--rmgr=Transaction", "--rmgr=Standby"])
+            for args in passes:
+                for record in _waldump(tool, directory, [*window, *args]):
+                    if record.lsn >= end:
+                        break  # it starts in the next segment: read in its own turn
                     search.feed(record)
-            for record in _waldump(tool, path, ["--rmgr=Transaction", "--rmgr=Standby"]):
-                search.feed(record)
-                if search.done:
-                    return read
+                    if search.done:
+                        return read
             path.unlink()
     return read
 
@@ -334,7 +352,8 @@ def find_moment(config: Config, table_text: str, kind: str, before: datetime | N
     chain = wal_chain(archive, meta, Target("latest"), path)
     search = Search(kind, identity.database, identity.oid, before)
     partial = _partial(config, system, chain, int(meta["walSegmentSize"])) if chain else None
-    read = scan(config, archive, system, chain, search, tool, identity.relation if kind == "last-write" else None, partial)
+    read = scan(config, archive, system, chain, search, tool, identity.relation if kind == "last-write" else None,
+                int(meta["walSegmentSize"]), partial)
     span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
     if search.found is None:
         what = {"dropped": "dropped it", "truncated": "emptied or rewrote it (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE)",

@@ -4,6 +4,7 @@ read from the archived WAL; `restore --table` brings tables back beside the live
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
 from sidecar.logical.tables import plan, select_entries, toc_entries, with_suffix
 from sidecar.physical.find import Search, Table, parse_end, parse_record, parse_table
+from sidecar.physical.wal import parse_lsn
 from tests.conftest import backup_id, cli
 from tests.physical.conftest import Receiver, WalCluster, archived, switch, wait_for
 
@@ -132,7 +134,13 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
             events = _sum(c, "events")
             truncated = c.psql("BEGIN; TRUNCATE staging; SELECT txid_current() % 4294967296; COMMIT")
             c.psql("INSERT INTO staging VALUES (11)")
-            dropped = c.psql("BEGIN; DROP TABLE orders; SELECT txid_current() % 4294967296; COMMIT")
+            # the DROP's COMMIT record (~20 KB: the files, statistics and cache entries of 61 tables) starts just before a segment
+            # ends and ends in the next segment: pg_waldump must read both to see it
+            c.psql("SELECT format('CREATE TABLE junk%s (id int PRIMARY KEY, t text)', g) FROM generate_series(1, 60) g \\gexec")
+            dropped = c.psql("BEGIN; DROP TABLE orders, " + ", ".join(f"junk{i}" for i in range(1, 61)) + ";"
+                             "SELECT 1 WHERE pg_logical_emit_message(true, 'pad', repeat('x', greatest(0, (1048576 - ((pg_current_wal_insert_lsn() "
+                             "- '0/0') % 1048576))::int - 3000))) IS NULL;"
+                             "SELECT txid_current() % 4294967296; COMMIT")
             c.psql("INSERT INTO events (customer_id, what) VALUES (1, 'after the drop')")
             events = _sum(c, "events")
             time.sleep(1.1)
@@ -158,6 +166,8 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
     found = cli(pitr_env, "pitr", "find", "--dropped-table", "public.orders")
     assert f"transaction {dropped} dropped public.orders" in found.stdout, found.stdout
     assert f"pg-backup-sidecar restore --to-xid {dropped} --exclusive --table public.orders" in found.stdout, found.stdout
+    commit = json.loads(cli(pitr_env, "pitr", "find", "--dropped-table", "public.orders", "--json").stdout)["lsn"]
+    assert (1 << 20) - parse_lsn(commit) % (1 << 20) < 8000, commit  # it did start at the end of a segment
     assert f"transaction {truncated} emptied or rewrote public.staging" in cli(pitr_env, "pitr", "find", "--truncated-table", "public.staging").stdout
     last_write = cli(pitr_env, "pitr", "find", "--last-write-to", "public.events", "--before", now.isoformat(), "--json").stdout
     assert f'"xid": {deleted}' in last_write, last_write

@@ -33,6 +33,8 @@ from sidecar.storage.copy import Uploaded, add_fact, delete_remote, find_remote,
 from sidecar.storage.offsite import PendingReport
 
 if TYPE_CHECKING:
+    from sidecar.logical.tables import TableRestoreReport
+    from sidecar.physical.find import Moment
     from sidecar.storage.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ __all__ = [
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
     "create_base_backup", "list_base_backups", "wal_timelines", "recovery_window", "window_reader", "wal_watcher",
-    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
+    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point", "restore_tables", "find_moment",
 ]
 
 
@@ -677,3 +679,46 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
         return _restore.restore_backup(replace(cfg, backup_dir=root / "repository"), taken["id"], target_db=target_db)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def restore_tables(config: Config | None, tables: list[str], ref: str | None = None, *, suffix: str | None = None, target_db: str | None = None,
+                   to_time: str | None = None, to_lsn: str | None = None, to_latest: bool = False, to_restore_point: str | None = None,
+                   to_xid: str | None = None, exclusive: bool = False, timeline: str | None = None) -> TableRestoreReport:
+    """Chosen tables (`schema.name`) beside the live ones: from the backup `ref`, or as they were at a point in time (a
+    target as for restore_to_point). Into the live database under new names (`suffix`, default `_pitr` for a point in
+    time, `_restored` for a backup), or into `target_db` under their own; with their rows, indexes and constraints that
+    stand alone (foreign keys to tables not restored are left out). A name already taken is refused before anything."""
+    from sidecar.logical import tables as _tables
+
+    cfg = _config(config)
+    if not tables:
+        raise UsageError("give at least one --table schema.name")
+    if ref is not None:
+        if any((to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)):
+            raise UsageError("give a backup id or a point in time (--to-time ...), not both")
+        return _tables.restore_tables_from_backup(cfg, ref, tables, suffix, target_db)
+    from sidecar.physical.pitr import parse_target
+
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db)
+
+
+def find_moment(config: Config | None, table: str, kind: str, before: str | None = None, existed_at: str | None = None) -> Moment:
+    """The transaction that dropped the table (kind `dropped`), emptied or rewrote it (`truncated`) or last wrote to it
+    (`last-write`), committed before `before` (ISO 8601, with a time zone), read from the archived WAL; its Moment gives
+    the target that stops just before it. NothingFound (exit 1) when the table is unknown or nothing is found."""
+    from sidecar.physical.find import find_moment as _find
+
+    return _find(_config(config), table, kind, _moment(before, "--before"), _moment(existed_at, "--existed-at"))
+
+
+def _moment(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-26T14:32:05Z)") from None
+    if moment.tzinfo is None:
+        raise UsageError(f"{option} {text!r} has no time zone; add Z (UTC) or an offset such as +01:00")
+    return moment.astimezone(UTC)

@@ -156,6 +156,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--into-data-dir", metavar="DIR", help="write a data directory (new or empty) that recovers to the target when a server starts on it")
     r.add_argument("--stage-wal", action=argparse.BooleanOptionalAction, default=None,
                    help="copy the WAL recovery needs into DIR/pg_wal (self-contained; default when running as root) instead of restore_command = wal-fetch")
+    r.add_argument("--table", action="append", metavar="SCHEMA.NAME",
+                   help="restore only this table (repeat for more), beside the live one under a new name (--as-suffix), from the backup ID "
+                        "or as it was at the --to-* target")
+    r.add_argument("--as-suffix", metavar="SUFFIX", help="with --table: the restored tables' names get this suffix (default _pitr for a "
+                                                         "point in time, _restored for a backup; none with --target-db)")
+    pt = sub.add_parser("pitr", help="point-in-time recovery helpers: find the moment to restore to")
+    pts = pt.add_subparsers(dest="pitr_command", required=True, metavar="SUBCOMMAND")
+    fd = pts.add_parser("find", help="the transaction that dropped, emptied or last wrote to a table, from the archived WAL, and the "
+                                     "restore command that stops just before it (exit 1: not found)")
+    what = fd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dropped-table", metavar="SCHEMA.NAME", help="the transaction that dropped it")
+    what.add_argument("--truncated-table", metavar="SCHEMA.NAME", help="the newest transaction that emptied it (TRUNCATE) or rewrote its files")
+    what.add_argument("--last-write-to", metavar="SCHEMA.NAME", help="the newest committed transaction that wrote to it (with --before T)")
+    fd.add_argument("--before", metavar="T", help="only transactions committed before T (ISO 8601 with a time zone)")
+    fd.add_argument("--existed-at", metavar="T", help="--dropped-table: a moment the table existed (default: the end of the newest base "
+                                                      "backup that has it)")
+    fd.add_argument("--json", action="store_true")
     ls.add_argument("--base", action="store_true", help="base backups (point-in-time recovery) and whether their WAL is archived")
     ls.add_argument("--wal", action="store_true", help="the WAL archive per system and timeline: first and last segment, gaps")
     v.add_argument("--base", action="store_true", help="ID|latest is a base backup: sha256, then every file against its backup_manifest")
@@ -234,6 +251,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"error: {len(copied.failed)} backups not copied, {copied.left} still pending", file=sys.stderr)
             return FAILED
         return OK
+    tables = _run_tables(args, config)
+    if tables is not None:
+        return tables
     physical = _run_physical(args, config)
     if physical is not None:
         return physical
@@ -466,6 +486,56 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
             print(start_hint(result))
         return OK
     return None
+
+
+def _run_tables(args: argparse.Namespace, config: Config) -> int | None:
+    """`restore --table` (from a backup or a point in time) and `pitr find` (issue 16); None for every other command."""
+    if args.command == "pitr":
+        table = args.dropped_table or args.truncated_table or args.last_write_to
+        kind = "dropped" if args.dropped_table else "truncated" if args.truncated_table else "last-write"
+        if args.existed_at and kind != "dropped":
+            raise UsageError("--existed-at goes with --dropped-table (the table of the others is in the live database)")
+        if kind == "last-write" and not args.before:
+            raise UsageError("--last-write-to needs --before T: the newest write before T")
+        from sidecar.physical.find import NothingFound
+
+        try:
+            moment = api.find_moment(config, table, kind, args.before, args.existed_at)
+        except NothingFound as exc:
+            return _fail(args, FOUND_PROBLEM, [f"not found: {exc}"])
+        if args.json:
+            emit(moment.to_json())
+        else:
+            print(f"transaction {moment.xid} {moment.what}: committed at {moment.committed_at} (LSN {moment.lsn}, WAL segment {moment.segment})")
+            print(f"recovery target just before it: --to-xid {moment.xid} --exclusive")
+            print(f"  {moment.restore_command()}")
+            if not moment.archived:
+                print(f"note: segment {moment.segment} is the receiver's newest, not archived yet: a restore reaches it once it is; complete it "
+                      "with SELECT pg_switch_wal() on the server, and see 'list --wal'")
+        return OK
+    if args.command != "restore" or not (args.table or args.as_suffix is not None):
+        return None
+    if not args.table:
+        raise UsageError("--as-suffix goes with --table schema.name")
+    if args.in_place or args.force or args.database or args.from_remote or args.into_data_dir or args.stage_wal is not None:
+        raise UsageError("--table restores tables beside the live ones: leave out --in-place, --force, --database, --from-remote, "
+                         "--into-data-dir and --stage-wal")
+    point = bool(args.to_time or args.to_lsn or args.to_latest or args.to_restore_point or args.to_xid)
+    if not args.id and not point:
+        raise UsageError("--table needs a backup id (restore ID --table ...) or a point in time (--to-time T, --to-xid N ...)")
+    restored = api.restore_tables(config, args.table, args.id, suffix=args.as_suffix, target_db=args.target_db, to_time=args.to_time,
+                                  to_lsn=args.to_lsn, to_latest=args.to_latest, to_restore_point=args.to_restore_point, to_xid=args.to_xid,
+                                  exclusive=args.exclusive, timeline=args.timeline)
+    if args.json:
+        emit(asdict(restored))
+        return OK
+    for asked, name in restored.tables.items():
+        print(f"restored {asked} as of {restored.source} into {restored.database} as {name} ({restored.rows[name]} rows)")
+    for line in restored.left_out:
+        print(f"  left out: {line}")
+    for line in restored.created:
+        print(f"  created: {line}")
+    return OK
 
 
 def _wal_fetch(args: argparse.Namespace) -> int:

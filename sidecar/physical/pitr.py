@@ -259,18 +259,32 @@ def waldump_tool(config: Config, major: int | None) -> str | None:
         return None
 
 
-def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identity: age.Identities | None) -> SegmentScan | None:
+def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identity: age.Identities | None,
+                 following: str | None = None) -> SegmentScan | None:
     """Decode one archived segment into a scratch file (sha256 checked) and read its transaction and restore point records
-    with pg_waldump, streaming (its output is never held whole). None if pg_waldump cannot read it."""
+    with pg_waldump, streaming (its output is never held whole). None if pg_waldump cannot read it. With `following`
+    (the next segment of the chain) that one is decoded beside it, so that a record starting in `name` and ending in
+    the next (a large COMMIT) is read whole; records starting in the next are left out."""
     from sidecar.postgres import base_env
 
     with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-waldump-") as scratch:
         path = Path(scratch) / name
         archive.fetch(system, name, path, identity)
-        proc = subprocess.Popen([tool, "--rmgr=Transaction", "--rmgr=XLOG", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        argv = [tool, "--rmgr=Transaction", "--rmgr=XLOG", str(path)]
+        end = None
+        if following is not None:
+            archive.fetch(system, following, Path(scratch) / following, identity)
+            size = path.stat().st_size
+            timeline, segno = parse_segment(name, size)
+            end = (segno + 1) * size
+            argv = [tool, "--rmgr=Transaction", "--rmgr=XLOG", "--path", scratch, "--timeline", str(timeline), "--start", format_lsn(segno * size),
+                    "--end", format_lsn(end + size)]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, errors="replace", env=base_env(), cwd=scratch)
         assert proc.stdout is not None and proc.stderr is not None
-        scan = parse_waldump(proc.stdout)
+        scan = parse_waldump(proc.stdout if end is None else _before(proc.stdout, end))
+        if end is not None:
+            proc.kill()  # it may be blocked writing the next segment's records, which are not read
         error = proc.stderr.read(4096)
         proc.wait()
     unreadable = ("invalid magic number", "could not open", "WAL segment size", "could not read file")
@@ -278,6 +292,15 @@ def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identit
         log.warning("pg_waldump cannot read WAL segment %s: %s", name, error.strip()[:200])
         return None
     return scan
+
+
+def _before(lines: Any, end: int) -> Any:
+    """pg_waldump's lines up to the first record at or after LSN `end`."""
+    for line in lines:
+        match = re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+)", line)
+        if match and parse_lsn(match.group(1)) >= end:
+            return
+        yield line
 
 
 def locate(config: Config, archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath) -> int | None:
@@ -292,8 +315,8 @@ def locate(config: Config, archive: WalArchive, meta: dict[str, Any], target: Ta
     system = str(meta["systemIdentifier"])
     chain = wal_chain(archive, meta, Target("latest"), path)
     identity = _wal_identity(config)
-    for name in reversed(chain):
-        scan = scan_segment(archive, system, name, tool, identity)
+    for i, name in reversed(list(enumerate(chain))):
+        scan = scan_segment(archive, system, name, tool, identity, chain[i + 1] if i + 1 < len(chain) else None)
         if scan is None:
             return None
         found = scan.restore_points.get(target.name or "") if target.kind == "name" else scan.xids.get(target.xid or -1)

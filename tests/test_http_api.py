@@ -276,8 +276,13 @@ def _check_spec(daemon: Running, spec: dict[str, Any]) -> None:
     restore = check("/v1/restores", "/v1/restores", "post", body=json.dumps({"backup": MISSING, "request_id": "spec"}).encode())
     finished(daemon, restore)
     check("/v1/restores", "/v1/restores", "post", body=json.dumps({"backup": "latest", "request_id": "spec"}).encode())
+    pitr = check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_latest": True, "target_db": "then", "request_id": "spec-pitr"}).encode())
+    finished(daemon, pitr)  # no base backup here: it fails, and says so
+    check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_time": "now", "target_db": "then", "request_id": "spec-bad"}).encode())
+    check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_latest": True, "target_db": "elsewhere", "request_id": "spec-pitr"}).encode())
     check("/v1/restores", "/v1/restores", "get")
     check("/v1/restores/spec", "/v1/restores/{id}", "get")
+    check("/v1/restores/spec-pitr", "/v1/restores/{id}", "get")
     check("/readyz", "/readyz", "get", token=None)
     run = check("/v1/backups", "/v1/backups", "post", body=b"")
     check("/v1/backups", "/v1/backups", "post", body=b"")  # 409 while it runs

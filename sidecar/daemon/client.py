@@ -13,7 +13,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
-from sidecar.daemon.restores import check, target_of
+from sidecar.daemon.restores import check, describe, target_of
 from sidecar.errors import SidecarError, UsageError
 
 BUSY_TIMEOUT = 3600.0
@@ -94,12 +94,6 @@ def request_body(ref: str | None, target_db: str | None = None, request_id: str 
     return body
 
 
-def _what(body: dict[str, Any]) -> str:
-    if "backup" in body:
-        return str(body["backup"]) + (f" database {body['database']!r}" if body.get("database") else "")
-    return "the point in time " + ", ".join(k if v is True else f"{k}={v}" for k, v in target_of(body).items())
-
-
 def restore_request(server: str, ref: str | None, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT,
                     from_remote: bool = False, database: str | None = None, target: dict[str, Any] | None = None) -> int:
     from sidecar.daemon.server import api_token
@@ -116,7 +110,8 @@ def restore_request(server: str, ref: str | None, target_db: str | None, request
     if status not in (200, 202):
         raise SidecarError(f"the sidecar refused the restore ({status}): {reply.get('error', reply)}")
     restore_id = reply["id"]
-    print(f"restore {restore_id} of {_what(body)}{' from the remote store' if reply.get('from_remote') else ''}: {reply['state']}", flush=True)
+    what = describe(body.get("backup"), target_of(body), body.get("database"))
+    print(f"restore {restore_id} of {what}{' from the remote store' if reply.get('from_remote') else ''}: {reply['state']}", flush=True)
     if not wait:
         return 0
     last = None

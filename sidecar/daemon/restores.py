@@ -32,6 +32,13 @@ def target_of(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in (*TARGETS, *TARGET_OPTIONS) if values.get(k) not in (None, False)}
 
 
+def describe(backup: str | None, target: dict[str, Any] | None, database: str | None = None) -> str:
+    """What a request restores, in words: `latest`, `ID database 'shop'`, `the point in time to_time=..., exclusive`."""
+    if target:
+        return "the point in time " + ", ".join(k if v is True else f"{k}={v}" for k, v in target.items())
+    return str(backup) + (f" database {database!r}" if database else "")
+
+
 def check(backup: str | None, target: dict[str, Any], target_db: str | None, database: str | None, from_remote: bool,
           api_terms: bool = False) -> None:
     """UsageError naming the first problem (in the API's field names with `api_terms`, else the CLI's options)."""

@@ -24,6 +24,7 @@ from sidecar import postgres
 from sidecar.config import Config
 from sidecar.daemon import DAEMON_PID_VARIABLE
 from sidecar.daemon.metrics import Metrics, completed_at
+from sidecar.daemon.restores import describe, option
 from sidecar.errors import SidecarError
 from sidecar.repository import Entry, Repository, iso_timestamp, newest_good, write_atomically
 
@@ -93,13 +94,8 @@ def _now() -> str:
 def _described(ask: dict[str, Any]) -> str:
     """A restore request in words, for the 422 that names two of them."""
     source = " from the remote store" if ask.get("from_remote") else ""
-    target = ask.get("target")
-    if target:
-        what = "the point in time " + ", ".join(k if v is True else f"{k}={v}" for k, v in target.items())
-    else:
-        what = str(ask.get("backup")) + (f" database {ask['database']!r}" if ask.get("database") else "")
     into = f" into {ask['target_db']!r}" if ask.get("target_db") else " over the live database" if not ask.get("database") else ""
-    return f"{what}{source}{into}"
+    return f"{describe(ask.get('backup'), ask.get('target'), ask.get('database'))}{source}{into}"
 
 
 RESTORE_KEYS = ("backup", "target", "target_db", "database", "from_remote")  # what a request_id stands for
@@ -117,7 +113,7 @@ def restore_args(record: dict[str, Any]) -> list[str]:
     if target:
         args = ["restore"]
         for key, value in target.items():
-            args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+            args += [option(key)] + ([] if value is True else [str(value)])
     else:
         args = ["restore", record["backup"]] + (["--database", record["database"]] if record.get("database") else [])
     args += ["--target-db", record["target_db"]] if record.get("target_db") else []

@@ -625,6 +625,18 @@ def _remote_targets_only(from_remote: bool, to_restore_point: str | None, to_xid
                          "--to-restore-point, --to-xid, --exclusive and --timeline need the WAL archive on the volume")
 
 
+def describe_point_in_time_target(to_time: str | None = None, to_lsn: str | None = None, to_latest: bool = False,
+                                  to_restore_point: str | None = None, to_xid: str | None = None, exclusive: bool = False,
+                                  timeline: str | None = None, from_remote: bool = False) -> str:
+    """Check a point-in-time target as `restore --to-*` would, before anything starts (UsageError naming the problem);
+    what it restores to, in words. The daemon checks a `POST /v1/restores` target with it."""
+    from sidecar.physical.pitr import parse_target
+
+    target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
+    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
+    return target.describe()
+
+
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
     """The daemon's WAL receiver (WAL_ARCHIVING=true): `wal-receive` supervised in a thread until `stop` is set."""
     from sidecar.physical.receiver import supervise

@@ -112,8 +112,9 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
 
     rr = sub.add_parser("restore-request", help="ask a running sidecar to restore (the Kubernetes restore Job's command)")
-    rr.add_argument("id", metavar="ID|latest")
+    rr.add_argument("id", nargs="?", metavar="ID|latest", help="the backup to restore; leave it out with a point-in-time target (--to-*)")
     rr.add_argument("--target-db")
+    _restore_target_options(rr)
     rr.add_argument("--from-remote", action="store_true", help="the sidecar streams the backup from its remote store (BACKUP_REMOTE_URL), not the volume")
     rr.add_argument("--server", required=True, help="the sidecar's URL, e.g. http://db-0.db:9188")
     rr.add_argument("--request-id", help="idempotency key (default: $RESTORE_REQUEST_ID, else random)")
@@ -122,10 +123,11 @@ def parser() -> argparse.ArgumentParser:
                     help="while the sidecar is busy (a backup, drill or restore runs), ask again with backoff this long before giving up (default 3600)")
 
     rj = sub.add_parser("restore-job", help="print a Kubernetes restore Job manifest for kubectl apply -f -")
-    rj.add_argument("id", metavar="ID|latest")
+    rj.add_argument("id", nargs="?", metavar="ID|latest", help="the backup to restore; leave it out with a point-in-time target (--to-*)")
     rj.add_argument("--namespace", default="default")
     rj.add_argument("--release", default="pg-backup-sidecar", help="the Helm release name")
     rj.add_argument("--target-db")
+    _restore_target_options(rj)
     rj.add_argument("--from-remote", action="store_true", help="restore from the sidecar's remote store (BACKUP_REMOTE_URL), not the volume")
     rj.add_argument("--image", default=None, help="the sidecar image (default: this version's)")
     rj.add_argument("--request-id", help="names the Job and is its idempotency key (default: the current UTC time); the same id never restores twice")
@@ -180,6 +182,24 @@ def parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="check the setup works: connection, rights, pg_dump, volume, encryption keys (exit 1 on a problem)")
     ck.add_argument("--json", action="store_true")
     return p
+
+
+def _restore_target_options(p: argparse.ArgumentParser) -> None:
+    """restore-request's and restore-job's options beyond the backup id: what `restore` takes, asked of the daemon."""
+    p.add_argument("--database", metavar="NAME", help="of a whole server's backup set (BACKUP_DATABASES), restore only this database")
+    p.add_argument("--to-time", metavar="T", help="point-in-time restore (into --target-db) to T, ISO 8601 with a time zone")
+    p.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position")
+    p.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
+    p.add_argument("--to-restore-point", metavar="NAME", help="point-in-time restore to a restore point (pg_create_restore_point)")
+    p.add_argument("--to-xid", metavar="N", help="point-in-time restore to the end of transaction N")
+    p.add_argument("--exclusive", action="store_true", help="stop just before the --to-time/--to-lsn/--to-xid target")
+    p.add_argument("--timeline", metavar="N|latest|current", help="the timeline to recover along (default latest)")
+
+
+def _requested_target(args: argparse.Namespace) -> dict[str, Any]:
+    """The point-in-time target restore-request and restore-job were given, by the API's field names."""
+    return {key: getattr(args, key) for key in ("to_time", "to_lsn", "to_latest", "to_restore_point", "to_xid", "exclusive", "timeline")
+            if getattr(args, key) not in (None, False)}
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -630,14 +650,16 @@ def _main(argv: Sequence[str] | None) -> int:
                 extra["request_id"] = args.request_id
             if args.from_remote:
                 extra["from_remote"] = True
-            print(yaml.safe_dump(restore_job(args.id, args.release, args.namespace, args.target_db, **extra), sort_keys=False), end="")
+            job = restore_job(args.id, args.release, args.namespace, args.target_db, database=args.database, target=_requested_target(args), **extra)
+            print(yaml.safe_dump(job, sort_keys=False), end="")
             return OK
         if args.command == "wal-fetch":
             return _wal_fetch(args)
         if args.command == "restore-request":
             from sidecar.daemon.client import restore_request
 
-            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout, from_remote=args.from_remote)
+            return restore_request(args.server, args.id, args.target_db, args.request_id, args.wait, args.timeout, from_remote=args.from_remote,
+                                   database=args.database, target=_requested_target(args))
         if args.command in ("validate-config", "check", "run"):
             for warning in unknown_variables():  # set but ignored: most likely a typo
                 if args.command == "run":
@@ -655,7 +677,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except SidecarError as exc:
         if args.debug:
             raise
-        return _fail(args, FAILED, [f"error: {exc}"])
+        return _fail(args, FAILED, [f"error: {exc}"], getattr(exc, "details", None))
     except BrokenPipeError:
         _quiet_stdout()
         return OK
@@ -668,14 +690,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(args, FAILED, ["error: interrupted; nothing half-written is listed, the next backup cleans up"])
 
 
-def _fail(args: argparse.Namespace, code: int, lines: list[str]) -> int:
+def _fail(args: argparse.Namespace, code: int, lines: list[str], details: dict[str, Any] | None = None) -> int:
     """One line per problem on stderr; with --json also a JSON object on stdout, so a script parsing stdout
-    gets JSON whatever happened."""
+    gets JSON whatever happened (with what did succeed of a partly failed operation: `details`)."""
     for line in lines:
         print(line, file=sys.stderr)
     if getattr(args, "json", False):
         try:
-            emit({"ok": False, "exitCode": code, "error": "; ".join(line.split(": ", 1)[1] for line in lines)})
+            emit({**(details or {}), "ok": False, "exitCode": code, "error": "; ".join(line.split(": ", 1)[1] for line in lines)})
         except BrokenPipeError:
             pass
     return code

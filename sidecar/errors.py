@@ -1,5 +1,7 @@
 """One root exception type; the CLI alone maps them to exit codes."""
 
+from typing import Any
+
 
 class SidecarError(Exception):
     """An operation failed (exit code 3). The message says what happened and what to do."""
@@ -11,6 +13,15 @@ class ConfigError(SidecarError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class PartlyFailed(SidecarError):
+    """Part of an operation succeeded and part failed (exit code 3); `details` says which, as JSON-ready data (with
+    --json the CLI prints it beside the error, and the daemon's restore record shows it)."""
+
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class UsageError(SidecarError):

@@ -151,6 +151,13 @@ def test_secrets_reach_the_sidecar_only_as_files_and_never_in_the_config() -> No
                                     {"bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}}, "backup": {"persistence": {"enabled": False}},
                                      "remote": {"url": "s3://backups"}},
                                     {"restore": {"enabled": True, "requestId": "r1", "toLatest": True}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toLsn": "0/3000028"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toXid": 7, "targetDb": ""}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toRestorePoint": "p"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toLsn": "3000028", "targetDb": "x"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toXid": "12a", "targetDb": "x"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toXid": 2, "targetDb": "x"}},
+                                    {"restore": {"enabled": True, "requestId": "r1", "toLatest": True, "timeline": "sideways", "targetDb": "x"}},
                                     {"restore": {"enabled": True, "requestId": "r1", "toTime": "yesterday", "targetDb": "x"}},
                                     {"restore": {"enabled": True, "requestId": "r1", "toTime": "2026-11-26T14:32:05Z", "toLatest": True, "targetDb": "x"}},
                                     {"wal": {"enabled": True}, "backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups"}}],
@@ -190,6 +197,56 @@ def test_a_restore_job_asks_the_sidecar_with_the_request_id_it_was_given() -> No
     assert {e["name"]: e.get("value") for e in container["env"]}["RESTORE_REQUEST_ID"] == "r1"
     assert job["spec"]["backoffLimit"] == 3 and "volumes" in job["spec"]["template"]["spec"]
     assert not any(v.get("persistentVolumeClaim") for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+RESTORE_JOBS: list[dict[str, Any]] = [  # restore.* values; each renders a Job whose args the sidecar must accept
+    {"backup": "backup_2024-01-15T10-30-00-000Z", "targetDb": "app_copy"},
+    {"toTime": "2026-11-26T14:32:05+01:00", "targetDb": "app_then"},
+    {"toTime": "2026-11-26T14:32:05Z", "exclusive": True, "timeline": 2, "targetDb": "app_then"},
+    {"toLsn": "0/3000028", "exclusive": True, "targetDb": "app_then"},
+    {"toLatest": True, "timeline": "current", "targetDb": "app"},
+    {"toTime": "2026-11-26T14:32:05Z", "targetDb": "app", "fromRemote": True},
+    {"toRestorePoint": "before-migration", "targetDb": "app_then"},
+    {"toXid": 1234567, "targetDb": "app_then"},
+    {"toXid": "4294967295", "exclusive": True, "targetDb": "app_then"},
+    {"backup": "latest", "database": "billing"},
+]
+
+
+@pytest.mark.parametrize("restore", RESTORE_JOBS, ids=lambda values: ",".join(values))
+def test_the_chart_s_restore_job_args_are_what_the_cli_parses_and_the_sidecar_accepts(restore: dict[str, Any]) -> None:
+    import json
+
+    from sidecar.cli import _requested_target, parser
+    from sidecar.daemon.client import request_body
+    from sidecar.daemon.jobs import request_args
+    from sidecar.daemon.server import restore_ask
+
+    [job] = [d for d in render({"restore": {"enabled": True, "requestId": "r1", **restore}}) if d["kind"] == "Job"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = parser().parse_args(args)  # the real argument parser of the image's CLI (it exits 2 on an unknown option)
+    assert parsed.command == "restore-request" and parsed.wait and parsed.server == "http://rel-pg-backup-sidecar:9188"
+    body = request_body(parsed.id, parsed.target_db, parsed.request_id, parsed.from_remote, parsed.database, _requested_target(parsed))
+    ask = restore_ask(json.dumps(body).encode(), remote_configured=True)  # what POST /v1/restores checks: no 400
+    assert ask["target_db"] == restore.get("targetDb") and ask["database"] == restore.get("database")
+    assert ask["backup"] == (restore.get("backup") if ask["target"] is None else None)
+    if ask["target"]:
+        expected = {k.replace("L", "_l").replace("T", "_t").replace("R", "_r").replace("P", "_p").replace("X", "_x"): v
+                    for k, v in restore.items() if k.startswith("to") or k in ("exclusive", "timeline")}
+        assert ask["target"] == {k: str(v) if k in ("to_xid", "timeline") else v for k, v in expected.items()}
+    # restore-job prints the same args for the same request
+    assert request_args(parsed.id, parsed.server, parsed.target_db, parsed.from_remote, parsed.database, _requested_target(parsed)) == args
+
+
+@pytest.mark.parametrize(("restore", "words"), [
+    ({"toTime": "2026-11-26T14:32:05Z", "toLsn": "0/3000028", "targetDb": "x"}, "toTime, toLsn: give one point-in-time target"),
+    ({"exclusive": True, "targetDb": "x"}, "go with a point-in-time target"),
+    ({"toLatest": True, "targetDb": "x", "database": "shop"}, "leave out restore.database"),
+    ({"database": "shop", "targetDb": "x"}, "leave out restore.targetDb"),
+    ({"toXid": 1234, "targetDb": "x", "fromRemote": True}, "need the WAL archive on the volume")])
+def test_a_restore_job_the_sidecar_would_refuse_fails_at_install_saying_why(restore: dict[str, Any], words: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=words):
+        render({"restore": {"enabled": True, "requestId": "r1", **restore}})
 
 
 REMOTE = {"url": "s3://backups/db"}

@@ -46,7 +46,8 @@ def test_a_request_id_reused_for_another_restore_is_refused_with_both_requests_n
         assert "rq-1" in line and f"latest into '{db}_rr2'" in line and f"{first_backup} into '{db}_totally_different'" in line, line
         status, reply = request(running.base, "/v1/restores", method="POST",
                                 body=json.dumps({"backup": "latest", "request_id": "rq-1"}).encode())  # same key, now over the live database
-        assert status == 422 and reply["earlier"]["target_db"] == db + "_rr2" and reply["requested"] == {"backup": "latest", "target_db": None, "from_remote": False}
+        assert status == 422 and reply["earlier"]["target_db"] == db + "_rr2" and reply["requested"] == {"backup": "latest", "target": None, "target_db": None,
+                                                                                          "database": None, "from_remote": False}
         # the same request again is still the same restore
         status, reply = request(running.base, "/v1/restores", method="POST",
                                 body=json.dumps({"backup": "latest", "request_id": "rq-1", "target_db": db + "_rr2"}).encode())
@@ -55,6 +56,55 @@ def test_a_request_id_reused_for_another_restore_is_refused_with_both_requests_n
     finally:
         running.stop()
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{db}_totally_different'") == "0"
+
+
+def test_a_whole_servers_set_restored_through_the_api_names_each_databases_outcome_and_one_database_comes_back_alone(
+        fresh_cluster: Cluster, env: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    server = fresh_cluster
+    tablespace = server.root / "fast"
+    tablespace.mkdir()
+    shutil.chown(tablespace, server._as_user or os.getuid())
+    for name in ("shop", "billing"):
+        server.psql(f"CREATE DATABASE {name}")
+    server.psql(f"CREATE TABLESPACE fast LOCATION '{tablespace}'")
+    server.psql("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 500) g", "shop")
+    server.psql("CREATE TABLE archive TABLESPACE fast AS SELECT g AS id FROM generate_series(1, 300) g", "billing")
+    set_env = {**env, "DATABASE_URL": server.url("postgres"), "BACKUP_DATABASES": "shop,billing"}
+    set_id = backup_id(set_env)
+    server.psql("DELETE FROM items WHERE id > 10", "shop")
+    server.psql("DROP TABLE archive", "billing")
+    server.psql("DROP TABLESPACE fast")
+    tablespace.rmdir()  # billing's tablespace is gone, its directory too: billing cannot come back, shop can
+    running = Running({**set_env, "BACKUP_ON_START": "false", "DRILL_AFTER_BACKUP": "false", "BACKUP_SCHEDULE": "0 2 1 1 *"}, tmp_path / "daemon.log")
+    try:
+        status, restore = request(running.base, "/v1/restores", method="POST", body=json.dumps({"backup": set_id, "request_id": "whole"}).encode())
+        assert status == 202, restore
+        whole = finished(running, restore)
+        assert whole["state"] == "failed" and "1 of 2 databases failed" in whole["error"], whole
+        assert whole["databases"]["restored"] == ["shop"] and list(whole["databases"]["failed"]) == ["billing"], whole["databases"]
+        assert 'Tablespace "fast" does not exist' in whole["databases"]["failed"]["billing"]
+        assert server.psql("SELECT count(*) FROM items", "shop") == "500"
+        assert server.psql("SELECT count(*) FROM pg_class WHERE relname = 'archive'", "billing") == "0"  # left as it was
+
+        server.psql("DELETE FROM items WHERE id > 10", "shop")
+        job = restore_request(env, running.base, set_id, "--database", "shop", "--request-id", "shop-only", "--wait")
+        assert job.returncode == 0, job.stdout + job.stderr
+        one = request(running.base, "/v1/restores/shop-only")[1]
+        assert one["database"] == "shop" and one["databases"] == {"restored": ["shop"], "failed": {}}, one
+        assert server.psql("SELECT count(*) FROM items", "shop") == "500"
+        status, reply = request(running.base, "/v1/restores", method="POST",
+                                body=json.dumps({"backup": set_id, "database": "billing", "request_id": "shop-only"}).encode())
+        assert status == 422 and "database 'shop'" in reply["error"] and "database 'billing'" in reply["error"], reply
+        status, reply = request(running.base, "/v1/restores", method="POST",
+                                body=json.dumps({"backup": set_id, "database": "shop", "target_db": "x", "request_id": "into"}).encode())
+        assert status == 400 and "leave out target_db" in reply["error"]
+        assert restore_request(env, running.base, set_id, "--database", "nope", "--request-id", "nope", "--wait").returncode == 3
+        assert "has no database 'nope'" in request(running.base, "/v1/restores/nope")[1]["error"]
+    finally:
+        running.stop()
 
 
 def test_runs_and_restores_are_listed_newest_first_with_times_and_a_restore_is_found_by_its_request_id(env: dict[str, str], tmp_path: Path) -> None:
@@ -226,8 +276,13 @@ def _check_spec(daemon: Running, spec: dict[str, Any]) -> None:
     restore = check("/v1/restores", "/v1/restores", "post", body=json.dumps({"backup": MISSING, "request_id": "spec"}).encode())
     finished(daemon, restore)
     check("/v1/restores", "/v1/restores", "post", body=json.dumps({"backup": "latest", "request_id": "spec"}).encode())
+    pitr = check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_latest": True, "target_db": "then", "request_id": "spec-pitr"}).encode())
+    finished(daemon, pitr)  # no base backup here: it fails, and says so
+    check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_time": "now", "target_db": "then", "request_id": "spec-bad"}).encode())
+    check("/v1/restores", "/v1/restores", "post", body=json.dumps({"to_latest": True, "target_db": "elsewhere", "request_id": "spec-pitr"}).encode())
     check("/v1/restores", "/v1/restores", "get")
     check("/v1/restores/spec", "/v1/restores/{id}", "get")
+    check("/v1/restores/spec-pitr", "/v1/restores/{id}", "get")
     check("/readyz", "/readyz", "get", token=None)
     run = check("/v1/backups", "/v1/backups", "post", body=b"")
     check("/v1/backups", "/v1/backups", "post", body=b"")  # 409 while it runs

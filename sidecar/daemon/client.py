@@ -13,6 +13,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_exponential
 
+from sidecar.daemon.restores import check, describe, target_of
 from sidecar.errors import SidecarError, UsageError
 
 BUSY_TIMEOUT = 3600.0
@@ -74,8 +75,27 @@ def _post_when_idle(server: str, token: str, body: dict[str, Any], timeout: floa
     return result
 
 
-def restore_request(server: str, ref: str, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT,
-                    from_remote: bool = False) -> int:
+def request_body(ref: str | None, target_db: str | None = None, request_id: str | None = None, from_remote: bool = False,
+                 database: str | None = None, target: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The POST /v1/restores body restore-request sends, checked as the sidecar checks it (a UsageError before anything is
+    sent): `ref` (a backup id or latest) or a point-in-time `target` ({to_time: ..., exclusive: true, ...})."""
+    target = target_of(target or {})
+    check(ref, target, target_db, database, from_remote)
+    body: dict[str, Any] = {"request_id": request_id or os.environ.get("RESTORE_REQUEST_ID") or str(uuid.uuid4())}
+    if ref is not None:
+        body["backup"] = ref
+    body.update(target)
+    if target_db:
+        body["target_db"] = target_db
+    if database:
+        body["database"] = database
+    if from_remote:
+        body["from_remote"] = True
+    return body
+
+
+def restore_request(server: str, ref: str | None, target_db: str | None, request_id: str | None, wait: bool, timeout: float = BUSY_TIMEOUT,
+                    from_remote: bool = False, database: str | None = None, target: dict[str, Any] | None = None) -> int:
     from sidecar.daemon.server import api_token
 
     if timeout < 0:
@@ -83,18 +103,15 @@ def restore_request(server: str, ref: str, target_db: str | None, request_id: st
     token = api_token()
     if not token:
         raise UsageError("set SIDECAR_API_TOKEN (or SIDECAR_API_TOKEN_FILE) to the sidecar's API token")
-    body: dict[str, Any] = {"backup": ref, "request_id": request_id or os.environ.get("RESTORE_REQUEST_ID") or str(uuid.uuid4())}
-    if target_db:
-        body["target_db"] = target_db
-    if from_remote:
-        body["from_remote"] = True
+    body = request_body(ref, target_db, request_id, from_remote, database, target)
     status, reply = _post_when_idle(server, token, body, timeout)
-    if status == 422:  # the request id was used for another restore
+    if status in (400, 422):  # a request the sidecar cannot take (a bad target, say), or a request id used for another restore
         raise UsageError(str(reply.get("error", reply)))
     if status not in (200, 202):
         raise SidecarError(f"the sidecar refused the restore ({status}): {reply.get('error', reply)}")
     restore_id = reply["id"]
-    print(f"restore {restore_id} of {ref}{' from the remote store' if reply.get('from_remote') else ''}: {reply['state']}", flush=True)
+    what = describe(body.get("backup"), target_of(body), body.get("database"))
+    print(f"restore {restore_id} of {what}{' from the remote store' if reply.get('from_remote') else ''}: {reply['state']}", flush=True)
     if not wait:
         return 0
     last = None
@@ -109,6 +126,9 @@ def restore_request(server: str, ref: str, target_db: str | None, request_id: st
             print(json.dumps(reply.get("result"), indent=2))
             return 0
         if reply["state"] == "failed":
+            databases = reply.get("databases")
+            if databases:  # a whole server's set: what did come back
+                print(json.dumps(databases, indent=2))
             print(f"error: restore {restore_id} failed: {reply.get('error')}", file=sys.stderr)
             return 3
         time.sleep(1)

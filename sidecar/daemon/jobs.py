@@ -10,20 +10,38 @@ import time
 from typing import Any
 
 from sidecar import __version__
+from sidecar.daemon.restores import check, option, target_of
 from sidecar.errors import UsageError
 from sidecar.repository import parse_id
 
 CHART = "pg-backup-sidecar"
 
 
+def request_args(ref: str | None, server: str, target_db: str | None = None, from_remote: bool = False, database: str | None = None,
+                 target: dict[str, Any] | None = None) -> list[str]:
+    """The restore Job container's args: `restore-request` with the backup id or the `--to-*` options, in the order the
+    chart's template writes them (helm/pg-backup-sidecar/templates/restore-job.yaml; tests/test_helm.py compares)."""
+    args = ["restore-request"] + ([ref] if ref is not None else [])
+    for key, value in target_of(target or {}).items():
+        args += [option(key)] + ([] if value is True else [str(value)])
+    args += ["--server", server, "--wait"] + (["--target-db", target_db] if target_db else [])
+    args += ["--database", database] if database else []
+    return args + (["--from-remote"] if from_remote else [])
+
+
 KUBE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-def restore_job(ref: str, release: str, namespace: str, target_db: str | None = None,
+def restore_job(ref: str | None, release: str, namespace: str, target_db: str | None = None,
                 image: str = f"ghcr.io/example/pg-backup-sidecar:{__version__}", port: int = 9188,
-                request_id: str | None = None, from_remote: bool = False) -> dict[str, Any]:
-    """The restore Job for one request; without request_id, a new one named after the current UTC time."""
-    if ref != "latest":
+                request_id: str | None = None, from_remote: bool = False, database: str | None = None,
+                target: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The restore Job for one request; without request_id, a new one named after the current UTC time. `ref` (a backup
+    id or latest) or a point-in-time `target` ({to_time: ..., exclusive: true, ...}, into target_db), checked as the
+    sidecar checks a request; `database`: one database of a whole server's set."""
+    target = target_of(target or {})
+    check(ref, target, target_db, database, from_remote)
+    if ref is not None and ref != "latest":
         parse_id(ref)
     if not KUBE_NAME.fullmatch(release) or len(release) > 40:
         raise UsageError(f"release {release!r} is not a valid Helm release name (lowercase letters, digits and '-')")
@@ -35,8 +53,7 @@ def restore_job(ref: str, release: str, namespace: str, target_db: str | None = 
     if len(name) > 63:
         raise UsageError(f"request id {request_id!r} makes the Job name {name!r} longer than 63 characters: "
                          f"use at most {63 - len(name) + len(request_id)} characters")
-    args = ["restore-request", ref, "--server", f"http://{fullname}:{port}", "--wait"] + (["--target-db", target_db] if target_db else [])
-    args += ["--from-remote"] if from_remote else []
+    args = request_args(ref, f"http://{fullname}:{port}", target_db, from_remote, database, target)
     security = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     return {

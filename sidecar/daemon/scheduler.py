@@ -24,6 +24,7 @@ from sidecar import postgres
 from sidecar.config import Config
 from sidecar.daemon import DAEMON_PID_VARIABLE
 from sidecar.daemon.metrics import Metrics, completed_at
+from sidecar.daemon.restores import describe, option
 from sidecar.errors import SidecarError
 from sidecar.repository import Entry, Repository, iso_timestamp, newest_good, write_atomically
 
@@ -90,9 +91,41 @@ def _now() -> str:
     return iso_timestamp(datetime.now(timezone.utc))
 
 
-def _described(backup: str, target_db: str | None, from_remote: bool = False) -> str:
-    where = " from the remote store" if from_remote else ""
-    return f"{backup}{where} into {target_db!r}" if target_db else f"{backup}{where} over the live database"
+def _described(ask: dict[str, Any]) -> str:
+    """A restore request in words, for the 422 that names two of them."""
+    source = " from the remote store" if ask.get("from_remote") else ""
+    into = f" into {ask['target_db']!r}" if ask.get("target_db") else " over the live database" if not ask.get("database") else ""
+    return f"{describe(ask.get('backup'), ask.get('target'), ask.get('database'))}{source}{into}"
+
+
+RESTORE_KEYS = ("backup", "target", "target_db", "database", "from_remote")  # what a request_id stands for
+
+
+def _request_of(record: dict[str, Any]) -> dict[str, Any]:
+    """What a restore was asked for; records written before target, database or from_remote existed lack them (None,
+    None, False: a dump restored from the volume)."""
+    return {key: record.get(key, False if key == "from_remote" else None) for key in RESTORE_KEYS}
+
+
+def restore_args(record: dict[str, Any]) -> list[str]:
+    """The `pg-backup-sidecar restore` arguments for a restore record (pure)."""
+    target = record.get("target")
+    if target:
+        args = ["restore"]
+        for key, value in target.items():
+            args += [option(key)] + ([] if value is True else [str(value)])
+    else:
+        args = ["restore", record["backup"]] + (["--database", record["database"]] if record.get("database") else [])
+    args += ["--target-db", record["target_db"]] if record.get("target_db") else []
+    return args + (["--from-remote"] if record.get("from_remote") else [])
+
+
+def per_database(outcome: Any) -> dict[str, Any] | None:
+    """For a whole server's set: which databases were restored and which failed and why (from `restore --json`'s report,
+    or its failure's details); None for one database."""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("restored"), list):
+        return None
+    return {"restored": [item.get("database") for item in outcome["restored"] if isinstance(item, dict)], "failed": outcome.get("failed") or {}}
 
 
 def _forget_oldest(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,9 +162,10 @@ class Daemon:
 
     # --- operations: one at a time, each a child process -------------------------------------------
 
-    def _cli(self, *args: str, record: dict[str, Any] | None = None) -> tuple[bool, Any]:
+    def _cli(self, *args: str, record: dict[str, Any] | None = None, failure: dict[str, Any] | None = None) -> tuple[bool, Any]:
         """Run `pg-backup-sidecar ARGS --json` as a cancellable child; (ok, parsed JSON or the error line).
-        The child's JSON log lines (progress, warnings) are passed on to our log as they come."""
+        The child's JSON log lines (progress, warnings) are passed on to our log as they come. When it fails, the JSON
+        it printed (what did succeed of a partly failed operation) goes into `failure`."""
         argv = [sys.executable, "-m", "sidecar"] + (["--config", self.config_path] if self.config_path else []) + [*args, "--json"]
         env = {**os.environ, "SIDECAR_LOG_FORMAT": "json", DAEMON_PID_VARIABLE: str(os.getpid())}
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
@@ -162,6 +196,11 @@ class Daemon:
             self._child = None
         if code in (0, 1) and out.strip():
             return code == 0, json.loads(out)
+        if failure is not None and out.strip():
+            try:
+                failure.update(json.loads(out))
+            except (ValueError, TypeError):
+                pass
         return False, errors[-1] if errors else f"exit code {code}"
 
     def _database_reachable(self) -> str | None:
@@ -309,27 +348,25 @@ class Daemon:
         """A restore by its id, else by the request_id it was asked with."""
         return self.restores.get(key) or self.restores.get(self.request_ids.get(key, ""))
 
-    def request_restore(self, backup: str, target_db: str | None, request_id: str, from_remote: bool = False) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, restore record). The same request_id always answers with the same restore; the same
-        request_id with another backup, target or source (from_remote) is a mistake (422), never a second restore."""
+    def request_restore(self, ask: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, restore record) for a checked request (server.restore_ask: request_id, backup or a point-in-time
+        target, target_db, database, from_remote). The same request_id always answers with the same restore; the same
+        request_id with anything else asked is a mistake (422), never a second restore."""
+        request_id = ask["request_id"]
+        requested = _request_of(ask)
         with self._requests_lock:
             if request_id in self.request_ids:
                 earlier = self.restores[self.request_ids[request_id]]
-                was_remote = bool(earlier.get("from_remote"))  # records written before from_remote existed restored from the volume
-                if (earlier["backup"], earlier.get("target_db"), was_remote) != (backup, target_db, from_remote):
+                if _request_of(earlier) != requested:
                     return 422, {"error": f"request_id {request_id!r} was already used for restore {earlier['id']} of "
-                                          f"{_described(earlier['backup'], earlier.get('target_db'), was_remote)}; this request asks for "
-                                          f"{_described(backup, target_db, from_remote)}: use a new request_id for a new restore",
-                                 "request_id": request_id, "earlier": {"id": earlier["id"], "backup": earlier["backup"], "target_db": earlier.get("target_db"),
-                                                                       "from_remote": was_remote},
-                                 "requested": {"backup": backup, "target_db": target_db, "from_remote": from_remote}}
+                                          f"{_described(earlier)}; this request asks for {_described(ask)}: use a new request_id for a new restore",
+                                 "request_id": request_id, "earlier": {"id": earlier["id"], **_request_of(earlier)}, "requested": requested}
                 return 200, earlier
             if not self._run_lock.acquire(blocking=False):
                 return 409, self.busy()
             restore_id = f"restore-{int(time.time() * 1000)}"
-            record: dict[str, Any] = {"id": restore_id, "request_id": request_id, "backup": backup, "target_db": target_db,
-                                      "from_remote": from_remote, "state": "running", "progress": None, "error": None, "result": None,
-                                      "started": _now(), "finished": None}
+            record: dict[str, Any] = {"id": restore_id, "request_id": request_id, **requested, "state": "running", "progress": None,
+                                      "error": None, "result": None, "databases": None, "started": _now(), "finished": None}
             self.restores[restore_id] = record
             self.request_ids[request_id] = restore_id
             for forgotten in _forget_oldest(self.restores):
@@ -342,15 +379,15 @@ class Daemon:
     def _restore(self, record: dict[str, Any]) -> None:
         self.metrics.in_progress.labels(operation="restore").set(1)
         try:
-            args = ["restore", record["backup"]] + (["--target-db", record["target_db"]] if record["target_db"] else [])
-            args += ["--from-remote"] if record.get("from_remote") else []
-            ok, result = self._cli(*args, record=record)
+            failure: dict[str, Any] = {}
+            ok, result = self._cli(*restore_args(record), record=record, failure=failure)
             final = {**record, "state": "succeeded" if ok else "failed", "result": result if ok else None, "error": None if ok else result,
-                     "finished": _now()}
+                     "databases": per_database(result if ok else failure), "finished": _now()}
             self._save_restore(final)
             self.metrics.restores.labels(result="success" if ok else "failure").inc()
             record.update(final)  # the API shows the outcome only once it is on the volume and counted
-            (log.info if ok else log.error)("restore %s of %s %s", record["id"], record["backup"], "succeeded" if ok else f"failed: {result}")
+            what = record["backup"] or _described(record)
+            (log.info if ok else log.error)("restore %s of %s %s", record["id"], what, "succeeded" if ok else f"failed: {result}")
         finally:
             self.metrics.in_progress.labels(operation="restore").set(0)
             self._run_lock.release()

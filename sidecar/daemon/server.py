@@ -28,6 +28,7 @@ from waitress.task import ErrorTask
 
 from sidecar import api, postgres
 from sidecar.config import Config
+from sidecar.daemon.restores import TARGET_OPTIONS, TARGETS, check, target_of
 from sidecar.daemon.scheduler import Daemon
 from sidecar.errors import ConfigError, NotFound, SidecarError, UsageError
 from sidecar.repository import parse_id
@@ -284,11 +285,8 @@ class App:
                 raise Reply(409, daemon.busy())
             raise Reply(202, daemon.runs[run_id])
         if path == "/v1/restores":
-            request = json_body(body, required={"backup", "request_id"}, optional={"target_db", "from_remote"}, flags={"from_remote"})
-            from_remote = bool(request.get("from_remote", False))
-            if from_remote and daemon.config.remote is None:
-                raise error(400, "from_remote: no remote store is configured on this sidecar (BACKUP_REMOTE_URL)")
-            status, record = daemon.request_restore(request["backup"], request.get("target_db"), request["request_id"], from_remote)
+            ask = restore_ask(body, remote_configured=daemon.config.remote is not None)
+            status, record = daemon.request_restore(ask)
             raise Reply(status, record)
         raise error(404, f"no such endpoint {path[:100]}")
 
@@ -307,8 +305,10 @@ def query_flag(environ: Environ, name: str) -> bool:
     return values[0] == "true"
 
 
-def json_body(body: bytes, required: set[str], optional: set[str], flags: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """The request's JSON object: string values, except `flags` (true or false); 400 naming the problem otherwise."""
+def json_body(body: bytes, required: set[str], optional: set[str], flags: frozenset[str] | set[str] = frozenset(),
+              numbers: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """The request's JSON object: string values, except `flags` (true or false) and `numbers` (a string or a whole
+    number, given on as a string); 400 naming the problem otherwise."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -317,15 +317,37 @@ def json_body(body: bytes, required: set[str], optional: set[str], flags: frozen
         raise error(400, "the body must be a JSON object")
     unknown = sorted(set(data) - required - optional)
     missing = sorted(required - set(data))
+    data = {k: str(v) if k in numbers and isinstance(v, int) and not isinstance(v, bool) else v for k, v in data.items()}
     wrong = sorted(k for k, v in data.items() if k not in flags and (not isinstance(v, str) or not v or len(v) > 200))
     not_flags = sorted(k for k, v in data.items() if k in flags and not isinstance(v, bool))
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in (("unknown fields", unknown), ("missing fields", missing),
+    problems = [f"{label}: {', '.join(k[:40] for k in keys[:10])}" for label, keys in (
+                ("unknown fields", unknown), ("missing fields", missing),
                 ("must be non-empty strings of at most 200 characters", wrong), ("must be true or false", not_flags)) if keys]
     if problems:
         raise error(400, "; ".join(problems))
     try:
-        if data["backup"] != "latest":
+        if data.get("backup", "latest") != "latest":
             parse_id(data["backup"])
     except NotFound as exc:
         raise error(400, str(exc)) from None
     return data
+
+
+def restore_ask(body: bytes, remote_configured: bool) -> dict[str, Any]:
+    """A POST /v1/restores body, checked whole before anything starts (400 with one line naming the problem), as the
+    restore it asks for: {request_id, backup, target, target_db, database, from_remote}. `backup` (an id or latest)
+    restores a dump; a point-in-time target (exactly one of to_time, to_lsn, to_latest, to_restore_point, to_xid, with
+    exclusive and timeline, as `restore --to-*` takes them) restores from base backups and WAL into target_db and takes
+    no backup; `database` restores one database of a whole server's backup set (daemon/restores.py)."""
+    data = json_body(body, required={"request_id"}, optional={"backup", "target_db", "from_remote", "database", *TARGETS, *TARGET_OPTIONS},
+                     flags={"from_remote", "to_latest", "exclusive"}, numbers={"to_xid", "timeline"})
+    from_remote = bool(data.get("from_remote", False))
+    if from_remote and not remote_configured:
+        raise error(400, "from_remote: no remote store is configured on this sidecar (BACKUP_REMOTE_URL)")
+    target = target_of(data)
+    try:
+        check(data.get("backup"), target, data.get("target_db"), data.get("database"), from_remote, api_terms=True)
+    except UsageError as exc:
+        raise error(400, str(exc)) from None
+    return {"request_id": data["request_id"], "backup": data.get("backup"), "target": target or None, "target_db": data.get("target_db"),
+            "database": data.get("database"), "from_remote": from_remote}

@@ -34,7 +34,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +42,7 @@ import psycopg
 
 from sidecar import __version__, postgres
 from sidecar.config import ALL_DATABASES, Config
-from sidecar.errors import ChecksumMismatch, ConfigError, SidecarError, UsageError
+from sidecar.errors import ChecksumMismatch, ConfigError, PartlyFailed, SidecarError, UsageError
 from sidecar.logical import dbprops, roles
 from sidecar.logical import restore as _restore
 from sidecar.logical.backup import Destination, LockWatch, Output, RemoteDestination, VolumeDestination, _dump_globals, dump_database, dump_format
@@ -387,8 +387,8 @@ def restore_set(config: Config, ref: str, database: str | None = None, force: bo
         if report.failed:
             done = ", ".join(r.database for r in report.restored) or "none"
             name, why = next(iter(report.failed.items()))
-            raise SidecarError(f"restore of {entry.id}: {len(report.failed)} of {len(names)} databases failed and were left as they were "
-                               f"({name}: {why}); restored: {done}")
+            raise PartlyFailed(f"restore of {entry.id}: {len(report.failed)} of {len(names)} databases failed and were left as they were "
+                               f"({name}: {why}); restored: {done}", asdict(report))
         return report
 
 

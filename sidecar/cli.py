@@ -470,9 +470,9 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
                 print(f"  {line}")
         return OK if report.ok else FOUND_PROBLEM
     if _pitr_requested(args):
-        if args.id or args.in_place or args.force:
-            raise UsageError("--to-time/--to-lsn/--to-restore-point/--to-xid/--to-latest restore from base backups and WAL; "
-                             "leave out the backup id, --in-place and --force")
+        if args.id or args.in_place or args.force or args.database:
+            raise UsageError("--to-time/--to-lsn/--to-restore-point/--to-xid/--to-latest restore DATABASE_URL's database from base backups "
+                             "and WAL; leave out the backup id, --database, --in-place and --force")
         if args.from_remote and args.stage_wal is False:
             raise UsageError("--from-remote stages the WAL into the data directory (the server cannot read the bucket); leave out --no-stage-wal")
         if args.target_db is not None:

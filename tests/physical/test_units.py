@@ -153,3 +153,13 @@ def test_a_restore_from_the_bucket_refuses_targets_it_cannot_reach_instead_of_ru
         result = cli(env, "restore", *target, "--from-remote", "--into-data-dir", str(tmp_path / "d"), check=False)
         assert result.returncode == 2 and "--from-remote restores to --to-time, --to-lsn or --to-latest" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+
+
+def test_a_point_in_time_restore_refuses_database_rather_than_ignoring_it(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "b"),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = cli(env, "restore", "--to-latest", "--target-db", "copy", "--database", "billing", check=False)
+    assert result.returncode == 2 and "leave out the backup id, --database" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

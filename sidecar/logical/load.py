@@ -30,7 +30,7 @@ import psycopg
 from sidecar import postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.logical.dumpcounts import BLK_DATA, CustomCounter, DumpCountError
+from sidecar.logical.dumpcounts import BLK_DATA, NL, CustomCounter, DumpCountError
 from sidecar.postgres import Child
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,9 @@ class _Reader(CustomCounter):
     """The archive's parser: the table of contents as the counter reads it, then every data block's rows
     handed to the loader (the chunk framing stripped: the connections get plain COPY text)."""
 
-    def __init__(self, on_start: Callable[[bytes], None], send: Callable[[int, bytes, bytes | None], None]) -> None:
+    def __init__(self, on_start: Callable[[bytes], None], send: Callable[[int, bytes, bytes | None], None], batch: int = BATCH) -> None:
         super().__init__()
+        self._batch = batch
         self.head = bytearray()  # the header and table of contents: everything before the first data block
         self.started = False
         self._on_start, self._send = on_start, send
@@ -203,7 +204,7 @@ class _Reader(CustomCounter):
                 pos = self._chunks_to(buf, pos)
                 if self._state == "chunk" and pos + isz > end:  # a chunk length cut by the read boundary
                     break
-            if self._size >= BATCH:
+            if self._size >= self._batch:
                 self._flush()
         self._buf = buf[pos:]
 
@@ -235,7 +236,7 @@ class _Reader(CustomCounter):
             append(buf[pos:stop])
             size += stop - pos
             pos = stop
-            if size >= BATCH or self._state == "payload":
+            if size >= self._batch or self._state == "payload":
                 break
         self._size = size
         return pos
@@ -270,6 +271,7 @@ class ParallelLoad:
         self._child: Child | None = None
         self._toc_fd = -1
         self.mode = "parallel"  # or "single" (the fallback)
+        self._last, self._open_row = 0, False
         self.rows: dict[int, int] = {}
 
     def write(self, data: bytes) -> int:
@@ -298,8 +300,12 @@ class ParallelLoad:
     def _send(self, dump_id: int, statement: bytes, data: bytes | None) -> None:
         assert self._copier is not None
         if data is not None:
-            self._copier.send(dump_id, statement, data)
+            # a batch that ends inside a row (a row longer than a batch, or cut by a read) is followed by the rest
+            # of that row on the same connection; the next whole batch goes to the next one
+            self._last = self._copier.send(dump_id, statement, data, to=self._last if self._open_row else None)
+            self._open_row = not data.endswith(NL)
         else:  # the table's end, on every connection (each ends its own COPY of it, if it had one)
+            self._open_row = False
             for i in range(self._jobs):
                 self._copier.send(dump_id, statement, None, to=i)
 
@@ -330,6 +336,8 @@ class ParallelLoad:
         self._pg_restore(["--section=data", "--section=post-data", f"--jobs={self._jobs}", f"--use-list={self._list()}"],
                          "restore: building indexes and constraints")
         self._close_toc()
+        log.info("loaded the data of %d tables over %d connections, then built the indexes and constraints with pg_restore --jobs=%d",
+                 len(self._reader._copies), self._jobs, self._jobs)
 
     def abort(self) -> None:
         if self._child is not None:

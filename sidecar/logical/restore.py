@@ -243,14 +243,17 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
         _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
+        where = "the live database was not touched" if exists else f"{target} was dropped again"
         try:
-            _load(config, files, metadata, scratch, identities, clean=False)
+            try:
+                _load(config, files, metadata, scratch, identities, clean=False)
+            except SidecarError as exc:
+                raise type(exc)(f"{exc}; {where}") from None
             mismatches, checked, new, known = _check_restored(config, scratch, metadata)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
             problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, metadata.get("databaseProperties"))
             if problems and not force:
-                where = "the live database was not touched" if exists else f"{target} was dropped again"
                 raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
             _drop_database(admin, scratch)

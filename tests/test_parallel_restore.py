@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sidecar.embedded import Cluster
 from sidecar.logical.load import _Reader
 from sidecar.postgres import find_tool
-from tests.conftest import backup_id, cli, fingerprint, load_dataset
+from tests.conftest import MAJORS, backup_id, cli, fingerprint, load_dataset, of_major
 
 SCHEMA = """
 CREATE TABLE measurements (city int, at date, reading real) PARTITION BY RANGE (at);
@@ -44,6 +44,12 @@ COMMENT ON TABLE wide IS 'loaded in parallel';
 """
 
 
+@pytest.fixture(name="cluster")
+def major(request: pytest.FixtureRequest) -> Cluster:
+    return of_major(request)
+
+
+@pytest.mark.parametrize("cluster", MAJORS, indirect=True)  # PostgreSQL 18 reads COPY's end-of-data line differently
 def test_a_restore_of_a_database_with_indexes_constraints_foreign_keys_and_partitions_gives_it_back_identical(
         cluster: Cluster, db: str, env: dict[str, str]) -> None:
     load_dataset(cluster, db, "chinook.sql")

@@ -22,6 +22,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -272,6 +273,7 @@ class ParallelLoad:
         self._toc_fd = -1
         self.mode = "parallel"  # or "single" (the fallback)
         self._last, self._open_row = 0, False
+        self._times: list[float] = []  # the schema step's start and end
         self.rows: dict[int, int] = {}
 
     def write(self, data: bytes) -> int:
@@ -294,7 +296,9 @@ class ParallelLoad:
         view = memoryview(head)
         while view:
             view = view[os.write(self._toc_fd, view):]
+        self._times.append(time.monotonic())
         self._pg_restore(["--section=pre-data", "--single-transaction"], "restore: creating the schema")
+        self._times.append(time.monotonic())
         self._copier = _Copier(self._config, self._dbname, self._jobs, self._reader._encoding)
 
     def _send(self, dump_id: int, statement: bytes, data: bytes | None) -> None:
@@ -333,11 +337,13 @@ class ParallelLoad:
         copier, self._copier = self._copier, None
         copier.finish()
         self.rows = copier.rows
+        loaded = time.monotonic()
         self._pg_restore(["--section=data", "--section=post-data", f"--jobs={self._jobs}", f"--use-list={self._list()}"],
                          "restore: building indexes and constraints")
         self._close_toc()
-        log.info("loaded the data of %d tables over %d connections, then built the indexes and constraints with pg_restore --jobs=%d",
-                 len(self._reader._copies), self._jobs, self._jobs)
+        log.info("loaded the schema in %.1f s, the data of %d tables over %d connections in %.1f s, then the indexes and constraints "
+                 "with pg_restore --jobs=%d in %.1f s", self._times[1] - self._times[0], len(self._reader._copies), self._jobs,
+                 loaded - self._times[1], self._jobs, time.monotonic() - loaded)
 
     def abort(self) -> None:
         if self._child is not None:

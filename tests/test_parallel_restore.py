@@ -95,7 +95,8 @@ def test_a_failure_while_loading_data_or_building_indexes_leaves_the_live_databa
 
 
 @pytest.fixture(scope="module")
-def archive(cluster: Cluster) -> Iterator[bytes]:
+def archive(cluster15: Cluster) -> Iterator[bytes]:
+    cluster = cluster15
     db = f"reader_{os.getpid()}"
     cluster.psql(f"CREATE DATABASE {db}")
     cluster.psql("CREATE TABLE customer (id int PRIMARY KEY); INSERT INTO customer VALUES (1);"

@@ -210,36 +210,40 @@ class _Reader(CustomCounter):
         self._buf = buf[pos:]
 
     def _chunks_to(self, buf: bytes, pos: int) -> int:
+        """The hot loop, once per row: from `pos`, chunk payloads are gathered until a batch is full (counted in
+        framed bytes), the table ends, or a chunk goes on in the next read. Returns where it stopped."""
         end = len(buf)
         isz = 1 + self._int
         unpack = self._unpack
-        parts = self._parts
-        append = parts.append
-        size = self._size
+        append = self._parts.append
+        begin = pos
+        room = self._batch - self._size
         while pos + isz <= end:
             if unpack is not None:
                 sign, length = unpack(buf, pos)
             else:
                 sign, length = buf[pos], int.from_bytes(buf[pos + 1:pos + isz], "little")
-            if sign:
-                raise DumpCountError("negative chunk length")
-            pos += isz
-            if length == 0:
-                self._size = size
-                self._flush()
-                self._send(self._dump_id, self._copies[self._dump_id], None)
-                self._state = "block"
-                return pos
-            stop = pos + length
-            if stop > end:  # the chunk goes on in the next read
+            start = pos + isz
+            stop = start + length
+            if length == 0 or sign or stop > end:
+                if sign:
+                    raise DumpCountError("negative chunk length")
+                self._size += pos - begin
+                if length == 0:
+                    self._flush()
+                    self._send(self._dump_id, self._copies[self._dump_id], None)
+                    self._state = "block"
+                    return start
+                # the chunk goes on in the next read
                 self._state, self._remaining = "payload", stop - end
-                stop = end
-            append(buf[pos:stop])
-            size += stop - pos
+                append(buf[start:end])
+                self._size += end - pos
+                return end
+            append(buf[start:stop])
             pos = stop
-            if size >= self._batch or self._state == "payload":
+            if pos - begin >= room:
                 break
-        self._size = size
+        self._size += pos - begin
         return pos
 
     def _flush(self) -> None:

@@ -125,3 +125,17 @@ def test_the_rows_of_every_table_reach_the_connections_whole_and_in_order_whatev
     for dump_id, parts in sent.items():
         assert parts[-1] is None and None not in parts[:-1]  # the table's end, once, after its rows
         assert b"".join(p for p in parts if p is not None) == whole[dump_id][0]
+
+
+def test_a_latin1_database_with_non_ascii_table_names_and_values_restores_identical(cluster: Cluster, env: dict[str, str]) -> None:
+    name = f"latin_{os.getpid()}"
+    cluster.psql(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    cluster.psql('CREATE TABLE "café" (id int PRIMARY KEY, "naïve" text); '
+                 "INSERT INTO \"café\" SELECT g, 'crème brûlée ' || g FROM generate_series(1, 3000) g", name)
+    env = {**env, "DATABASE_URL": cluster.url(name)}
+    before = fingerprint(cluster, name)
+    bid = backup_id(env)
+    cluster.psql('DELETE FROM "café"', name)
+    out = cli(env, "restore", bid)
+    assert "over 2 connections" in out.stderr, out.stderr
+    assert fingerprint(cluster, name) == before

@@ -123,16 +123,17 @@ class _Copier:
                 if self.error is not None:
                     continue  # drain: another connection failed
                 dump_id, statement, data = item
-                if context is None:
-                    context = cursor.copy(statement.decode("utf-8", "surrogateescape").rstrip().rstrip(";"))
-                    copy = context.__enter__()
-                if data is not None:
-                    copy.write(data)
+                if data is None:  # the table's end: this connection's COPY of it (if it had rows of it) commits
+                    if context is not None:
+                        context.__exit__(None, None, None)
+                        context = None
+                        with self._lock:
+                            self.rows[dump_id] = self.rows.get(dump_id, 0) + cursor.rowcount
                     continue
-                context.__exit__(None, None, None)
-                context = None
-                with self._lock:
-                    self.rows[dump_id] = self.rows.get(dump_id, 0) + cursor.rowcount
+                if context is None:  # pg_dump's statement, as bytes in the archive's encoding (the connection's)
+                    context = cursor.copy(statement.rstrip().rstrip(b";"))
+                    copy = context.__enter__()
+                copy.write(data)
         except BaseException as exc:
             with self._lock:
                 self.error = self.error or SidecarError(f"loading the data failed: {postgres.describe(exc)}")
@@ -330,7 +331,10 @@ class ParallelLoad:
     def finish(self) -> None:
         if self._child is not None:
             assert self._child.proc.stdin is not None
-            self._child.proc.stdin.close()
+            try:
+                self._child.proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it stopped reading: its exit status and stderr tell why
             self._child.check("restore")
             return
         if not self._reader.started and self._reader.toc_end >= 0:  # an archive with no table data

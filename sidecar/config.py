@@ -63,6 +63,7 @@ class Config:
     drill_database_url: str | None = None
     keep_previous_count: int = 2
     keep_previous_days: int = 7
+    restore_jobs: int = 2  # restore.jobs: connections loading a restore's data and building its indexes at once
     data_dir: Path | None = None
     group_readable: bool = False
     remote: RemoteConfig | None = None  # the off-site object store (remote.* / BACKUP_REMOTE_*), None: no off-site copies
@@ -134,6 +135,7 @@ class Config:
             "drill.database_url": mask_url(self.drill_database_url) if self.drill_database_url else None,
             "restore.keep_previous_count": self.keep_previous_count,
             "restore.keep_previous_days": self.keep_previous_days,
+            "restore.jobs": self.restore_jobs,
             "postgres.data_dir": str(self.data_dir) if self.data_dir else None,
             "backup.group_readable": self.group_readable,
             "backup.volume": self.volume,
@@ -348,6 +350,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     # a whole server (sidecar/logical/server.py)
     "backup.databases": ("BACKUP_DATABASES", _databases),
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
+    "restore.jobs": ("RESTORE_JOBS", _int_at_least(1, 16)),
     "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
     "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
 }
@@ -468,6 +471,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         drill_database_url=values.get("drill.database_url"),
         keep_previous_count=values.get("restore.keep_previous_count", 2),
         keep_previous_days=values.get("restore.keep_previous_days", 7),
+        restore_jobs=values.get("restore.jobs", 2),
         data_dir=values.get("postgres.data_dir"),
         group_readable=values.get("backup.group_readable", False),
         remote=RemoteConfig(**remote_fields) if remote_fields.get("url") else None,

@@ -149,11 +149,11 @@ class Child:
     """A child process in its own process group, stderr drained into a bounded tail."""
 
     def __init__(self, argv: list[str], env: dict[str, str], stdin: int | IO[bytes] | None = subprocess.DEVNULL,
-                 stdout: int | IO[bytes] | None = subprocess.PIPE) -> None:
+                 stdout: int | IO[bytes] | None = subprocess.PIPE, pass_fds: tuple[int, ...] = ()) -> None:
         self.name = Path(argv[0]).name
         try:
             self.proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                         pass_fds=_inherited_fds(env))
+                                         pass_fds=_inherited_fds(env) + pass_fds)
         except OSError as exc:
             raise SidecarError(f"cannot run {argv[0]} ({exc.strerror})") from None
         for pipe in (self.proc.stdout, self.proc.stdin):

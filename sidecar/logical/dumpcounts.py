@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from sidecar import age
 from sidecar.errors import SidecarError
@@ -106,6 +106,17 @@ _TERMINATOR = re.compile(rb"\n\\\.\n*\Z")
 _ENCODING = re.compile(rb"SET client_encoding = '([^']*)';")
 
 
+class TocEntry(NamedTuple):
+    """What a loader needs of one table-of-contents entry (the definitions themselves are not kept)."""
+
+    dump_id: int
+    desc: bytes
+    had_dumper: bool  # the entry has a data block (TABLE DATA, large objects)
+    namespace: bytes
+    tag: bytes
+    copy: bytes  # for TABLE DATA: pg_dump's `COPY schema.table (columns) FROM stdin;`
+
+
 class _Short(Exception):
     """Not enough bytes buffered yet."""
 
@@ -122,6 +133,9 @@ class CustomCounter:
         self._version = (0, 0, 0)
         self._toc_left = -1
         self._tables: dict[int, tuple[bytes, bytes]] = {}  # dump id of a TABLE DATA entry -> (schema, table)
+        self.entries: list[TocEntry] = []  # the table of contents, once read
+        self.toc_end = -1  # where the data blocks start: the length of the header and table of contents
+        self._fed = 0
         self._encoding = "UTF8"
         self._counts: dict[tuple[bytes, bytes], int] = {}
         # data phase
@@ -159,6 +173,7 @@ class CustomCounter:
         return self._buf[self._pos - length:self._pos]
 
     def feed(self, data: bytes) -> None:
+        self._fed += len(data)
         if self._phase == "data":
             self._data(self._buf + data if self._buf else data)
             return
@@ -187,6 +202,7 @@ class CustomCounter:
             return
         self._phase = "data"
         rest, self._buf, self._pos = self._buf[self._pos:], b"", 0
+        self.toc_end = self._fed - len(rest)
         if rest:
             self._data(rest)
 
@@ -217,7 +233,7 @@ class CustomCounter:
 
     def _toc_entry(self) -> None:
         dump_id = self._intval()
-        self._intval()  # has a data dumper
+        had_dumper = self._intval()
         self._str()  # catalog table oid
         self._str()  # oid
         tag = self._str()
@@ -225,7 +241,7 @@ class CustomCounter:
         self._intval()  # section
         defn = self._str()
         self._str()  # drop statement
-        self._str()  # copy statement
+        copy = self._str()
         namespace = self._str()
         self._str()  # tablespace
         self._str()  # table access method
@@ -238,6 +254,7 @@ class CustomCounter:
         self._byte()  # offset flag
         self._need(self._off)
         self._pos += self._off
+        self.entries.append(TocEntry(dump_id, desc or b"", bool(had_dumper), namespace or b"", tag or b"", copy or b""))
         if desc == b"TABLE DATA":
             self._tables[dump_id] = (namespace or b"", tag or b"")
         elif desc == b"ENCODING" and defn and (m := _ENCODING.search(defn)):

@@ -22,6 +22,7 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.logical import dbprops
 from sidecar.logical.backup import count_rows
+from sidecar.logical.load import ParallelLoad
 from sidecar.logical.validation import Finding, ValidationResult, split_known, validate
 from sidecar.postgres import Child
 from sidecar.repository import Entry, Repository
@@ -242,14 +243,17 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
         scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
         _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
+        where = "the live database was not touched" if exists else f"{target} was dropped again"
         try:
-            _load(config, files, metadata, scratch, identities, clean=False)
+            try:
+                _load(config, files, metadata, scratch, identities, clean=False)
+            except SidecarError as exc:
+                raise type(exc)(f"{exc}; {where}") from None
             mismatches, checked, new, known = _check_restored(config, scratch, metadata)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
             problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, dbprops.unseal(metadata.get("databaseProperties"), identities))
             if problems and not force:
-                where = "the live database was not touched" if exists else f"{target} was dropped again"
                 raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
             _drop_database(admin, scratch)
@@ -486,16 +490,35 @@ def _run_globals(config: Config, files: Files, metadata: dict[str, Any], admin_d
 
 def _load(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None, clean: bool) -> None:
     conninfo, env = postgres.child_env(config.with_database(dbname))
+    item = metadata["files"]["dump"]
     if metadata["format"] == "custom":
         argv = [postgres.find_tool("pg_restore", config.pg_bin_dir), f"--dbname={conninfo}", "--exit-on-error", "--single-transaction", "--no-password"]
         if clean:
             argv += ["--clean", "--if-exists"]
+        else:  # a new (scratch) database: schema, data over several connections, then indexes and constraints in parallel
+            _load_parallel(config, files, metadata, dbname, identities, lambda: Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
+            return
     else:
         argv = [postgres.find_tool("psql", config.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"]
     child = Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    item = metadata["files"]["dump"]
     trailer = PLAIN_TRAILER if metadata["format"] == "plain" else None
     _pump(child, files, item, metadata["compression"], identities, "restore", trailer)
+
+
+def _load_parallel(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None,
+                   fallback: Callable[[], Child]) -> None:
+    """The archive into a scratch database (load.py); the indexes and constraints are built only once the whole
+    file decoded and its sha256 matched again; any failure leaves a half-loaded scratch database, which the caller drops."""
+    loader = ParallelLoad(config, dbname, config.restore_jobs, fallback)
+    try:
+        try:
+            _stream(files, metadata["files"]["dump"], metadata["compression"], identities, "restore", loader.write)
+        except BrokenPipeError:
+            pass  # the whole-archive pg_restore stopped reading: its exit status and stderr tell why
+        loader.finish()
+    except BaseException:
+        loader.abort()
+        raise
 
 
 def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, identities: age.Identities | None, what: str,
@@ -503,27 +526,8 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
     """Stream a stored file, decoded, into a child's stdin. stdin is closed (so the child commits) only
     after the whole file decoded cleanly and its sha256 matched again; otherwise the child is killed."""
     assert child.proc.stdin is not None
-    sink = _Tail(256, child.proc.stdin.write)
     try:
-        name, checksum = item["name"], item["checksum"]
-        with files.open(name) as handle:
-            source = ReadTap(handle, Progress(f"{what} ({name})", total=item["size"]), hashing=True)
-            try:
-                decode(source, sink, compression, identities)
-            except ChecksumMismatch:
-                raise
-            except SidecarError as exc:
-                # it stopped decoding (corrupt zstd, a failed age MAC): read the rest of the file, streaming, to tell a damaged
-                # file (its sha256 differs: named as such) from anything else; the child never gets its end, so never commits
-                while source.read(CHUNK_SIZE):
-                    pass
-                if source.hexdigest() != checksum or source.size != item["size"]:
-                    raise _damaged(name, source, item, f" ({exc})") from None
-                raise SidecarError(f"{name}: {exc}; nothing was committed") from None
-        if trailer and trailer not in sink.tail:
-            raise SidecarError(f"{name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
-        if source.hexdigest() != checksum or source.size != item["size"]:
-            raise _damaged(name, source, item)
+        _stream(files, item, compression, identities, what, child.proc.stdin.write, trailer)
         child.proc.stdin.close()
     except BrokenPipeError:
         pass  # the child stopped reading: its exit status and stderr tell why
@@ -531,6 +535,31 @@ def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, id
         child.terminate(grace=1)
         raise
     child.check(what)
+
+
+def _stream(files: Files, item: dict[str, Any], compression: str, identities: age.Identities | None, what: str,
+            write: Callable[[bytes], object], trailer: bytes | None = None) -> None:
+    """Decode a stored file into `write`; raises if it fails to decode, is truncated, or its sha256 or size differ."""
+    sink = _Tail(256, write)
+    name, checksum = item["name"], item["checksum"]
+    with files.open(name) as handle:
+        source = ReadTap(handle, Progress(f"{what} ({name})", total=item["size"]), hashing=True)
+        try:
+            decode(source, sink, compression, identities)
+        except ChecksumMismatch:
+            raise
+        except SidecarError as exc:
+            # it stopped decoding (corrupt zstd, a failed age MAC): read the rest of the file, streaming, to tell a damaged
+            # file (its sha256 differs: named as such) from anything else; the child never gets its end, so never commits
+            while source.read(CHUNK_SIZE):
+                pass
+            if source.hexdigest() != checksum or source.size != item["size"]:
+                raise _damaged(name, source, item, f" ({exc})") from None
+            raise SidecarError(f"{name}: {exc}; nothing was committed") from None
+    if trailer and trailer not in sink.tail:
+        raise SidecarError(f"{name} does not end with pg_dump's completion line: the SQL is truncated; nothing was committed")
+    if source.hexdigest() != checksum or source.size != item["size"]:
+        raise _damaged(name, source, item)
 
 
 def _damaged(name: str, source: ReadTap, item: dict[str, Any], why: str = "") -> ChecksumMismatch:

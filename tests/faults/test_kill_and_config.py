@@ -101,6 +101,7 @@ BAD_VALUES = {
     "wal.spool_dir": "",
     "backup.databases": "app,,billing",
     "backup.parallel": "0",
+    "restore.jobs": "0",
     "base_backup.retention_days": "-1",
     "base_backup.schedule": "weekly-ish",
 }

@@ -611,6 +611,14 @@ def _remote_targets_only(from_remote: bool, to_restore_point: str | None, to_xid
                          "--to-restore-point, --to-xid, --exclusive and --timeline need the WAL archive on the volume")
 
 
+def pitr_drill(config: Config | None = None) -> Any:
+    """A PITR drill (issue 16): a restore point with the exact row counts at it, its WAL archived, a restore to it into a
+    scratch server, the counts compared; recorded on the volume (wal/.pitr-drill.json) for the metrics. `report.ok`."""
+    from sidecar.physical.drill import run_pitr_drill
+
+    return run_pitr_drill(_config(config))
+
+
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
     """The daemon's WAL receiver (WAL_ARCHIVING=true): `wal-receive` supervised in a thread until `stop` is set."""
     from sidecar.physical.receiver import supervise

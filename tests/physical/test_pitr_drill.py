@@ -1,0 +1,99 @@
+"""PITR drills (issue 16) against real servers: a restore point with the exact row counts at it, restored from the base
+backup and the archived WAL into a scratch server and compared; with writes going on, on a damaged archive, in the
+metrics, and on the daemon's schedule."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import cli
+from tests.physical.conftest import Receiver, WalCluster, wait_for
+
+
+class Writer(threading.Thread):
+    """Commits as fast as it can until stopped: single inserts, and transactions that insert into one table and delete
+    from the other (a restore point in the middle of one must see both changes or neither)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop, self.commits, self.error = url, threading.Event(), 0, None  # type: ignore[var-annotated]
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                while not self.stop.is_set():
+                    conn.execute("INSERT INTO a (note) VALUES ('single')")
+                    with conn.transaction():
+                        conn.execute("INSERT INTO a (note) SELECT 'pair' FROM generate_series(1, 3)")
+                        conn.execute("DELETE FROM b WHERE id = (SELECT min(id) FROM b)")
+                    self.commits += 2
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def _drill(env: dict[str, str], check: bool = True) -> tuple[int, dict[str, Any], str]:
+    result = cli(env, "drill", "--pitr", "--json", check=check)
+    return result.returncode, json.loads(result.stdout), result.stderr
+
+
+def _metrics(backups: Path) -> Any:
+    from sidecar.daemon.metrics import Metrics
+    from sidecar.repository import Repository
+
+    return Metrics(Repository(backups), CollectorRegistry()).registry
+
+
+def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_segment(wal_cluster: WalCluster, pitr_env: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
+    backups = Path(pitr_env["BACKUP_DIR"])
+    wal_cluster.psql("CREATE TABLE a (id bigserial PRIMARY KEY, note text); CREATE TABLE b (id int PRIMARY KEY);"
+                     "CREATE SCHEMA \"Odd schema\"; CREATE TABLE \"Odd schema\".\"c.d\" AS SELECT g FROM generate_series(1, 77) g;"
+                     "CREATE UNLOGGED TABLE scratch AS SELECT 1 AS x; INSERT INTO b SELECT generate_series(1, 100000)")
+    receiver = Receiver(pitr_env, tmp_path / "receiver.log")
+    writer = Writer(wal_cluster.url("postgres"))
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        cli(pitr_env, "base-backup")
+        wait_for(lambda: json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["status"] == "ok", "the base backup's WAL")
+        writer.start()
+        wait_for(lambda: writer.commits > 100, "the writer to commit")
+        before = writer.commits
+        code, report, stderr = _drill(pitr_env)
+        during = writer.commits - before
+        assert code == 0 and report["ok"] and not report["mismatches"], (report, stderr)
+        assert report["tables"] == 3 and report["restore_point"].startswith("pg_backup_sidecar_drill_"), report  # the unlogged one is left out
+        assert during > 50 and writer.error is None, (during, writer.error)  # the counts matched exactly although writes went on
+        writer.stop.set()
+        writer.join()
+        assert wal_cluster.psql("SELECT count(*) FROM pg_database") == "3"  # postgres, template0, template1: nothing left behind
+        registry = _metrics(backups)
+        assert registry.get_sample_value("pg_backup_pitr_drill_last_success_timestamp_seconds") > 0
+        assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 0
+        assert registry.get_sample_value("pg_backup_pitr_drill_last_duration_seconds") == report["duration_seconds"]
+
+        # a damaged archived segment (one the restore needs): the drill fails, names it, and changes nothing on the live server
+        victim = report["segment"]
+        [stored] = [p for p in backups.glob(f"wal/*/{victim[:8]}/{victim}.*") if not p.name.endswith(".json")]
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+        live = wal_cluster.psql("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b), (SELECT count(*) FROM pg_database)")
+        code, failed, stderr = _drill(pitr_env, check=False)
+        assert code == 1 and not failed["ok"] and victim in failed["error"] and "damaged" in failed["error"], (failed, stderr)
+        text = cli(pitr_env, "drill", "--pitr", check=False)
+        assert text.returncode == 1 and "PITR drill FAILED" in text.stdout and victim in text.stdout, text.stdout + text.stderr
+        assert wal_cluster.psql("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b), (SELECT count(*) FROM pg_database)") == live
+    finally:
+        writer.stop.set()
+        assert receiver.stop() == 0
+    registry = _metrics(backups)
+    assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 2
+    assert registry.get_sample_value("pg_backup_pitr_drill_last_failure_timestamp_seconds") > registry.get_sample_value(
+        "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0
+    assert registry.get_sample_value("pg_backup_pitr_drill_last_ok") == 0

@@ -97,3 +97,23 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
     assert registry.get_sample_value("pg_backup_pitr_drill_last_failure_timestamp_seconds") > registry.get_sample_value(
         "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0
     assert registry.get_sample_value("pg_backup_pitr_drill_last_ok") == 0
+
+
+def test_the_daemon_runs_pitr_drills_on_pitr_drill_schedule_and_shows_them_in_runs_and_metrics(wal_cluster: WalCluster, pitr_env: dict[str, str],
+                                                                                               tmp_path: Path) -> None:
+    from tests.test_daemon import Running, request, sample
+
+    wal_cluster.psql("CREATE TABLE t AS SELECT generate_series(1, 1234) AS id")
+    # the schedule's next time is hours away: with no drill recorded, the daemon catches up once its base backup is good
+    running = Running({**pitr_env, "WAL_ARCHIVING": "true", "PITR_DRILL_SCHEDULE": "0 4 * * *", "DRILL_AFTER_BACKUP": "false"},
+                      tmp_path / "daemon.log")
+    try:
+        run = running.wait_for(lambda: next((r for r in request(running.base, "/v1/runs")[1] if r.get("operation") == "pitr-drill"
+                                             and r["state"] != "running"), None), "the daemon's PITR drill", timeout=120)
+        assert run["state"] == "succeeded" and run["reason"].startswith("catch-up") and run["result"]["tables"] == 1, run
+        assert run["result"]["rows"] == 1234 and run["result"]["mismatches"] == [], run
+        metrics = request(running.base, "/metrics")[1]
+        assert sample(metrics, "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0 and sample(metrics, "pg_backup_pitr_drill_failures_total") == 0
+        assert 'pg_backup_in_progress{operation="pitr_drill"} 0.0' in metrics and "next PITR drill at" in running.log.read_text()
+    finally:
+        assert running.stop() == 0

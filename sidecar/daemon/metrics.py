@@ -273,6 +273,8 @@ class Metrics:
         r.register(RepositoryCollector(repo, in_bucket))
         r.register(PitrDrillCollector(repo))
         self.in_progress.labels(operation="pitr_drill").set(0)
+        self.pitr_drill_scheduled = Gauge("pg_backup_pitr_drill_scheduled", "1 if the daemon runs PITR drills (PITR_DRILL_SCHEDULE), else 0.",
+                                          registry=r)
 
     def watch_remote(self, remote: RemoteConfig) -> None:
         """Export the off-site copies' state and counters (a remote store is configured): see RemoteCollector."""

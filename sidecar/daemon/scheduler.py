@@ -122,6 +122,7 @@ class Daemon:
         self._gap_recheck = datetime.min.replace(tzinfo=timezone.utc)
         self._pitr_wanted: str | None = None  # why a PITR drill is due and waits (for the running operation, or a good base backup)
         self._pitr_base_checked = 0.0
+        metrics.pitr_drill_scheduled.set(1 if config.pitr_drill_cron else 0)
         if config.remote is not None:
             metrics.watch_remote(config.remote)
         self._load_restores()

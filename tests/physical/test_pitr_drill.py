@@ -117,3 +117,30 @@ def test_the_daemon_runs_pitr_drills_on_pitr_drill_schedule_and_shows_them_in_ru
         assert 'pg_backup_in_progress{operation="pitr_drill"} 0.0' in metrics and "next PITR drill at" in running.log.read_text()
     finally:
         assert running.stop() == 0
+
+
+def test_the_charts_drill_pitr_schedule_reaches_the_sidecar_and_needs_wal_enabled(tmp_path: Path) -> None:
+    import pytest
+    import yaml
+
+    from sidecar.config import load_config
+    from tests.test_helm import render
+
+    docs = render({"drill": {"pitrSchedule": "30 4 * * *"}, "wal": {"enabled": True}})
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
+    (tmp_path / "config.yaml").write_text(config["data"]["config.yaml"])
+    loaded = load_config(tmp_path / "config.yaml", {"DATABASE_URL": "postgresql://u@h/db"})
+    assert loaded.pitr_drill_cron == "30 4 * * *" and loaded.wal_archiving
+    assert "pitr_cron" not in yaml.safe_load([d for d in render({}) if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]][0]["data"]["config.yaml"])["drill"]
+    with pytest.raises(Exception, match="drill.pitrSchedule restores from the WAL archive"):
+        render({"drill": {"pitrSchedule": "30 4 * * *"}})
+
+
+def test_pitr_drill_schedule_without_wal_archiving_is_one_config_error_and_drill_pitr_takes_no_backup_id() -> None:
+    import os
+
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://u@h/db", "PITR_DRILL_SCHEDULE": "30 4 * * *"}
+    result = cli(env, "validate-config", check=False)
+    assert result.returncode == 2 and result.stderr.count("config error:") == 1 and "WAL_ARCHIVING=true" in result.stderr, result.stderr
+    result = cli({**env, "PITR_DRILL_SCHEDULE": ""}, "drill", "--pitr", "backup_2026-01-01T00-00-00-000Z", check=False)
+    assert result.returncode == 2 and "leave out the backup id" in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -66,6 +66,7 @@ class PitrDrillReport:
     restore_point_lsn: str | None = None
     restore_point_time: str | None = None
     segment: str | None = None  # the WAL segment holding the restore point
+    writers_held_seconds: float | None = None  # how long writers to the tables could have had to wait for the drill's locks
     base_backup: str | None = None
     wal_segments: int = 0
     databases: list[str] = field(default_factory=list)
@@ -118,12 +119,14 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
     try:
         tables: Tables = {}
         snapshots: dict[str, str] = {}
+        locked = 0.0
         for database in databases:
             holder = postgres.connect(config, database, autocommit=False)
             holders.append(holder)
             holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             tables[database] = [(str(s), str(t)) for s, t in _listed(config, database)]
             holder.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+            locked = locked or time.monotonic()
             if tables[database]:  # LOCK takes no snapshot: the export below does, once no writer can be in the middle
                 holder.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
                     sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables[database])))
@@ -137,7 +140,7 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             raise SidecarError(f"role {config.conninfo().get('user', '')!r} may not create restore points: GRANT EXECUTE ON FUNCTION "
                                "pg_create_restore_point(text), pg_switch_wal() TO it (or use a superuser)") from None
         assert row is not None
-        point = {"lsn": str(row[0]), "time": iso_timestamp(row[1].astimezone(UTC)), "segment": str(row[2]), "system": str(row[3])}
+        point: dict[str, Any] = {"lsn": str(row[0]), "time": iso_timestamp(row[1].astimezone(UTC)), "segment": str(row[2]), "system": str(row[3])}
         for database in databases:
             reader = postgres.connect(config, database, autocommit=False)
             readers.append(reader)
@@ -145,6 +148,7 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshots[database])))
         for holder in holders:  # the locks go: writers continue; the readers keep the snapshot
             holder.commit()
+        point["writers_held_seconds"] = round(time.monotonic() - locked, 4)  # from the first lock request to the last release
         counts: Counts = {}
         for database, reader in zip(databases, readers, strict=True):
             counts[database] = count_tables(reader, tables[database])
@@ -238,6 +242,7 @@ def run_pitr_drill(config: Config) -> PitrDrillReport:
         report.databases, report.restore_point = databases, name
         point, tables, live = capture(config, name, databases)
         report.restore_point_lsn, report.restore_point_time, report.segment = point["lsn"], point["time"], point["segment"]
+        report.writers_held_seconds = point["writers_held_seconds"]
         report.tables = sum(len(t) for t in live.values())
         report.rows = sum(sum(t.values()) for t in live.values())
         log.info("restore point %s created at %s (segment %s) with the counts of %d tables; waiting for its WAL to be archived", name,

@@ -68,6 +68,7 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
         during = writer.commits - before
         assert code == 0 and report["ok"] and not report["mismatches"], (report, stderr)
         assert report["tables"] == 3 and report["restore_point"].startswith("pg_backup_sidecar_drill_"), report  # the unlogged one is left out
+        assert 0 < report["writers_held_seconds"] < 1, report  # writers waited for the locks at most this long
         assert during > 50 and writer.error is None, (during, writer.error)  # the counts matched exactly although writes went on
         writer.stop.set()
         writer.join()

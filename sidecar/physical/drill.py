@@ -128,8 +128,13 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             holder.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
             locked = locked or time.monotonic()
             if tables[database]:  # LOCK takes no snapshot: the export below does, once no writer can be in the middle
-                holder.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
-                    sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables[database])))
+                try:
+                    holder.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
+                        sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables[database])))
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    raise SidecarError(f"the drill cannot lock the tables of {database!r} to count them at the restore point: "
+                                       f"{postgres.describe(exc)}; the role needs UPDATE, DELETE or TRUNCATE on every table (or to own "
+                                       "them), as a superuser has") from None
             row = holder.execute("SELECT pg_export_snapshot()").fetchone()
             assert row is not None
             snapshots[database] = str(row[0])
@@ -230,6 +235,25 @@ def _restore_and_count(config: Config, name: str, tables: Tables, report: PitrDr
         shutil.rmtree(root, ignore_errors=True)
 
 
+def ready(config: Config) -> None:
+    """Fail at once, before a restore point is made, when a drill cannot pass: no good base backup, or nothing streams
+    the WAL (the segment holding the restore point would never be archived)."""
+    from sidecar.errors import NotFound
+    from sidecar.physical.base import list_base_backups
+
+    backups = list_base_backups(config)
+    if not any(b.good for b in backups):
+        waiting = [b for b in backups if b.status == "waiting-for-wal"]
+        raise NotFound("no good base backup to restore from" + (f" ({waiting[0].id} waits for its WAL)" if waiting else "")
+                       + "; take one with 'pg-backup-sidecar base-backup' while WAL is streamed")
+    with postgres.connect(config) as conn:
+        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (config.wal_slot_name,)).fetchone()
+    if row is None or not row[0]:
+        raise SidecarError(f"no WAL receiver streams from replication slot {config.wal_slot_name} "
+                           f"({'it does not exist' if row is None else 'it is not active'}), so the drill's restore point would never be "
+                           "archived: run the daemon with WAL_ARCHIVING=true (or 'pg-backup-sidecar wal-receive')")
+
+
 def run_pitr_drill(config: Config) -> PitrDrillReport:
     """One PITR drill; the outcome (passed or failed, and why) is recorded on the volume before it is returned."""
     started = time.monotonic()
@@ -240,6 +264,7 @@ def run_pitr_drill(config: Config) -> PitrDrillReport:
         name = f"pg_backup_sidecar_drill_{now.strftime('%Y%m%dT%H%M%S')}_{secrets.token_hex(4)}"
         databases = _databases(config)
         report.databases, report.restore_point = databases, name
+        ready(config)
         point, tables, live = capture(config, name, databases)
         report.restore_point_lsn, report.restore_point_time, report.segment = point["lsn"], point["time"], point["segment"]
         report.writers_held_seconds = point["writers_held_seconds"]
@@ -255,6 +280,10 @@ def run_pitr_drill(config: Config) -> PitrDrillReport:
             report.error = f"{len(report.mismatches)} tables differ after restoring to the restore point: {report.mismatches[0]}"
     except SidecarError as exc:
         report.error = str(exc)
+    except psycopg.Error as exc:
+        report.error = f"the live server refused a step of the drill: {postgres.describe(exc)}"
+    except OSError as exc:
+        report.error = f"{exc.strerror or exc}{f' {exc.filename}' if exc.filename else ''}: check the backup volume and the scratch directory (TMPDIR)"
     report.duration_seconds = round(time.monotonic() - started, 3)
     record(config, report)
     (log.info if report.ok else log.error)("PITR drill %s in %.1fs%s", "passed" if report.ok else "FAILED", report.duration_seconds,

@@ -55,6 +55,8 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
     wal_cluster.psql("CREATE TABLE a (id bigserial PRIMARY KEY, note text); CREATE TABLE b (id int PRIMARY KEY);"
                      "CREATE SCHEMA \"Odd schema\"; CREATE TABLE \"Odd schema\".\"c.d\" AS SELECT g FROM generate_series(1, 77) g;"
                      "CREATE UNLOGGED TABLE scratch AS SELECT 1 AS x; INSERT INTO b SELECT generate_series(1, 100000)")
+    code, early, _ = _drill(pitr_env, check=False)  # nothing to restore from yet: fails at once, before any restore point
+    assert code == 1 and "no good base backup" in early["error"] and early["restore_point_lsn"] is None, early
     receiver = Receiver(pitr_env, tmp_path / "receiver.log")
     writer = Writer(wal_cluster.url("postgres"))
     try:
@@ -75,7 +77,7 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
         assert wal_cluster.psql("SELECT count(*) FROM pg_database") == "3"  # postgres, template0, template1: nothing left behind
         registry = _metrics(backups)
         assert registry.get_sample_value("pg_backup_pitr_drill_last_success_timestamp_seconds") > 0
-        assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 0
+        assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 1 and registry.get_sample_value("pg_backup_pitr_drill_last_ok") == 1
         assert registry.get_sample_value("pg_backup_pitr_drill_last_duration_seconds") == report["duration_seconds"]
 
         # a damaged archived segment (one the restore needs): the drill fails, names it, and changes nothing on the live server
@@ -94,7 +96,7 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
         writer.stop.set()
         assert receiver.stop() == 0
     registry = _metrics(backups)
-    assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 2
+    assert registry.get_sample_value("pg_backup_pitr_drill_failures_total") == 3
     assert registry.get_sample_value("pg_backup_pitr_drill_last_failure_timestamp_seconds") > registry.get_sample_value(
         "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0
     assert registry.get_sample_value("pg_backup_pitr_drill_last_ok") == 0

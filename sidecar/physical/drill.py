@@ -74,6 +74,9 @@ class PitrDrillReport:
     rows: int = 0
     mismatches: list[str] = field(default_factory=list)
     error: str | None = None
+    # on the way to the restore point, recovery first stops (paused) at a random moment between the end of the base
+    # backup and the restore point: {"target", "replayedTo" (the last commit replayed), "databases" readable there}
+    random_moment: dict[str, Any] | None = None
 
 
 Counts = dict[str, dict[str, int]]  # database -> "schema.table" -> rows
@@ -145,6 +148,9 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             raise SidecarError(f"role {config.conninfo().get('user', '')!r} may not create restore points: GRANT EXECUTE ON FUNCTION "
                                "pg_create_restore_point(text), pg_switch_wal() TO it (or use a superuser)") from None
         assert row is not None
+        # an xid for the locking transaction: its commit record follows the restore point, so a restore to any moment
+        # before the restore point has a commit after it to stop at (the random moment below), even on a quiet server
+        holders[0].execute("SELECT pg_current_xact_id()")
         point: dict[str, Any] = {"lsn": str(row[0]), "time": iso_timestamp(row[1].astimezone(UTC)), "segment": str(row[2]), "system": str(row[3])}
         for database in databases:
             reader = postgres.connect(config, database, autocommit=False)
@@ -215,10 +221,13 @@ def _restore_and_count(config: Config, name: str, tables: Tables, report: PitrDr
         result = restore_to_data_dir(config, target, root / "data")
         report.base_backup, report.wal_segments = result["baseBackup"], int(result["walSegments"])
         server = ScratchServer(config, root, result.get("serverMajor"))
+        user = config.conninfo().get("user")
+        base = make_conninfo(host=str(root), port=str(server.port), **({"user": user} if user else {}))
         try:
+            moment = _random_moment(config, result["baseBackup"], report.restore_point_time)
+            if moment is not None:
+                report.random_moment = _visit_moment(server, root, base, moment, name, list(tables))
             server.start()
-            user = config.conninfo().get("user")
-            base = make_conninfo(host=str(root), port=str(server.port), **({"user": user} if user else {}))
             server.wait_promoted(make_conninfo(base, dbname="postgres"), target=target.describe())
             counts: Counts = {}
             for database, listed in tables.items():
@@ -233,6 +242,67 @@ def _restore_and_count(config: Config, name: str, tables: Tables, report: PitrDr
             server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+MOMENT_MARGIN = 1.0  # seconds after the base backup's end: recovery is consistent by then (its commits come after the end LSN)
+
+
+def _random_moment(config: Config, base_id: str, point_time: str | None) -> datetime | None:
+    """A random moment between the end of base backup `base_id` and the restore point; None if they are too close."""
+    from sidecar.physical.base import list_base_backups
+
+    meta = next((b.metadata for b in list_base_backups(config) if b.id == base_id), None)
+    if not meta or not point_time:
+        return None
+    start = datetime.fromisoformat(str(meta["finishedAt"]).replace("Z", "+00:00")).timestamp() + MOMENT_MARGIN
+    end = datetime.fromisoformat(point_time.replace("Z", "+00:00")).timestamp()
+    if end <= start:
+        return None
+    return datetime.fromtimestamp(start + (end - start) * secrets.SystemRandom().random(), UTC)
+
+
+def _visit_moment(server: Any, root: Path, base: str, moment: datetime, name: str, databases: list[str]) -> dict[str, Any]:
+    """Recover first to `moment` and pause there (hot standby): every database must be readable, and the last commit
+    replayed no later than the moment. Then the data directory's target goes back to the restore point (the last
+    occurrence of a setting in postgresql.auto.conf wins; an empty target unsets that kind) and the server is stopped, to
+    continue from where it was."""
+    conf = root / "data" / "postgresql.auto.conf"
+    when = moment.strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    with open(conf, "a") as out:
+        out.write(f"# PITR drill: first to a random moment, paused\nrecovery_target_name = ''\nrecovery_target_time = '{when}'\n"
+                  "recovery_target_action = 'pause'\n")
+    server.start()
+    try:
+        deadline = time.monotonic() + 3600
+        while True:
+            try:
+                with psycopg.connect(make_conninfo(base, dbname="postgres"), autocommit=True, connect_timeout=5) as conn:
+                    row = conn.execute("SELECT pg_is_wal_replay_paused(), pg_last_xact_replay_timestamp()").fetchone()
+                    if row is not None and row[0]:
+                        replayed = row[1]
+                        break
+            except psycopg.OperationalError:
+                if not (root / "data" / "postmaster.pid").exists():
+                    raise SidecarError(f"recovery to the random moment {iso_timestamp(moment)} failed; {server.log_tail()}") from None
+            if time.monotonic() > deadline:
+                raise SidecarError(f"recovery did not reach the random moment {iso_timestamp(moment)} in an hour; {server.log_tail()}")
+            time.sleep(0.5)
+        if replayed is not None and replayed > moment:
+            raise SidecarError(f"recovery to {iso_timestamp(moment)} replayed a commit of {iso_timestamp(replayed)}, after it")
+        for database in databases:
+            try:
+                with psycopg.connect(make_conninfo(base, dbname=database), autocommit=True) as conn:
+                    conn.execute(TABLES).fetchall()
+            except psycopg.Error as exc:
+                raise SidecarError(f"at the random moment {iso_timestamp(moment)} database {database!r} is not readable: "
+                                   f"{postgres.describe(exc)}") from None
+    finally:
+        server.stop()
+    with open(conf, "a") as out:
+        out.write(f"# then on to the restore point\nrecovery_target_time = ''\nrecovery_target_name = '{name}'\n"
+                  "recovery_target_action = 'promote'\n")
+    return {"target": iso_timestamp(moment), "replayedTo": iso_timestamp(replayed.astimezone(UTC)) if replayed else None,
+            "databases": databases}
 
 
 def ready(config: Config) -> None:

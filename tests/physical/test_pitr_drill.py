@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,19 @@ def test_a_pitr_drill_passes_with_writes_going_on_and_fails_naming_a_corrupted_s
         wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
         cli(pitr_env, "base-backup")
         wait_for(lambda: json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["status"] == "ok", "the base backup's WAL")
+        finished = datetime.fromisoformat(json.loads(cli(pitr_env, "list", "--base", "--json").stdout)[0]["finishedAt"].replace("Z", "+00:00"))
         writer.start()
-        wait_for(lambda: writer.commits > 100, "the writer to commit")
+        # writes going on, and over a second since the base backup ended: room for the drill's random moment
+        wait_for(lambda: writer.commits > 100 and datetime.now(UTC) - finished > timedelta(seconds=1.5), "the writer to commit")
         before = writer.commits
         code, report, stderr = _drill(pitr_env)
         during = writer.commits - before
         assert code == 0 and report["ok"] and not report["mismatches"], (report, stderr)
         assert report["tables"] == 3 and report["restore_point"].startswith("pg_backup_sidecar_drill_"), report  # the unlogged one is left out
         assert 0 < report["writers_held_seconds"] < 1, report  # writers waited for the locks at most this long
+        moment = report["random_moment"]  # recovery paused there first, every database readable, nothing replayed past it
+        assert moment and moment["databases"] == ["postgres"] and moment["target"] < report["restore_point_time"], report
+        assert (moment["replayedTo"] or "") <= moment["target"], report  # None: the moment came before the writer's first commit
         assert during > 50 and writer.error is None, (during, writer.error)  # the counts matched exactly although writes went on
         writer.stop.set()
         writer.join()

@@ -77,6 +77,7 @@ class PitrDrillReport:
     # on the way to the restore point, recovery first stops (paused) at a random moment between the end of the base
     # backup and the restore point: {"target", "replayedTo" (the last commit replayed), "databases" readable there}
     random_moment: dict[str, Any] | None = None
+    anchor_time: str | None = None  # the drill's commit just before the restore point: the random moment's upper bound
 
 
 Counts = dict[str, dict[str, int]]  # database -> "schema.table" -> rows
@@ -102,9 +103,17 @@ Tables = dict[str, list[tuple[str, str]]]  # database -> (schema, table)
 def capture(config: Config, name: str, databases: list[str]) -> tuple[dict[str, Any], Tables, Counts]:
     """Create restore point `name` and count every table of `databases` exactly as the WAL has them at that point (see
     the module's docstring). ({lsn, time, segment, system}, the tables counted, counts)."""
+    # a commit just before: a time target before it always has a commit to stop at before the restore point (the first
+    # commit in the WAL stamped after the target), even on a quiet server; recovery that ran past the restore point could
+    # not be sent back to it (its consistent point would be after it). Its time is the random moment's upper bound.
+    with postgres.connect(config) as conn:
+        row = conn.execute("SELECT clock_timestamp(), pg_current_xact_id()").fetchone()
+    assert row is not None
+    anchor = iso_timestamp(row[0].astimezone(UTC))
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
-            return _capture_once(config, name, databases)
+            point, tables, counts = _capture_once(config, name, databases)
+            return {**point, "anchor": anchor}, tables, counts
         except (psycopg.errors.LockNotAvailable, psycopg.errors.UndefinedTable) as exc:
             # a writer held a table longer than lock_timeout, or a table was dropped after it was listed: again
             if attempt == LOCK_ATTEMPTS:
@@ -148,9 +157,6 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             raise SidecarError(f"role {config.conninfo().get('user', '')!r} may not create restore points: GRANT EXECUTE ON FUNCTION "
                                "pg_create_restore_point(text), pg_switch_wal() TO it (or use a superuser)") from None
         assert row is not None
-        # an xid for the locking transaction: its commit record follows the restore point, so a restore to any moment
-        # before the restore point has a commit after it to stop at (the random moment below), even on a quiet server
-        holders[0].execute("SELECT pg_current_xact_id()")
         point: dict[str, Any] = {"lsn": str(row[0]), "time": iso_timestamp(row[1].astimezone(UTC)), "segment": str(row[2]), "system": str(row[3])}
         for database in databases:
             reader = postgres.connect(config, database, autocommit=False)
@@ -224,7 +230,7 @@ def _restore_and_count(config: Config, name: str, tables: Tables, report: PitrDr
         user = config.conninfo().get("user")
         base = make_conninfo(host=str(root), port=str(server.port), **({"user": user} if user else {}))
         try:
-            moment = _random_moment(config, result["baseBackup"], report.restore_point_time)
+            moment = _random_moment(config, result["baseBackup"], report.anchor_time)
             if moment is not None:
                 report.random_moment = _visit_moment(server, root, base, moment, name, list(tables))
             server.start()
@@ -248,7 +254,8 @@ MOMENT_MARGIN = 1.0  # seconds after the base backup's end: recovery is consiste
 
 
 def _random_moment(config: Config, base_id: str, point_time: str | None) -> datetime | None:
-    """A random moment between the end of base backup `base_id` and the restore point; None if they are too close."""
+    """A random moment between the end of base backup `base_id` and `point_time` (the drill's commit just before the
+    restore point); None if they are too close."""
     from sidecar.physical.base import list_base_backups
 
     meta = next((b.metadata for b in list_base_backups(config) if b.id == base_id), None)
@@ -337,7 +344,7 @@ def run_pitr_drill(config: Config) -> PitrDrillReport:
         ready(config)
         point, tables, live = capture(config, name, databases)
         report.restore_point_lsn, report.restore_point_time, report.segment = point["lsn"], point["time"], point["segment"]
-        report.writers_held_seconds = point["writers_held_seconds"]
+        report.writers_held_seconds, report.anchor_time = point["writers_held_seconds"], point["anchor"]
         report.tables = sum(len(t) for t in live.values())
         report.rows = sum(sum(t.values()) for t in live.values())
         log.info("restore point %s created at %s (segment %s) with the counts of %d tables; waiting for its WAL to be archived", name,

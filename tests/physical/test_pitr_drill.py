@@ -124,6 +124,11 @@ def test_the_daemon_runs_pitr_drills_on_pitr_drill_schedule_and_shows_them_in_ru
         metrics = request(running.base, "/metrics")[1]
         assert sample(metrics, "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0 and sample(metrics, "pg_backup_pitr_drill_failures_total") == 0
         assert 'pg_backup_in_progress{operation="pitr_drill"} 0.0' in metrics and "next PITR drill at" in running.log.read_text()
+        # one by hand beside the daemon, on a quiet server (no commit between the random moment and the restore point but
+        # the drill's own): it passes through its random moment, and the daemon's metrics count it
+        code, report, stderr = _drill(pitr_env)
+        assert code == 0 and report["random_moment"] and report["random_moment"]["target"] < report["anchor_time"], (report, stderr)
+        assert sample(request(running.base, "/metrics")[1], "pg_backup_pitr_drill_passes_total") == 2
     finally:
         assert running.stop() == 0
 

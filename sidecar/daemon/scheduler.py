@@ -470,8 +470,8 @@ class Daemon:
                 report = result if isinstance(result, dict) else {}
                 summary = {k: report.get(k) for k in ("restore_point", "restore_point_lsn", "segment", "base_backup", "tables", "rows",
                                                        "duration_seconds", "mismatches")}
-                record.update(state="succeeded" if ok else "failed", result=summary if report else None,
-                              error=None if ok else report.get("error") or str(result), finished=_now())
+                record.update(state="succeeded" if ok else "failed", result=summary if report else None, finished=_now(),
+                              **({} if ok else {"error": report.get("error") or str(result)}))
                 if not ok:  # the child logged the passed drill; a failure that never reached the record is said here
                     log.error("PITR drill failed: %s", record["error"], extra={"event": "pitr_drill_failed"})
             finally:

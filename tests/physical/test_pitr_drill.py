@@ -121,6 +121,12 @@ def test_the_daemon_runs_pitr_drills_on_pitr_drill_schedule_and_shows_them_in_ru
                                              and r["state"] != "running"), None), "the daemon's PITR drill", timeout=120)
         assert run["state"] == "succeeded" and run["reason"].startswith("catch-up") and run["result"]["tables"] == 1, run
         assert run["result"]["rows"] == 1234 and run["result"]["mismatches"] == [], run
+        import jsonschema
+        import yaml
+
+        spec = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
+        jsonschema.validate(run, {**spec["components"]["schemas"]["Run"], "components": spec["components"]},
+                            cls=jsonschema.Draft202012Validator)  # as docs/openapi.yaml says
         metrics = request(running.base, "/metrics")[1]
         assert sample(metrics, "pg_backup_pitr_drill_last_success_timestamp_seconds") > 0 and sample(metrics, "pg_backup_pitr_drill_failures_total") == 0
         assert 'pg_backup_in_progress{operation="pitr_drill"} 0.0' in metrics and "next PITR drill at" in running.log.read_text()

@@ -635,6 +635,12 @@ def describe_point_in_time_target(to_time: str | None = None, to_lsn: str | None
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
     return target.describe()
+def pitr_drill(config: Config | None = None) -> Any:
+    """A PITR drill (issue 16): a restore point with the exact row counts at it, its WAL archived, a restore to it into a
+    scratch server, the counts compared; recorded on the volume (wal/.pitr-drill.json) for the metrics. `report.ok`."""
+    from sidecar.physical.drill import run_pitr_drill
+
+    return run_pitr_drill(_config(config))
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:

@@ -78,6 +78,7 @@ class Config:
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
     base_retention_days: int | None = None  # days to keep base backups (and the WAL they need); None: retention_days
     base_backup_cron: str = "0 3 * * 0"  # the daemon's base backups when WAL archiving is on (weekly, Sunday 03:00)
+    pitr_drill_cron: str | None = None  # the daemon's PITR drills (drill.pitr_cron / PITR_DRILL_SCHEDULE); None: none scheduled
 
     @property
     def base_backup_retention_days(self) -> int:
@@ -130,6 +131,7 @@ class Config:
             "http.listen": self.listen,
             "drill.after_backup": self.drill_after_backup,
             "drill.cron": self.drill_cron,
+            "drill.pitr_cron": self.pitr_drill_cron,
             "schedule.retry_seconds": self.retry_seconds,
             "database.password_file": str(self.password_file) if self.password_file else None,
             "drill.database_url": mask_url(self.drill_database_url) if self.drill_database_url else None,
@@ -353,6 +355,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "restore.jobs": ("RESTORE_JOBS", _int_at_least(1, 16)),
     "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
     "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
+    "drill.pitr_cron": ("PITR_DRILL_SCHEDULE", _cron),
 }
 
 
@@ -436,6 +439,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if not volume and values.get("wal.enabled"):
         problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the spool and the WAL archive live there; the off-site copy is made from it): "
                         "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false")
+    if values.get("drill.pitr_cron") and not values.get("wal.enabled"):
+        problems.append(f"{raw['drill.pitr_cron'][0]} schedules point-in-time recovery drills, which restore from the WAL archive: "
+                        "set WAL_ARCHIVING=true (wal.enabled) too, or leave PITR_DRILL_SCHEDULE unset")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -483,6 +489,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         parallel=values.get("backup.parallel", 1),
         base_retention_days=values.get("base_backup.retention_days"),
         base_backup_cron=values.get("base_backup.schedule", "0 3 * * 0"),
+        pitr_drill_cron=values.get("drill.pitr_cron"),
     )
 
 
@@ -513,7 +520,7 @@ def state_directory(path: Path | None, where: str, problems: list[str]) -> Path:
 # Variables read outside KEYS; a prefix below that is neither here nor in KEYS is probably a typo.
 OTHER_VARIABLES = ("SIDECAR_CONFIG", "SIDECAR_API_TOKEN", "SIDECAR_API_TOKEN_FILE", "SIDECAR_LOG_FORMAT", "SIDECAR_DAEMON_PID",
                    "RESTORE_REQUEST_ID")
-OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_", "BASE_BACKUP_")
+OUR_PREFIXES = ("BACKUP_", "SIDECAR_", "DRILL_", "VALIDATION_", "RESTORE_", "WAL_", "BASE_BACKUP_", "PITR_")
 # what Kubernetes adds for every Service of the namespace (a Service named sidecar-... gives SIDECAR_..._PORT)
 SERVICE_LINK = re.compile(r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)")
 SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")

@@ -207,6 +207,31 @@ class WalCollector(Collector):
                     now - base if not math.isnan(base) else math.inf)
 
 
+class PitrDrillCollector(Collector):
+    """PITR drills (issue 16), from their record on the volume (wal/.pitr-drill.json), which every process that runs one
+    writes (the daemon's children, `drill --pitr` by hand): right after a restart, each drill counted once."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    def collect(self) -> Iterator[Metric]:
+        from sidecar.physical.drill import read_record
+
+        data = read_record(self.repo.dir)
+        last = data.get("last") or {}
+        yield GaugeMetricFamily("pg_backup_pitr_drill_last_success_timestamp_seconds", "End time of the last PITR drill that passed (0 if none).",
+                                value=_iso((data.get("lastSuccess") or {}).get("finishedAt")))
+        yield GaugeMetricFamily("pg_backup_pitr_drill_last_failure_timestamp_seconds", "End time of the last PITR drill that failed (0 if none).",
+                                value=_iso((data.get("lastFailure") or {}).get("finishedAt")))
+        yield GaugeMetricFamily("pg_backup_pitr_drill_last_ok", "1 if the last PITR drill passed, 0 if it failed (NaN before the first).",
+                                value=(1.0 if last.get("ok") else 0.0) if last else math.nan)
+        yield GaugeMetricFamily("pg_backup_pitr_drill_last_duration_seconds", "Wall time of the last PITR drill (NaN before the first).",
+                                value=float(last.get("duration_seconds", math.nan)) if last else math.nan)
+        yield CounterMetricFamily("pg_backup_pitr_drill_failures", "PITR drills that failed (a restore to their restore point failed or "
+                                  "gave other row counts).", value=float(data.get("failed", 0)))
+        yield CounterMetricFamily("pg_backup_pitr_drill_passes", "PITR drills that passed.", value=float(data.get("passed", 0)))
+
+
 def _iso(text: Any) -> float:
     try:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
@@ -244,6 +269,10 @@ class Metrics:
         self.last_validation_ok.set(1)
         self.repo = repo
         r.register(RepositoryCollector(repo, in_bucket))
+        r.register(PitrDrillCollector(repo))
+        self.in_progress.labels(operation="pitr_drill").set(0)
+        self.pitr_drill_scheduled = Gauge("pg_backup_pitr_drill_scheduled", "1 if the daemon runs PITR drills (PITR_DRILL_SCHEDULE), else 0.",
+                                          registry=r)
 
     def watch_remote(self, remote: RemoteConfig) -> None:
         """Export the off-site copies' state and counters (a remote store is configured): see RemoteCollector."""

@@ -156,6 +156,9 @@ class Daemon:
         self._gap_logged: str | None = None
         self._gap_recheck = datetime.min.replace(tzinfo=timezone.utc)
         self._hole_recheck = datetime.min.replace(tzinfo=timezone.utc)
+        self._pitr_wanted: str | None = None  # why a PITR drill is due and waits (for the running operation, or a good base backup)
+        self._pitr_base_checked = 0.0
+        metrics.pitr_drill_scheduled.set(1 if config.pitr_drill_cron else 0)
         if config.remote is not None:
             metrics.watch_remote(config.remote)
         self._load_restores()
@@ -314,7 +317,7 @@ class Daemon:
 
     def running(self) -> list[str]:
         """The operations the in-progress gauges show as running."""
-        return [op for op in ("backup", "restore", "drill", "base_backup")
+        return [op for op in ("backup", "restore", "drill", "base_backup", "pitr_drill")
                 if self.metrics.registry.get_sample_value("pg_backup_in_progress", {"operation": op})]
 
     def start_wanted_backup(self) -> None:
@@ -522,6 +525,65 @@ class Daemon:
             log.warning("cannot note the gap's base backup on the volume (%s)", exc.strerror)
         return f"gap: {gap.get('reason')}"
 
+    # --- PITR drills (PITR_DRILL_SCHEDULE, issue 16) ------------------------------------------------------------------
+
+    def start_pitr_drill(self, reason: str) -> str | None:
+        """A PITR drill in a thread (`pg-backup-sidecar drill --pitr`, which records its outcome on the volume for the
+        metrics); its run record in /v1/runs. None if an operation is running."""
+        if not self._run_lock.acquire(blocking=False):
+            return None
+        run_id = f"pitr-drill-{int(time.time() * 1000)}"
+        record: dict[str, Any] = {"id": run_id, "operation": "pitr-drill", "state": "running", "reason": reason, "started": _now(), "finished": None}
+        self.runs[run_id] = record
+        _forget_oldest(self.runs)
+
+        def run() -> None:
+            self.metrics.in_progress.labels(operation="pitr_drill").set(1)
+            try:
+                log.info("PITR drill started (%s)", reason, extra={"event": "pitr_drill_started", "reason": reason})
+                ok, result = self._cli("drill", "--pitr", record=record)
+                report = result if isinstance(result, dict) else {}
+                summary = {k: report.get(k) for k in ("restore_point", "restore_point_lsn", "segment", "base_backup", "tables", "rows",
+                                                       "duration_seconds", "mismatches")}
+                record.update(state="succeeded" if ok else "failed", result=summary if report else None, finished=_now(),
+                              **({} if ok else {"error": report.get("error") or str(result)}))
+                if not ok:  # the child logged the passed drill; a failure that never reached the record is said here
+                    log.error("PITR drill failed: %s", record["error"], extra={"event": "pitr_drill_failed"})
+            finally:
+                self.metrics.in_progress.labels(operation="pitr_drill").set(0)
+                self._run_lock.release()
+
+        threading.Thread(target=run, name="pitr-drill", daemon=True).start()
+        return run_id
+
+    def _last_pitr_drill(self) -> datetime | None:
+        from sidecar.physical.drill import read_record
+
+        finished = (read_record(self.config.backup_dir).get("last") or {}).get("finishedAt")
+        try:
+            return datetime.fromisoformat(str(finished).replace("Z", "+00:00")) if finished else None
+        except ValueError:
+            return None
+
+    def _pitr_tick(self, now: datetime, due: datetime) -> None:
+        """Start a due PITR drill once nothing else runs: on schedule at once (no good base backup then is a failure worth
+        its alert), a catch-up one once a good base backup exists; never before a base backup that is waiting to start."""
+        if now >= due:
+            self._pitr_wanted = "schedule"
+        if not self._pitr_wanted or self._base_wanted:
+            return
+        if self._pitr_wanted != "schedule" and not self._pitr_drill_ready():
+            return
+        if self.start_pitr_drill(self._pitr_wanted):
+            self._pitr_wanted = None
+
+    def _pitr_drill_ready(self) -> bool:
+        """A catch-up drill waits for a good base backup (a new daemon takes its first one at start); checked every 5 s."""
+        if time.monotonic() - self._pitr_base_checked < 5:
+            return False
+        self._pitr_base_checked = time.monotonic()
+        return self._newest_base(good_only=True) is not None
+
     # --- off-site copies ---------------------------------------------------------------------------
 
     def copy_pending(self) -> bool:
@@ -606,6 +668,11 @@ class Daemon:
             if needs_catch_up(self._newest_base(good_only=True), cfg.base_backup_cron, cfg.schedule_timezone, datetime.now(timezone.utc)):
                 self._base_wanted = "catch-up: no good base backup within one BASE_BACKUP_SCHEDULE interval"
             log.info("next base backup at %s", base_due.isoformat())
+        pitr_due = next_run(cfg.pitr_drill_cron, cfg.schedule_timezone, datetime.now(timezone.utc)) if cfg.pitr_drill_cron else None
+        if cfg.pitr_drill_cron and needs_catch_up(self._last_pitr_drill(), cfg.pitr_drill_cron, cfg.schedule_timezone, datetime.now(timezone.utc)):
+            self._pitr_wanted = "catch-up: no PITR drill within one PITR_DRILL_SCHEDULE interval"
+        if pitr_due is not None:
+            log.info("next PITR drill at %s", pitr_due.isoformat())
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
             now = datetime.now(timezone.utc)
@@ -628,4 +695,9 @@ class Daemon:
                     log.warning("cannot look for WAL gaps: %s", exc)
                 if self._base_wanted and self.start_base_backup(self._base_wanted):
                     self._base_wanted = None
+            if pitr_due is not None:
+                self._pitr_tick(now, pitr_due)
+                if now >= pitr_due:
+                    pitr_due = next_run(str(cfg.pitr_drill_cron), cfg.schedule_timezone, now)
+                    log.info("next PITR drill at %s", pitr_due.isoformat())
             self.stopping.wait(1.0)

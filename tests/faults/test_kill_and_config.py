@@ -104,6 +104,7 @@ BAD_VALUES = {
     "restore.jobs": "0",
     "base_backup.retention_days": "-1",
     "base_backup.schedule": "weekly-ish",
+    "drill.pitr_cron": "nightly",
 }
 
 

@@ -569,20 +569,42 @@ def receive_wal(config: Config | None = None) -> int:
     return Receiver(_config(config)).run()
 
 
-def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None) -> None:
-    """restore_command's helper: an archived WAL file into `dest`, sha256 checked. NotFound if it is not archived,
-    ChecksumMismatch naming it if it is damaged. Needs no DATABASE_URL."""
+def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None,
+              spool_dir: Path | None = None) -> str:
+    """restore_command's helper: an archived WAL file into `dest`, sha256 checked; a segment not archived yet comes from
+    the receiver's spool (`spool_dir`, default BACKUP_DIR/wal/spool) when it has it, completed or `.partial`, its first
+    page header checked (no sha256 was recorded for it). Returns where it came from ("archive", "spool", "spool-partial").
+    NotFound if it is in neither, ChecksumMismatch naming it if the archived one is damaged. Needs no DATABASE_URL."""
     from sidecar import age
-    from sidecar.physical.wal import WalArchive
+    from sidecar.physical.wal import PARTIAL, SPOOL_SYSTEM_FILE, WalArchive, copy_into_place, spool_segment
 
     archive = WalArchive(backup_dir)
+    spool = spool_dir or backup_dir / "wal" / "spool"
     if system_id is None:
         systems = sorted({t.system_id for t in archive.timelines()})
+        if not systems:
+            try:
+                systems = [(spool / SPOOL_SYSTEM_FILE).read_text().strip()]
+            except OSError:
+                pass
         if len(systems) != 1:
             raise UsageError(f"the archive in {backup_dir} holds {len(systems)} systems; give --system-id")
         system_id = systems[0]
     identities = age.parse_identities(identity_file) if identity_file else None
-    archive.fetch(system_id, name, dest, identities)
+    for _attempt in range(2):  # the receiver may archive the spool's file (and remove it) while we look
+        if archive.record(system_id, name) is not None:
+            archive.fetch(system_id, name, dest, identities)
+            return "archive"
+        source = spool_segment(spool, system_id, name)
+        if source is None:
+            continue
+        try:
+            copy_into_place(source, dest)
+        except FileNotFoundError:
+            continue
+        return "spool-partial" if source.name.endswith(PARTIAL) else "spool"
+    archive.fetch(system_id, name, dest, identities)  # NotFound, named
+    return "archive"
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,

@@ -146,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     wf.add_argument("--backup-dir", help="the backup volume (default: $BACKUP_DIR, else ./backups)")
     wf.add_argument("--system-id", help="the system identifier whose WAL to read (needed when the archive holds several)")
     wf.add_argument("--identity-file", help="age secret key file for encrypted WAL (default: $BACKUP_ENCRYPTION_IDENTITY_FILE)")
+    wf.add_argument("--spool-dir", help="the receiver's spool, read for a segment not archived yet (default: $WAL_SPOOL_DIR, else BACKUP_DIR/wal/spool)")
     r.add_argument("--to-time", metavar="T", help="point-in-time restore to T (ISO 8601 with a time zone, e.g. 2026-11-26T14:32:05Z)")
     r.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position (e.g. 0/3000028)")
     r.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
@@ -469,8 +470,14 @@ def _wal_fetch(args: argparse.Namespace) -> int:
 
     backup_dir = Path(args.backup_dir or os.environ.get("BACKUP_DIR") or "./backups")
     identity = args.identity_file or os.environ.get("BACKUP_ENCRYPTION_IDENTITY_FILE")
+    spool = args.spool_dir or os.environ.get("WAL_SPOOL_DIR")
     try:
-        api.fetch_wal(backup_dir, args.segment, Path(args.dest), args.system_id, Path(identity) if identity else None)
+        source = api.fetch_wal(backup_dir, args.segment, Path(args.dest), args.system_id, Path(identity) if identity else None,
+                               Path(spool) if spool else None)
+        if source != "archive":  # PostgreSQL's log shows it: WAL that has no sha256 on record went into this recovery
+            what = "flushed so far (.partial)" if source == "spool-partial" else "completed, not archived yet"
+            print(f"wal-fetch: {args.segment} is not archived; served the receiver's copy from its spool ({what}; its page header "
+                  "checked for this system, timeline and position, no sha256 recorded)", file=sys.stderr)
     except NotFound as exc:
         print(f"wal-fetch: {exc}", file=sys.stderr)
         return FOUND_PROBLEM

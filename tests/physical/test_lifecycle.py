@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sidecar.physical.wal import parse_lsn
 from sidecar.retention import BaseFacts, classify_base, wal_cutoffs, wal_to_delete
 from tests.conftest import cli
 from tests.physical.conftest import Receiver, WalCluster, archived, list_wal, switch, wait_for
@@ -296,6 +297,8 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
     receiver = Receiver(pitr_env, tmp_path / "receiver.log")
     committed: dict[int, float] = {}
+    after_commit: dict[int, int] = {}
+    flushed = 0
     try:
         wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
         cli(pitr_env, "base-backup")
@@ -310,9 +313,13 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
                 i += 1
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
                 committed[i] = time.monotonic()
+                if killed is None:  # the WAL position after the commit, to compare with what the receiver had flushed
+                    after_commit[i] = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
                 if i % 150 == 0:
                     conn.execute("SELECT pg_switch_wal()")
                 if killed is None and time.monotonic() - started > 2:
+                    flushed = parse_lsn(str(conn.execute("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = %s",
+                                                         ("pg_backup_sidecar",)).fetchone()[0]))  # type: ignore[index]
                     os.kill(int(streamer), signal.SIGKILL)  # the whole sidecar at once, as the kernel's OOM killer or a node loss would
                     os.kill(receiver.proc.pid, signal.SIGKILL)
                     killed = time.monotonic()
@@ -333,6 +340,9 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
     before_kill = {k for k, at in committed.items() if at <= killed}
     missing = sorted(before_kill - present)
     oldest_missing_age = killed - committed[missing[0]] if missing else 0.0
+    was_flushed = {k for k, lsn in after_commit.items() if lsn <= flushed}  # on the receiver's disk (spool) when it died
     print(f"sidecar SIGKILL: rows committed before the kill {len(before_kill)}, missing after restore --to-latest {len(missing)}, "
-          f"oldest missing committed {oldest_missing_age:.3f}s before the kill")
+          f"oldest missing committed {oldest_missing_age:.3f}s before the kill; flushed by the receiver {len(was_flushed)}, of them missing "
+          f"{len(was_flushed - present)}")
+    assert not was_flushed - present, sorted(was_flushed - present)[:10]  # every row the receiver had flushed is restored
     assert oldest_missing_age < 1.0, (len(missing), oldest_missing_age)

@@ -488,7 +488,7 @@ def create_base_backup(config: Config | None = None) -> dict[str, Any]:
     from sidecar.physical.base import create_base_backup as create
 
     cfg = _config(config)
-    metadata = create(cfg)
+    metadata = create(cfg.replication())  # pg_basebackup as WAL_REPLICATION_URL's role when one is set
     if cfg.remote is not None:  # off-site at once; a failure leaves it pending for the daemon's copier
         from sidecar.physical.offsite import copy_base
 

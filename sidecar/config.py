@@ -72,6 +72,7 @@ class Config:
     wal_archiving: bool = False
     wal_slot_name: str = "pg_backup_sidecar"
     wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
+    wal_replication_url: str | None = None  # the role for replication connections (pg_receivewal, pg_basebackup, the slot); None: DATABASE_URL's
     # --- a whole server (issue 14, sidecar/logical/server.py) ---
     databases: tuple[str, ...] = ()  # backup.databases: () = DATABASE_URL's database only (as before); ("*",) = all; else the list
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
@@ -135,11 +136,19 @@ class Config:
             "wal.enabled": self.wal_archiving,
             "wal.slot_name": self.wal_slot_name,
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
+            "wal.replication_url": mask_url(self.wal_replication_url) if self.wal_replication_url else None,
             "backup.databases": ("all" if self.databases == ALL_DATABASES else ",".join(self.databases)) or None,
             "backup.parallel": self.parallel,
             "base_backup.retention_days": self.base_backup_retention_days,
             "base_backup.schedule": self.base_backup_cron,
         }
+
+    def replication(self) -> Config:
+        """This configuration with WAL_REPLICATION_URL as the connection (its role streams WAL, takes base backups and makes the
+        slot), or itself when none is set (DATABASE_URL's role does it all)."""
+        if not self.wal_replication_url or self.database_url == self.wal_replication_url:
+            return self
+        return replace(self, database_url=self.wal_replication_url, password_file=None)
 
     def drill_server(self) -> Config:
         """Where drills restore: the server of drill.database_url, else the live database's own server."""
@@ -201,6 +210,16 @@ def _url(value: Any) -> str:
         raise ValueError("is not a PostgreSQL connection URL (postgresql://user:password@host:5432/dbname)") from None
     if not params.get("dbname"):
         raise ValueError("names no database (postgresql://user:password@host:5432/dbname)")
+    return url
+
+
+def _replication_url(value: Any) -> str:
+    """A connection URL for replication connections: no database needed (a physical replication connection has none)."""
+    url = _text(value)
+    try:
+        conninfo_to_dict(url)
+    except Exception:
+        raise ValueError("is not a PostgreSQL connection URL (postgresql://replicator:password@host:5432/postgres)") from None
     return url
 
 
@@ -338,6 +357,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "wal.enabled": ("WAL_ARCHIVING", _bool),
     "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
     "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
+    "wal.replication_url": ("WAL_REPLICATION_URL", _replication_url),
     # a whole server (sidecar/logical/server.py)
     "backup.databases": ("BACKUP_DATABASES", _databases),
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
@@ -386,7 +406,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         try:
             values[key] = KEYS[key][1](value)
         except ValueError as exc:
-            shown = "****" if key in ("database.url", "drill.database_url") else repr(masked_value(value) if isinstance(value, str) else value)
+            shown = "****" if key in ("database.url", "drill.database_url", "wal.replication_url") else repr(masked_value(value) if isinstance(value, str) else value)
             problems.append(f"{where}={shown}: {exc}")
 
     if "database.url" not in values and "database.url" not in raw:
@@ -468,6 +488,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_archiving=values.get("wal.enabled", False),
         wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
         wal_spool_dir=values.get("wal.spool_dir"),
+        wal_replication_url=values.get("wal.replication_url"),
         databases=values.get("backup.databases", ()),
         parallel=values.get("backup.parallel", 1),
         base_retention_days=values.get("base_backup.retention_days"),

@@ -155,7 +155,7 @@ class Receiver:
             tool = find_tool("pg_receivewal", self.config.pg_bin_dir)
             backoff = 1.0
             while not self.stop.is_set():
-                conninfo, env = child_env(self.config)
+                conninfo, env = child_env(self.config.replication())  # WAL_REPLICATION_URL's role, else DATABASE_URL's
                 # the walsender's application_name is the slot's name: what synchronous_standby_names names for RPO 0
                 conninfo = make_conninfo(conninfo, application_name=self.config.wal_slot_name)
                 argv = [tool, "-D", str(self.spool), "-S", self.config.wal_slot_name, "--synchronous", "--no-loop", "--no-password", "-d", conninfo]

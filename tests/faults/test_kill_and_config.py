@@ -99,6 +99,7 @@ BAD_VALUES = {
     "wal.enabled": "perhaps",
     "wal.slot_name": "Bad-Slot!",
     "wal.spool_dir": "",
+    "wal.replication_url": "replicator:secret@db:5432",
     "backup.databases": "app,,billing",
     "backup.parallel": "0",
     "base_backup.retention_days": "-1",

@@ -128,3 +128,36 @@ def test_with_the_receiver_a_synchronous_standby_every_commit_that_returned_surv
     print(f"synchronous standby, kill -9 of PostgreSQL and the sidecar: {len(committed)} commits returned, {len(missing)} missing after "
           f"restore --to-latest, {len(present - set(committed))} more rows than commits returned")
     assert not missing, missing[:10]
+
+
+def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it_lacks_is_named(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
+    backups = Path(pitr_env["BACKUP_DIR"])
+    wal_cluster.psql("CREATE ROLE app LOGIN; CREATE ROLE replicator LOGIN")  # app: the application's role, no REPLICATION
+    env = {**pitr_env, "DATABASE_URL": wal_cluster.url("postgres", user="app"), "WAL_REPLICATION_URL": wal_cluster.url("postgres", user="replicator")}
+    hba = wal_cluster.data / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace(wal_cluster.replication_hba, "local replication postgres trust\n"))
+    wal_cluster.psql("SELECT pg_reload_conf()")
+    both = cli(env, "wal-receive", check=False)  # what start-up says: every missing piece, in one line
+    assert both.returncode == 3 and len(both.stderr.strip().splitlines()) == 1, both.stderr
+    assert "role replicator (WAL_REPLICATION_URL) lacks REPLICATION: ALTER ROLE replicator REPLICATION" in both.stderr, both.stderr
+    assert "no pg_hba.conf line allows replication connections for role replicator" in both.stderr, both.stderr
+    base = cli(env, "base-backup", check=False)
+    assert base.returncode == 3 and "ALTER ROLE replicator REPLICATION" in base.stderr, base.stderr
+    gone = cli({**env, "WAL_REPLICATION_URL": wal_cluster.url("postgres", user="nobody")}, "wal-receive", check=False)
+    assert gone.returncode == 3 and "role nobody (WAL_REPLICATION_URL) does not exist: CREATE ROLE nobody LOGIN REPLICATION" in gone.stderr, gone.stderr
+    wal_cluster.psql("ALTER ROLE replicator REPLICATION")
+    hba.write_text(hba.read_text() + "local replication replicator trust\n")
+    wal_cluster.psql("SELECT pg_reload_conf()")
+    # the application's role never gets REPLICATION: the replicator makes the slot, streams and takes the base backup
+    wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    receiver, _streamer = _start_with_a_good_base_backup(wal_cluster, env, tmp_path / "receiver.log")
+    try:
+        assert wal_cluster.psql("SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_replication") == "replicator"
+        assert wal_cluster.psql("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'pg_backup_sidecar'") == "physical"
+        last = switch(wal_cluster)
+        wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
+    finally:
+        assert receiver.stop() == 0
+    printed = cli(env, "validate-config", "--print").stdout
+    assert "wal.replication_url" in printed and "replicator" in printed

@@ -73,6 +73,7 @@ class Config:
     wal_slot_name: str = "pg_backup_sidecar"
     wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
     wal_replication_url: str | None = None  # the role for replication connections (pg_receivewal, pg_basebackup, the slot); None: DATABASE_URL's
+    wal_replication_password_file: Path | None = None  # its password, read at each connection (a mounted Secret)
     # --- a whole server (issue 14, sidecar/logical/server.py) ---
     databases: tuple[str, ...] = ()  # backup.databases: () = DATABASE_URL's database only (as before); ("*",) = all; else the list
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
@@ -137,6 +138,7 @@ class Config:
             "wal.slot_name": self.wal_slot_name,
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
             "wal.replication_url": mask_url(self.wal_replication_url) if self.wal_replication_url else None,
+            "wal.replication_password_file": str(self.wal_replication_password_file) if self.wal_replication_password_file else None,
             "backup.databases": ("all" if self.databases == ALL_DATABASES else ",".join(self.databases)) or None,
             "backup.parallel": self.parallel,
             "base_backup.retention_days": self.base_backup_retention_days,
@@ -146,9 +148,9 @@ class Config:
     def replication(self) -> Config:
         """This configuration with WAL_REPLICATION_URL as the connection (its role streams WAL, takes base backups and makes the
         slot), or itself when none is set (DATABASE_URL's role does it all)."""
-        if not self.wal_replication_url or self.database_url == self.wal_replication_url:
+        if not self.wal_replication_url or (self.database_url == self.wal_replication_url and self.password_file == self.wal_replication_password_file):
             return self
-        return replace(self, database_url=self.wal_replication_url, password_file=None)
+        return replace(self, database_url=self.wal_replication_url, password_file=self.wal_replication_password_file)
 
     def drill_server(self) -> Config:
         """Where drills restore: the server of drill.database_url, else the live database's own server."""
@@ -358,6 +360,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
     "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
     "wal.replication_url": ("WAL_REPLICATION_URL", _replication_url),
+    "wal.replication_password_file": ("WAL_REPLICATION_PASSWORD_FILE", _readable_file),
     # a whole server (sidecar/logical/server.py)
     "backup.databases": ("BACKUP_DATABASES", _databases),
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
@@ -446,6 +449,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if not volume and values.get("wal.enabled"):
         problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the spool and the WAL archive live there; the off-site copy is made from it): "
                         "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false")
+    if "wal.replication_password_file" in raw and "wal.replication_url" not in raw:
+        problems.append(f"{raw['wal.replication_password_file'][0]} is the password of WAL_REPLICATION_URL's role: set WAL_REPLICATION_URL "
+                        "too (postgresql://replicator@host/postgres), or remove it")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -489,6 +495,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
         wal_spool_dir=values.get("wal.spool_dir"),
         wal_replication_url=values.get("wal.replication_url"),
+        wal_replication_password_file=values.get("wal.replication_password_file"),
         databases=values.get("backup.databases", ()),
         parallel=values.get("backup.parallel", 1),
         base_retention_days=values.get("base_backup.retention_days"),

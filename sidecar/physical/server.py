@@ -96,7 +96,7 @@ def replication_problems(config: Config) -> list[str]:
             problems.append(f"{named} does not exist: CREATE ROLE {user} LOGIN REPLICATION PASSWORD '...'")
     elif "password authentication failed" in text:
         problems.append(f"password authentication failed for {named}: check the password in "
-                        f"{'WAL_REPLICATION_URL' if config.wal_replication_url else 'DATABASE_URL (or DATABASE_PASSWORD_FILE)'}")
+                        f"{'WAL_REPLICATION_URL (or WAL_REPLICATION_PASSWORD_FILE)' if config.wal_replication_url else 'DATABASE_URL (or DATABASE_PASSWORD_FILE)'}")
     elif not problems:
         problems.append(f"a replication connection fails: {text}")
     return problems

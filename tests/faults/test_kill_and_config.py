@@ -100,6 +100,7 @@ BAD_VALUES = {
     "wal.slot_name": "Bad-Slot!",
     "wal.spool_dir": "",
     "wal.replication_url": "replicator:secret@db:5432",
+    "wal.replication_password_file": "/nonexistent/password",
     "backup.databases": "app,,billing",
     "backup.parallel": "0",
     "base_backup.retention_days": "-1",

@@ -71,6 +71,7 @@ def _archive_some(wal_cluster: WalCluster, env: dict[str, str], log: Path, switc
     return names
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_corrupted_archived_segment_stops_the_restore_with_one_line_naming_it(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                 tmp_path: Path) -> None:
     names = _archive_some(wal_cluster, pitr_env, tmp_path / "receiver.log")

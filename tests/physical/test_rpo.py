@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from sidecar.streams import file_sha256
 from tests.conftest import cli
@@ -34,8 +35,8 @@ def _flushed(cluster: WalCluster) -> bool:
     return cluster.psql("SELECT bool_and(flush_lsn >= pg_current_wal_insert_lsn()) FROM pg_stat_replication") == "t"
 
 
-def _restored_ids(env: dict[str, str], port: int, *options: str) -> set[int]:
-    restored = WalCluster(port=port)
+def _restored_ids(env: dict[str, str], port: int, *options: str, bin_dir: Path | None = None) -> set[int]:
+    restored = WalCluster(port=port, bin_dir=bin_dir)
     try:
         cli(env, "restore", "--to-latest", *options, "--into-data-dir", str(restored.data))
         restored.start_existing()
@@ -45,6 +46,7 @@ def _restored_ids(env: dict[str, str], port: int, *options: str) -> set[int]:
         restored.destroy()
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_restore_has_the_wal_the_receiver_flushed_but_never_archived_and_wal_fetch_serves_it(
         wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
@@ -66,7 +68,7 @@ def test_a_restore_has_the_wal_the_receiver_flushed_but_never_archived_and_wal_f
     partial = [p for p in spool.glob("*.partial")]
     assert (spool / completed).is_file() and not archived(backups, completed) and len(partial) == 1, sorted(os.listdir(spool))
     # a restore from the volume stages the completed segment and the .partial after the archived WAL
-    assert _restored_ids(pitr_env, 54332) == set(range(1, 101))
+    assert _restored_ids(pitr_env, 54332, bin_dir=wal_cluster.bin_dir) == set(range(1, 101))
     # wal-fetch (restore_command) serves them too: the archive has neither
     cli(pitr_env, "wal-fetch", completed, str(tmp_path / "completed"))
     assert file_sha256(tmp_path / "completed") == file_sha256(spool / completed)
@@ -146,9 +148,16 @@ def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it
     assert base.returncode == 3 and "ALTER ROLE replicator REPLICATION" in base.stderr, base.stderr
     gone = cli({**env, "WAL_REPLICATION_URL": wal_cluster.url("postgres", user="nobody")}, "wal-receive", check=False)
     assert gone.returncode == 3 and "role nobody (WAL_REPLICATION_URL) does not exist: CREATE ROLE nobody LOGIN REPLICATION" in gone.stderr, gone.stderr
-    wal_cluster.psql("ALTER ROLE replicator REPLICATION")
-    hba.write_text(hba.read_text() + "local replication replicator trust\n")
+    wal_cluster.psql("ALTER ROLE replicator REPLICATION PASSWORD 'right-s3cret'")
+    hba.write_text(hba.read_text() + "local replication replicator scram-sha-256\n")
     wal_cluster.psql("SELECT pg_reload_conf()")
+    password = tmp_path / "replication-password"
+    password.write_text("wrong\n")
+    env["WAL_REPLICATION_PASSWORD_FILE"] = str(password)
+    wrong = cli(env, "wal-receive", check=False)
+    assert wrong.returncode == 3 and "password authentication failed for role replicator (WAL_REPLICATION_URL)" in wrong.stderr, wrong.stderr
+    assert "wrong" not in wrong.stderr
+    password.write_text("right-s3cret\n")
     # the application's role never gets REPLICATION: the replicator makes the slot, streams and takes the base backup
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
     receiver, _streamer = _start_with_a_good_base_backup(wal_cluster, env, tmp_path / "receiver.log")
@@ -160,4 +169,4 @@ def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it
     finally:
         assert receiver.stop() == 0
     printed = cli(env, "validate-config", "--print").stdout
-    assert "wal.replication_url" in printed and "replicator" in printed
+    assert "wal.replication_url" in printed and "replicator" in printed and "right-s3cret" not in printed

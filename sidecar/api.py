@@ -43,7 +43,7 @@ __all__ = [
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
     "create_base_backup", "list_base_backups", "wal_timelines", "recovery_window", "window_reader", "wal_watcher",
-    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point",
+    "verify_base_backup", "set_base_pinned", "receive_wal", "fetch_wal", "restore_to_point",
 ]
 
 
@@ -434,6 +434,28 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
             raise NotFound(f"backup {entry.id} has no readable metadata ({entry.problem}); cannot pin it")
         repo.write_metadata({**entry.metadata, "keep": keep})
         return Backup.from_entry(repo.get(entry.id))
+
+
+def set_base_pinned(ref: str, keep: bool, config: Config | None = None) -> dict[str, Any]:
+    """Pin a base backup (retention never deletes it, nor the WAL from its start on; on the remote too) or release it.
+    Returns its listing (metadata with `status`)."""
+    import json
+
+    from sidecar.physical.base import base_dir, get_base_backup
+    from sidecar.repository import METADATA_SUFFIX, write_atomically
+
+    cfg = _config(config)
+    if not cfg.volume:
+        raise UsageError("base backups live on the backup volume; there is none here (BACKUP_VOLUME=false)")
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
+    with repo.lock("pin"):
+        backup = get_base_backup(cfg, ref)
+        if not backup.metadata:
+            raise NotFound(f"base backup {backup.id} has no readable metadata ({backup.problem}); cannot pin it")
+        metadata = {**backup.metadata, "keep": keep}
+        write_atomically(base_dir(cfg) / (backup.id + METADATA_SUFFIX), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n",
+                         repo.file_mode)
+        return get_base_backup(cfg, backup.id).to_json()
 
 
 def remote_store(config: Config) -> ObjectStore:

@@ -101,8 +101,10 @@ def parser() -> argparse.ArgumentParser:
 
     un = sub.add_parser("unpin", help="release a pinned backup to retention")
     un.add_argument("id", metavar="ID")
+    un.add_argument("--base", action="store_true", help="ID is a base backup (the default when it names one)")
     pin = sub.add_parser("pin", help="pin a backup so retention never deletes it")
     pin.add_argument("id", metavar="ID|latest")
+    pin.add_argument("--base", action="store_true", help="ID|latest is a base backup (and the WAL from its start): retention keeps them")
 
     sub.add_parser("run", help="the daemon: schedule, metrics, health and the HTTP API (the container's main process)")
 
@@ -328,6 +330,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(f"error: remote not pruned: {pruned.remote.error}", file=sys.stderr)
             return FAILED
         return OK
+    if args.command in ("pin", "unpin") and (args.base or api.is_base_backup(args.id, config)):
+        base = api.set_base_pinned(args.id, args.command == "pin", config)
+        print(f"base backup {base['id']} {'pinned' if base.get('keep') else 'unpinned'}")
+        return OK
     if args.command in ("pin", "unpin"):
         changed = api.set_pinned(args.id, args.command == "pin", config)
         print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
@@ -410,7 +416,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         elif not backups:
             print("no base backups yet")
         for b in [] if args.json else backups:
-            status = b["status"] + (f": {b['problem']}" if b["problem"] else "")
+            status = b["status"] + (" (pinned)" if b.get("keep") else "") + (f": {b['problem']}" if b["problem"] else "")
             print(f"{b['id']}  {human_size(b.get('size'))}  LSN {b.get('startLsn', '-')}..{b.get('endLsn', '-')} timeline {b.get('timeline', '-')}  {status}")
         return OK
     if args.command == "verify" and (args.base or api.is_base_backup(args.id, config)):

@@ -136,6 +136,13 @@ def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_new
     dry = cli(env, "prune", "--dry-run")
     assert f"would delete: base {old_id}: older than 7 days" in dry.stdout and f"keep: base {new_id}: newest good base backup" in dry.stdout, dry.stdout
     assert list_wal(env) == [before] and len(json.loads(cli(env, "list", "--base", "--json").stdout)) == 2
+    # a pinned base backup stays (and the WAL from its start), whatever its age, until it is unpinned
+    assert cli(env, "pin", old_id).stdout.strip() == f"base backup {old_id} pinned"
+    assert f"{old_id}" in cli(env, "list", "--base").stdout and "ok (pinned)" in cli(env, "list", "--base").stdout
+    dry = cli(env, "prune", "--dry-run")
+    assert f"keep: base {old_id}: pinned (unpin to release)" in dry.stdout and "would delete: base" not in dry.stdout, dry.stdout
+    assert cli(env, "unpin", "--base", old_id).stdout.strip() == f"base backup {old_id} unpinned"
+    assert "would delete: base " + old_id in cli(env, "prune", "--dry-run").stdout
 
     timeline_dir = next((backups / "wal").glob(f"*/{last[:8]}"))
     with read_only(timeline_dir):  # files that cannot be removed are reported, not fatal

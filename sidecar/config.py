@@ -449,7 +449,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if not volume and values.get("wal.enabled"):
         problems.append(f"{raw['wal.enabled'][0]}=true needs a backup volume (the spool and the WAL archive live there; the off-site copy is made from it): "
                         "set BACKUP_VOLUME=true and BACKUP_DIR, or WAL_ARCHIVING=false")
-    if "wal.replication_password_file" in raw and "wal.replication_url" not in raw:
+    if "wal.replication_password_file" in values and "wal.replication_url" not in raw:
         problems.append(f"{raw['wal.replication_password_file'][0]} is the password of WAL_REPLICATION_URL's role: set WAL_REPLICATION_URL "
                         "too (postgresql://replicator@host/postgres), or remove it")
     if problems:

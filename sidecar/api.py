@@ -46,7 +46,7 @@ __all__ = [
     "PendingReport", "check_remote", "copy_offsite", "pending_backups", "last_remote_verification",
     "create_backup", "list_backups", "get_backup", "restore_backup", "verify_backup", "prune_backups", "set_pinned",
     "create_base_backup", "list_base_backups", "wal_timelines", "recovery_window", "window_reader", "wal_watcher",
-    "verify_base_backup", "receive_wal", "fetch_wal", "restore_to_point", "restore_tables", "find_moment",
+    "verify_base_backup", "set_base_pinned", "receive_wal", "fetch_wal", "restore_to_point", "restore_tables", "find_moment",
 ]
 
 
@@ -446,6 +446,28 @@ def set_pinned(ref: str, keep: bool, config: Config | None = None) -> Backup:
         return Backup.from_entry(repo.get(entry.id))
 
 
+def set_base_pinned(ref: str, keep: bool, config: Config | None = None) -> dict[str, Any]:
+    """Pin a base backup (retention never deletes it, nor the WAL from its start on; on the remote too) or release it.
+    Returns its listing (metadata with `status`)."""
+    import json
+
+    from sidecar.physical.base import base_dir, get_base_backup
+    from sidecar.repository import METADATA_SUFFIX, write_atomically
+
+    cfg = _config(config)
+    if not cfg.volume:
+        raise UsageError("base backups live on the backup volume; there is none here (BACKUP_VOLUME=false)")
+    repo = Repository(cfg.backup_dir, group_readable=cfg.group_readable)
+    with repo.lock("pin"):
+        backup = get_base_backup(cfg, ref)
+        if not backup.metadata:
+            raise NotFound(f"base backup {backup.id} has no readable metadata ({backup.problem}); cannot pin it")
+        metadata = {**backup.metadata, "keep": keep}
+        write_atomically(base_dir(cfg) / (backup.id + METADATA_SUFFIX), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n",
+                         repo.file_mode)
+        return get_base_backup(cfg, backup.id).to_json()
+
+
 def remote_store(config: Config) -> ObjectStore:
     """The off-site store of the configuration; UsageError if none is configured."""
     if config.remote is None:
@@ -498,7 +520,7 @@ def create_base_backup(config: Config | None = None) -> dict[str, Any]:
     from sidecar.physical.base import create_base_backup as create
 
     cfg = _config(config)
-    metadata = create(cfg)
+    metadata = create(cfg.replication())  # pg_basebackup as WAL_REPLICATION_URL's role when one is set
     if cfg.remote is not None:  # off-site at once; a failure leaves it pending for the daemon's copier
         from sidecar.physical.offsite import copy_base
 
@@ -579,20 +601,42 @@ def receive_wal(config: Config | None = None) -> int:
     return Receiver(_config(config)).run()
 
 
-def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None) -> None:
-    """restore_command's helper: an archived WAL file into `dest`, sha256 checked. NotFound if it is not archived,
-    ChecksumMismatch naming it if it is damaged. Needs no DATABASE_URL."""
+def fetch_wal(backup_dir: Path, name: str, dest: Path, system_id: str | None = None, identity_file: Path | None = None,
+              spool_dir: Path | None = None) -> str:
+    """restore_command's helper: an archived WAL file into `dest`, sha256 checked; a segment not archived yet comes from
+    the receiver's spool (`spool_dir`, default BACKUP_DIR/wal/spool) when it has it, completed or `.partial`, its first
+    page header checked (no sha256 was recorded for it). Returns where it came from ("archive", "spool", "spool-partial").
+    NotFound if it is in neither, ChecksumMismatch naming it if the archived one is damaged. Needs no DATABASE_URL."""
     from sidecar import age
-    from sidecar.physical.wal import WalArchive
+    from sidecar.physical.wal import PARTIAL, SPOOL_SYSTEM_FILE, WalArchive, copy_into_place, spool_segment
 
     archive = WalArchive(backup_dir)
+    spool = spool_dir or backup_dir / "wal" / "spool"
     if system_id is None:
         systems = sorted({t.system_id for t in archive.timelines()})
+        if not systems:
+            try:
+                systems = [(spool / SPOOL_SYSTEM_FILE).read_text().strip()]
+            except OSError:
+                pass
         if len(systems) != 1:
             raise UsageError(f"the archive in {backup_dir} holds {len(systems)} systems; give --system-id")
         system_id = systems[0]
     identities = age.parse_identities(identity_file) if identity_file else None
-    archive.fetch(system_id, name, dest, identities)
+    for _attempt in range(2):  # the receiver may archive the spool's file (and remove it) while we look
+        if archive.record(system_id, name) is not None:
+            archive.fetch(system_id, name, dest, identities)
+            return "archive"
+        source = spool_segment(spool, system_id, name)
+        if source is None:
+            continue
+        try:
+            copy_into_place(source, dest)
+        except FileNotFoundError:
+            continue
+        return "spool-partial" if source.name.endswith(PARTIAL) else "spool"
+    archive.fetch(system_id, name, dest, identities)  # NotFound, named
+    return "archive"
 
 
 def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | None, to_latest: bool, into_data_dir: Path,

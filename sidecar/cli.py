@@ -101,8 +101,10 @@ def parser() -> argparse.ArgumentParser:
 
     un = sub.add_parser("unpin", help="release a pinned backup to retention")
     un.add_argument("id", metavar="ID")
+    un.add_argument("--base", action="store_true", help="ID is a base backup (the default when it names one)")
     pin = sub.add_parser("pin", help="pin a backup so retention never deletes it")
     pin.add_argument("id", metavar="ID|latest")
+    pin.add_argument("--base", action="store_true", help="ID|latest is a base backup (and the WAL from its start): retention keeps them")
 
     sub.add_parser("run", help="the daemon: schedule, metrics, health and the HTTP API (the container's main process)")
 
@@ -150,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     wf.add_argument("--backup-dir", help="the backup volume (default: $BACKUP_DIR, else ./backups)")
     wf.add_argument("--system-id", help="the system identifier whose WAL to read (needed when the archive holds several)")
     wf.add_argument("--identity-file", help="age secret key file for encrypted WAL (default: $BACKUP_ENCRYPTION_IDENTITY_FILE)")
+    wf.add_argument("--spool-dir", help="the receiver's spool, read for a segment not archived yet (default: $WAL_SPOOL_DIR, else BACKUP_DIR/wal/spool)")
     r.add_argument("--to-time", metavar="T", help="point-in-time restore to T (ISO 8601 with a time zone, e.g. 2026-11-26T14:32:05Z)")
     r.add_argument("--to-lsn", metavar="LSN", help="point-in-time restore to this WAL position (e.g. 0/3000028)")
     r.add_argument("--to-latest", action="store_true", help="point-in-time restore to the end of the archived WAL")
@@ -389,6 +392,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if remote_physical is not None and remote_physical.error is not None and args.json:  # said in the text above otherwise
             print(f"error: base backups and WAL on the remote not pruned: {remote_physical.error}", file=sys.stderr)
         return FAILED if failed or (remote_physical is not None and remote_physical.error is not None) else OK
+    if args.command in ("pin", "unpin") and (args.base or api.is_base_backup(args.id, config)):
+        base = api.set_base_pinned(args.id, args.command == "pin", config)
+        print(f"base backup {base['id']} {'pinned' if base.get('keep') else 'unpinned'}")
+        return OK
     if args.command in ("pin", "unpin"):
         changed = api.set_pinned(args.id, args.command == "pin", config)
         print(f"{changed.id} {'pinned' if changed.keep else 'unpinned'}")
@@ -476,7 +483,7 @@ def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
         elif not backups:
             print("no base backups yet")
         for b in [] if args.json else backups:
-            status = b["status"] + (f": {b['problem']}" if b["problem"] else "")
+            status = b["status"] + (" (pinned)" if b.get("keep") else "") + (f": {b['problem']}" if b["problem"] else "")
             print(f"{b['id']}  {human_size(b.get('size'))}  LSN {b.get('startLsn', '-')}..{b.get('endLsn', '-')} timeline {b.get('timeline', '-')}  {status}")
         return OK
     if args.command == "verify" and (args.base or api.is_base_backup(args.id, config)):
@@ -586,8 +593,14 @@ def _wal_fetch(args: argparse.Namespace) -> int:
 
     backup_dir = Path(args.backup_dir or os.environ.get("BACKUP_DIR") or "./backups")
     identity = args.identity_file or os.environ.get("BACKUP_ENCRYPTION_IDENTITY_FILE")
+    spool = args.spool_dir or os.environ.get("WAL_SPOOL_DIR")
     try:
-        api.fetch_wal(backup_dir, args.segment, Path(args.dest), args.system_id, Path(identity) if identity else None)
+        source = api.fetch_wal(backup_dir, args.segment, Path(args.dest), args.system_id, Path(identity) if identity else None,
+                               Path(spool) if spool else None)
+        if source != "archive":  # PostgreSQL's log shows it: WAL that has no sha256 on record went into this recovery
+            what = "flushed so far (.partial)" if source == "spool-partial" else "completed, not archived yet"
+            print(f"wal-fetch: {args.segment} is not archived; served the receiver's copy from its spool ({what}; its page header "
+                  "checked for this system, timeline and position, no sha256 recorded)", file=sys.stderr)
     except NotFound as exc:
         print(f"wal-fetch: {exc}", file=sys.stderr)
         return FOUND_PROBLEM

@@ -73,6 +73,8 @@ class Config:
     wal_archiving: bool = False
     wal_slot_name: str = "pg_backup_sidecar"
     wal_spool_dir: Path | None = None  # default BACKUP_DIR/wal/spool
+    wal_replication_url: str | None = None  # the role for replication connections (pg_receivewal, pg_basebackup, the slot); None: DATABASE_URL's
+    wal_replication_password_file: Path | None = None  # its password, read at each connection (a mounted Secret)
     # --- a whole server (issue 14, sidecar/logical/server.py) ---
     databases: tuple[str, ...] = ()  # backup.databases: () = DATABASE_URL's database only (as before); ("*",) = all; else the list
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
@@ -146,11 +148,20 @@ class Config:
             "wal.enabled": self.wal_archiving,
             "wal.slot_name": self.wal_slot_name,
             "wal.spool_dir": str(self.wal_spool_dir) if self.wal_spool_dir else None,
+            "wal.replication_url": mask_url(self.wal_replication_url) if self.wal_replication_url else None,
+            "wal.replication_password_file": str(self.wal_replication_password_file) if self.wal_replication_password_file else None,
             "backup.databases": ("all" if self.databases == ALL_DATABASES else ",".join(self.databases)) or None,
             "backup.parallel": self.parallel,
             "base_backup.retention_days": self.base_backup_retention_days,
             "base_backup.schedule": self.base_backup_cron,
         }
+
+    def replication(self) -> Config:
+        """This configuration with WAL_REPLICATION_URL as the connection (its role streams WAL, takes base backups and makes the
+        slot), or itself when none is set (DATABASE_URL's role does it all)."""
+        if not self.wal_replication_url or (self.database_url == self.wal_replication_url and self.password_file == self.wal_replication_password_file):
+            return self
+        return replace(self, database_url=self.wal_replication_url, password_file=self.wal_replication_password_file)
 
     def drill_server(self) -> Config:
         """Where drills restore: the server of drill.database_url, else the live database's own server."""
@@ -212,6 +223,16 @@ def _url(value: Any) -> str:
         raise ValueError("is not a PostgreSQL connection URL (postgresql://user:password@host:5432/dbname)") from None
     if not params.get("dbname"):
         raise ValueError("names no database (postgresql://user:password@host:5432/dbname)")
+    return url
+
+
+def _replication_url(value: Any) -> str:
+    """A connection URL for replication connections: no database needed (a physical replication connection has none)."""
+    url = _text(value)
+    try:
+        conninfo_to_dict(url)
+    except Exception:
+        raise ValueError("is not a PostgreSQL connection URL (postgresql://replicator:password@host:5432/postgres)") from None
     return url
 
 
@@ -349,6 +370,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "wal.enabled": ("WAL_ARCHIVING", _bool),
     "wal.slot_name": ("WAL_SLOT_NAME", _slot_name),
     "wal.spool_dir": ("WAL_SPOOL_DIR", _path),
+    "wal.replication_url": ("WAL_REPLICATION_URL", _replication_url),
+    "wal.replication_password_file": ("WAL_REPLICATION_PASSWORD_FILE", _readable_file),
     # a whole server (sidecar/logical/server.py)
     "backup.databases": ("BACKUP_DATABASES", _databases),
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
@@ -399,7 +422,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         try:
             values[key] = KEYS[key][1](value)
         except ValueError as exc:
-            shown = "****" if key in ("database.url", "drill.database_url") else repr(masked_value(value) if isinstance(value, str) else value)
+            shown = "****" if key in ("database.url", "drill.database_url", "wal.replication_url") else repr(masked_value(value) if isinstance(value, str) else value)
             problems.append(f"{where}={shown}: {exc}")
 
     if "database.url" not in values and "database.url" not in raw:
@@ -442,6 +465,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if values.get("drill.pitr_cron") and not values.get("wal.enabled"):
         problems.append(f"{raw['drill.pitr_cron'][0]} schedules point-in-time recovery drills, which restore from the WAL archive: "
                         "set WAL_ARCHIVING=true (wal.enabled) too, or leave PITR_DRILL_SCHEDULE unset")
+    if "wal.replication_password_file" in values and "wal.replication_url" not in raw:
+        problems.append(f"{raw['wal.replication_password_file'][0]} is the password of WAL_REPLICATION_URL's role: set WAL_REPLICATION_URL "
+                        "too (postgresql://replicator@host/postgres), or remove it")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -485,6 +511,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         wal_archiving=values.get("wal.enabled", False),
         wal_slot_name=values.get("wal.slot_name", "pg_backup_sidecar"),
         wal_spool_dir=values.get("wal.spool_dir"),
+        wal_replication_url=values.get("wal.replication_url"),
+        wal_replication_password_file=values.get("wal.replication_password_file"),
         databases=values.get("backup.databases", ()),
         parallel=values.get("backup.parallel", 1),
         base_retention_days=values.get("base_backup.retention_days"),

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -358,7 +358,8 @@ def prune_remote(config: Config, store: Store, dry_run: bool, now: datetime) -> 
     report = RemotePhysicalPrune()
     try:
         backups = remote_base_backups(store)
-        facts = [base_facts(b) for b in backups]
+        pinned_here = {b.id for b in list_base_backups(config) if b.metadata.get("keep")}  # pinned after it was copied
+        facts = [replace(f, keep=True) if f.id in pinned_here else f for f in (base_facts(b) for b in backups)]
         decisions = classify_base(facts, config.base_backup_retention_days, now)
         by_id = {b.id: b for b in backups}
         for decision in decisions:

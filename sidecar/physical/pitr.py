@@ -24,7 +24,7 @@ from sidecar.errors import NotFound, SidecarError, UsageError
 from sidecar.physical import tar
 from sidecar.physical.base import BaseBackup, identities, list_base_backups, read_base
 from sidecar.physical.receiver import spool_dir
-from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, format_lsn, parse_lsn, parse_segment, segment_name, segment_of
+from sidecar.physical.wal import HISTORY, PARTIAL, SEGMENT, WalArchive, copy_into_place, format_lsn, parse_lsn, parse_segment, segment_name, segment_of, spool_segment
 from sidecar.repository import iso_timestamp
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,7 @@ def restore_command(config: Config, system_id: str) -> str:
     argv = [sys.executable, "-m", "sidecar", "wal-fetch", "--backup-dir", str(config.backup_dir.resolve()), "--system-id", system_id]
     if config.identity_file:
         argv += ["--identity-file", str(config.identity_file.resolve())]
+    argv += ["--spool-dir", str(spool_dir(config).resolve())]  # a segment not archived yet: the receiver's copy
     line = shlex.join(argv) + " %f %p"
     if os.environ.get("PYTHONPATH"):
         line = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {line}"
@@ -387,9 +388,8 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
                 archive.fetch(system, name, wal_dir / name, identity)
             for name in chain:
                 archive.fetch(system, name, wal_dir / name, identity)
-            partial = _partial(config, system, chain, int(meta["walSegmentSize"]))
-            if partial is not None and target.kind != "lsn":
-                shutil.copyfile(partial, wal_dir / partial.name.removesuffix(".partial"))
+            for spooled in _spool_tail(config, system, chain, int(meta["walSegmentSize"])) if target.kind != "lsn" else []:
+                copy_into_place(spooled, wal_dir / spooled.name.removesuffix(PARTIAL))
         timeline = str(path[-1][0]) if path and target.timeline != "current" else target.timeline
         settings = [f"restore_command = {_conf_quote('/bin/false' if staged else restore_command(config, system))}",
                     "recovery_target_action = 'promote'", f"recovery_target_timeline = {_conf_quote(timeline)}"]
@@ -436,19 +436,27 @@ def _history_files(archive: WalArchive, system: str, timeline: int) -> list[str]
     return [n for n in names if archive.record(system, n) is not None]
 
 
+def _spool_tail(config: Config, system: str, chain: list[str], segment_size: int) -> list[Path]:
+    """What the receiver's spool holds right after `chain`: completed segments not archived yet (the sidecar stopped
+    before archiving them), then the newest `.partial`, each continuing the one before and checked by its page header
+    (wal.spool_segment: no sha256 was recorded for them)."""
+    tail: list[Path] = []
+    name = chain[-1] if chain else None
+    while name is not None:
+        name = _next(name, segment_size)
+        found = spool_segment(spool_dir(config), system, name)
+        if found is None:
+            break
+        tail.append(found)
+        if found.name.endswith(PARTIAL):
+            break
+    return tail
+
+
 def _partial(config: Config, system: str, chain: list[str], segment_size: int) -> Path | None:
-    """The receiver's newest partial segment, if it continues `chain` and belongs to this system."""
-    spool = spool_dir(config)
-    try:
-        if (spool / ".system_identifier").read_text().strip() != system:
-            return None
-    except OSError:
-        return None
-    for path in spool.glob("*.partial"):
-        stem = path.name.removesuffix(".partial")
-        if SEGMENT.fullmatch(stem) and chain and _next(chain[-1], segment_size) == stem:
-            return path
-    return None
+    """The receiver's newest `.partial` when it continues `chain` directly (what `pitr find` reads beyond the archive)."""
+    tail = _spool_tail(config, system, chain, segment_size)
+    return tail[0] if len(tail) == 1 and tail[0].name.endswith(PARTIAL) else None
 
 
 def _next(name: str, segment_size: int) -> str:

@@ -15,16 +15,17 @@ import time
 from collections import deque
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
 from sidecar.config import Config
 from sidecar.errors import LockHeld, SidecarError
 from sidecar.physical.server import ensure_slot, identify, recreate_slot, require_replication
-from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, gaps, note_gap, parse_segment, record_segment_size, segment_name
+from sidecar.physical.wal import HISTORY, SEGMENT, SPOOL_SYSTEM_FILE, WalArchive, gaps, note_gap, parse_segment, record_segment_size, segment_name
 from sidecar.postgres import Child, _inherited_fds, child_env, find_tool
 from sidecar.repository import Repository
 from sidecar.streams import fsync_dir
 
 log = logging.getLogger(__name__)
-SYSTEM_FILE = ".system_identifier"
 POLL_SECONDS = 0.2
 MAX_BACKOFF = 30.0
 
@@ -76,7 +77,7 @@ class Receiver:
         self.system_id, self.segment_size = ident["systemIdentifier"], ident["segmentSize"]
         self.archive._make_dirs(self.spool)
         os.chmod(self.spool, self.repo.dir_mode)
-        marker = self.spool / SYSTEM_FILE
+        marker = self.spool / SPOOL_SYSTEM_FILE
         if marker.exists():
             seen = marker.read_text().strip()
             if seen != self.system_id:
@@ -154,7 +155,9 @@ class Receiver:
             tool = find_tool("pg_receivewal", self.config.pg_bin_dir)
             backoff = 1.0
             while not self.stop.is_set():
-                conninfo, env = child_env(self.config)
+                conninfo, env = child_env(self.config.replication())  # WAL_REPLICATION_URL's role, else DATABASE_URL's
+                # the walsender's application_name is the slot's name: what synchronous_standby_names names for RPO 0
+                conninfo = make_conninfo(conninfo, application_name=self.config.wal_slot_name)
                 argv = [tool, "-D", str(self.spool), "-S", self.config.wal_slot_name, "--synchronous", "--no-loop", "--no-password", "-d", conninfo]
                 child = _ReceiverChild(argv, env)
                 log.info("receiving WAL of system %s into %s (slot %s)", self.system_id, self.spool, self.config.wal_slot_name,

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,6 +230,68 @@ class WalArchive:
             if not (self.directory(system_id, name) / (name + RECORD_SUFFIX)).exists():
                 return name
         return None
+
+
+# --- the receiver's spool: WAL flushed but not archived yet ------------------------------------------------------------
+
+SPOOL_SYSTEM_FILE = ".system_identifier"  # the spool's marker: the system whose WAL it holds
+PARTIAL = ".partial"
+LONG_HEADER = struct.Struct("<HHIQI4xQII")  # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, sysid, seg_size, blcksz
+
+
+def segment_header(path: Path) -> tuple[int, int, str, int] | None:
+    """(timeline, page address, system identifier, segment size) from a segment file's first page (its long header);
+    None if the file is shorter than that header or the header is all zeros (pg_receivewal pads a new .partial)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(LONG_HEADER.size)
+    except OSError:
+        return None
+    if len(head) < LONG_HEADER.size or not any(head):
+        return None
+    _magic, _info, timeline, pageaddr, _rem, sysid, seg_size, _blcksz = LONG_HEADER.unpack(head)
+    return timeline, pageaddr, str(sysid), seg_size
+
+
+def spool_segment(spool: Path, system_id: str, name: str) -> Path | None:
+    """The receiver's own copy of segment `name` of `system_id` in its spool, for a restore that finds it not archived:
+    the completed file (the receiver was stopped before archiving it) or its `.partial` (the WAL flushed so far;
+    pg_receivewal pads it with zeros, where recovery sees the end of the WAL). No sha256 was recorded for these, so
+    what is checked instead: the spool is marked as `system_id`'s, and the file's first page header names this system,
+    this timeline and this segment's position. None if there is no such file or it fails a check."""
+    if not SEGMENT.fullmatch(name):
+        return None
+    try:
+        if (spool / SPOOL_SYSTEM_FILE).read_text().strip() != system_id:
+            return None
+    except OSError:
+        return None
+    for candidate in (spool / name, spool / (name + PARTIAL)):
+        header = segment_header(candidate)
+        if header is None:
+            continue
+        timeline, pageaddr, sysid, seg_size = header
+        if seg_size <= 0 or seg_size & (seg_size - 1):
+            continue
+        expected_timeline, segno = parse_segment(name, seg_size)
+        if sysid == system_id and timeline == expected_timeline and pageaddr == segno * seg_size:
+            return candidate
+    return None
+
+
+def copy_into_place(source: Path, dest: Path) -> None:
+    """Copy `source` to `dest` through a temporary name (a reader of `dest` never sees half a file)."""
+    tmp = dest.with_name("." + dest.name + ".sidecar.tmp")
+    streams.remove_quietly(tmp)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        streams.remove_quietly(tmp)
+        raise
+    os.rename(tmp, dest)
 
 
 SIZE_FILE = "segment_size"

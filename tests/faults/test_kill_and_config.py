@@ -99,6 +99,8 @@ BAD_VALUES = {
     "wal.enabled": "perhaps",
     "wal.slot_name": "Bad-Slot!",
     "wal.spool_dir": "",
+    "wal.replication_url": "replicator:secret@db:5432",
+    "wal.replication_password_file": "/nonexistent/password",
     "backup.databases": "app,,billing",
     "backup.parallel": "0",
     "restore.jobs": "0",

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sidecar.physical.wal import parse_lsn
 from sidecar.retention import BaseFacts, classify_base, wal_cutoffs, wal_to_delete
 from tests.conftest import cli
 from tests.physical.conftest import Receiver, WalCluster, archived, list_wal, switch, wait_for
@@ -136,6 +137,13 @@ def test_prune_deletes_old_base_backups_and_the_wal_only_they_needed_and_the_new
     dry = cli(env, "prune", "--dry-run")
     assert f"would delete: base {old_id}: older than 7 days" in dry.stdout and f"keep: base {new_id}: newest good base backup" in dry.stdout, dry.stdout
     assert list_wal(env) == [before] and len(json.loads(cli(env, "list", "--base", "--json").stdout)) == 2
+    # a pinned base backup stays (and the WAL from its start), whatever its age, until it is unpinned
+    assert cli(env, "pin", old_id).stdout.strip() == f"base backup {old_id} pinned"
+    assert f"{old_id}" in cli(env, "list", "--base").stdout and "ok (pinned)" in cli(env, "list", "--base").stdout
+    dry = cli(env, "prune", "--dry-run")
+    assert f"keep: base {old_id}: pinned (unpin to release)" in dry.stdout and "would delete: base" not in dry.stdout, dry.stdout
+    assert cli(env, "unpin", "--base", old_id).stdout.strip() == f"base backup {old_id} unpinned"
+    assert "would delete: base " + old_id in cli(env, "prune", "--dry-run").stdout
 
     # a point-in-time restore reading the archive (another process: the lock is the volume's) keeps prune's hands off it
     reader = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom sidecar.physical.hold import reading\n"
@@ -309,6 +317,8 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
     receiver = Receiver(pitr_env, tmp_path / "receiver.log")
     committed: dict[int, float] = {}
+    after_commit: dict[int, int] = {}
+    flushed = 0
     try:
         wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
         cli(pitr_env, "base-backup")
@@ -323,9 +333,13 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
                 i += 1
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
                 committed[i] = time.monotonic()
+                if killed is None:  # the WAL position after the commit, to compare with what the receiver had flushed
+                    after_commit[i] = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
                 if i % 150 == 0:
                     conn.execute("SELECT pg_switch_wal()")
                 if killed is None and time.monotonic() - started > 2:
+                    flushed = parse_lsn(str(conn.execute("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = %s",
+                                                         ("pg_backup_sidecar",)).fetchone()[0]))  # type: ignore[index]
                     os.kill(int(streamer), signal.SIGKILL)  # the whole sidecar at once, as the kernel's OOM killer or a node loss would
                     os.kill(receiver.proc.pid, signal.SIGKILL)
                     killed = time.monotonic()
@@ -346,6 +360,9 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
     before_kill = {k for k, at in committed.items() if at <= killed}
     missing = sorted(before_kill - present)
     oldest_missing_age = killed - committed[missing[0]] if missing else 0.0
+    was_flushed = {k for k, lsn in after_commit.items() if lsn <= flushed}  # on the receiver's disk (spool) when it died
     print(f"sidecar SIGKILL: rows committed before the kill {len(before_kill)}, missing after restore --to-latest {len(missing)}, "
-          f"oldest missing committed {oldest_missing_age:.3f}s before the kill")
+          f"oldest missing committed {oldest_missing_age:.3f}s before the kill; flushed by the receiver {len(was_flushed)}, of them missing "
+          f"{len(was_flushed - present)}")
+    assert not was_flushed - present, sorted(was_flushed - present)[:10]  # every row the receiver had flushed is restored
     assert oldest_missing_age < 1.0, (len(missing), oldest_missing_age)

@@ -103,9 +103,15 @@ def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_
     store = LocalStore(tmp_path / "bucket")  # the same Store interface as the bucket; the rule is what is tested here
     config = load_config(environ={"DATABASE_URL": "postgresql://u@h/db", "BACKUP_DIR": str(tmp_path / "volume"), "BASE_BACKUP_RETENTION_DAYS": "7"})
     now = datetime.now(UTC)
-    remote_chain(store, now)
+    metas = remote_chain(store, now)
     assert [b.status for b in remote_base_backups(store)] == ["ok", "ok"]
 
+    # pinned on the volume after its copy went off-site (`pin`): the copy there stays too
+    pinned = tmp_path / "volume" / "base" / "backup_2026-10-01T00-00-00-000Z.metadata.json"
+    pinned.parent.mkdir(parents=True)
+    pinned.write_text(json.dumps({**metas["backup_2026-10-01T00-00-00-000Z"], "keep": True}))
+    assert prune_remote(config, store, True, now).deleted == []
+    pinned.unlink()
     # both before the 7-day window: the newer one reaches every moment of it (and is the newest good), the older one goes
     dry = prune_remote(config, store, True, now)
     assert dry.deleted == ["backup_2026-10-01T00-00-00-000Z"] and dry.wal_deleted == 5 and len(store.list("wal_")) == 18
@@ -130,12 +136,14 @@ def test_retention_on_the_remote_deletes_old_base_backups_and_the_wal_below_the_
     assert sorted(info.name for info in store.list("")) == sorted(left + [young])
 
 
-def remote_chain(store: Any, now: datetime) -> None:
-    """On `store`: base backups of 40 and 8 days ago (system 7, 1 MiB segments) and WAL segments 1-8 with a history file."""
+def remote_chain(store: Any, now: datetime) -> dict[str, dict[str, Any]]:
+    """On `store`: base backups of 40 and 8 days ago (system 7, 1 MiB segments) and WAL segments 1-8 with a history file;
+    {id: metadata}."""
     from datetime import timedelta
 
     from sidecar.physical.offsite import base_object
 
+    metas = {}
     for backup_id, days, segno in (("backup_2026-10-01T00-00-00-000Z", 40, 2), ("backup_2026-11-20T00-00-00-000Z", 8, 6)):
         data = f"tar of {backup_id}".encode()
         meta = {"id": backup_id, "kind": "base", "files": {"base": {"name": f"{backup_id}.tar.zst", "size": len(data), "checksum": "-"}},
@@ -143,9 +151,11 @@ def remote_chain(store: Any, now: datetime) -> None:
                 "systemIdentifier": "7", "finishedAt": (now - timedelta(days=days)).isoformat()}
         store.put_stream(base_object(f"{backup_id}.tar.zst"), [data])
         store.put_stream(base_object(f"{backup_id}.metadata.json"), [json.dumps(meta).encode()])
+        metas[backup_id] = meta
     for name in [segment_name(1, s, 1 << 20) for s in range(1, 9)] + ["00000002.history"]:
         store.put_stream(wal_object("7", name + ".zst"), [name.encode()])
         store.put_stream(wal_object("7", name + ".json"), [json.dumps({"name": name, "file": name + ".zst"}).encode()])
+    return metas
 
 
 def test_prune_fails_with_one_line_when_the_remote_wal_cannot_be_pruned(tmp_path: Path, seaweed: SeaweedServer) -> None:

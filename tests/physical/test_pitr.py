@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.physical.wal import parse_lsn
 from tests.conftest import cli
 from tests.physical.conftest import Receiver, WalCluster, archived, list_wal, switch, wait_for
 
@@ -70,6 +71,7 @@ def _archive_some(wal_cluster: WalCluster, env: dict[str, str], log: Path, switc
     return names
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_corrupted_archived_segment_stops_the_restore_with_one_line_naming_it(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                 tmp_path: Path) -> None:
     names = _archive_some(wal_cluster, pitr_env, tmp_path / "receiver.log")
@@ -270,6 +272,7 @@ def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY)")
     receiver = Receiver(pitr_env, tmp_path / "receiver.log")
     committed: dict[int, float] = {}
+    after_commit: dict[int, int] = {}  # the WAL position after each commit, to compare with what the receiver had flushed
     try:
         wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
         cli(pitr_env, "base-backup")
@@ -281,7 +284,10 @@ def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_
                 i += 1
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
                 committed[i] = time.monotonic()
+                after_commit[i] = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))  # type: ignore[index]
                 time.sleep(0.002)
+            flushed = parse_lsn(str(conn.execute("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = %s",
+                                                 ("pg_backup_sidecar",)).fetchone()[0]))  # type: ignore[index]
             wal_cluster.stop("immediate")  # kill: no shutdown checkpoint, nothing more is sent
             killed = time.monotonic()
         time.sleep(1)
@@ -298,6 +304,9 @@ def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_
         restored.destroy()
     missing = sorted(set(committed) - present)
     oldest_missing_age = killed - committed[missing[0]] if missing else 0.0
-    print(f"rows committed {len(committed)}, missing after restore --to-latest {len(missing)}, oldest missing committed {oldest_missing_age:.3f}s before the kill")
+    was_flushed = {k for k, lsn in after_commit.items() if lsn <= flushed}
+    print(f"rows committed {len(committed)}, missing after restore --to-latest {len(missing)}, oldest missing committed {oldest_missing_age:.3f}s "
+          f"before the kill; flushed by the receiver {len(was_flushed)}, of them missing {len(was_flushed - present)}")
+    assert not was_flushed - present, sorted(was_flushed - present)[:10]  # every row the receiver had flushed is restored
     assert oldest_missing_age < 1.0, (len(missing), oldest_missing_age)
     assert present <= set(committed)

@@ -4,6 +4,8 @@ to recover along (two timelines after a promote). Real servers; the pure parts w
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +82,7 @@ def _rows(cluster: WalCluster, env: dict[str, str], *args: str) -> str:
         restored.destroy()
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)  # pg_waldump's output, the scratch server of 18
 def test_a_restore_to_a_restore_point_or_a_transaction_stops_there_and_an_unknown_one_is_named(wal_cluster: WalCluster,
                                                                                                  pitr_env: dict[str, str], tmp_path: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
@@ -97,21 +100,27 @@ def test_a_restore_to_a_restore_point_or_a_transaction_stops_there_and_an_unknow
         wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
     finally:
         assert receiver.stop() == 0
-    assert _rows(wal_cluster, pitr_env, "--to-restore-point", "before b") == "10 a"
-    assert _rows(wal_cluster, pitr_env, "--to-xid", xid) == "20 a,b"
-    assert _rows(wal_cluster, pitr_env, "--to-xid", xid, "--exclusive") == "10 a"
-    into = tmp_path / "nowhere"
-    missing = cli(pitr_env, "restore", "--to-restore-point", "never made", "--into-data-dir", str(into), check=False)
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
-    assert "restore point 'never made' is not in the archived WAL" in missing.stderr and not into.exists(), missing.stderr
-    unknown = cli(pitr_env, "restore", "--to-xid", str(int(xid) + 1000), "--target-db", "never", check=False)
-    assert unknown.returncode == 2 and f"transaction {int(xid) + 1000} is not in the archived WAL" in unknown.stderr, unknown.stderr
-    assert wal_cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'never'") == "0"
-    # into a database of the live server, through the scratch server
-    result = cli(pitr_env, "restore", "--to-restore-point", "before b", "--target-db", "at_before_b")
-    assert "as of restore point before b into at_before_b" in result.stdout, result.stdout
-    assert wal_cluster.psql("SELECT count(*) || ' ' || string_agg(DISTINCT note, ',') FROM t", "at_before_b") == "10 a"
-    assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*")) and not list(Path("/tmp").glob("pg-backup-sidecar-waldump-*"))
+    scratch = Path(tempfile.mkdtemp(prefix="pgsc-targets-"))  # TMPDIR of its own: other workers' tests use /tmp at the same time
+    scratch.chmod(0o755)  # the scratch server's user (postgres) must reach its directory
+    env = {**pitr_env, "TMPDIR": str(scratch)}
+    try:
+        assert _rows(wal_cluster, env, "--to-restore-point", "before b") == "10 a"
+        assert _rows(wal_cluster, env, "--to-xid", xid) == "20 a,b"
+        assert _rows(wal_cluster, env, "--to-xid", xid, "--exclusive") == "10 a"
+        into = tmp_path / "nowhere"
+        missing = cli(env, "restore", "--to-restore-point", "never made", "--into-data-dir", str(into), check=False)
+        assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+        assert "restore point 'never made' is not in the archived WAL" in missing.stderr and not into.exists(), missing.stderr
+        unknown = cli(env, "restore", "--to-xid", str(int(xid) + 1000), "--target-db", "never", check=False)
+        assert unknown.returncode == 2 and f"transaction {int(xid) + 1000} is not in the archived WAL" in unknown.stderr, unknown.stderr
+        assert wal_cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'never'") == "0"
+        # into a database of the live server, through the scratch server
+        result = cli(env, "restore", "--to-restore-point", "before b", "--target-db", "at_before_b")
+        assert "as of restore point before b into at_before_b" in result.stdout, result.stdout
+        assert wal_cluster.psql("SELECT count(*) || ' ' || string_agg(DISTINCT note, ',') FROM t", "at_before_b") == "10 a"
+        assert not list(scratch.iterdir())  # the scratch servers' directories and pg_waldump's scratch files are gone
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_after_a_promote_a_restore_follows_the_new_timeline_or_the_old_one_when_asked(wal_cluster: WalCluster, pitr_env: dict[str, str],

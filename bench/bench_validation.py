@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,7 @@ def main() -> None:
         print(f"\nwhole validation vs raw pg_dump: wall {whole[0] / raw[0]:.2f}x, blocks {whole[1] / raw[1]:.2f}x, "
               f"blks_read {whole[2] / max(raw[2], 1):.2f}x, tuples returned {whole[3] / raw[3]:.2f}x")
         print(f"check_constraints findings now == at --before (counts, samples, kinds): {same}")
+    shutil.rmtree(work, ignore_errors=True)
     print("# uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
 
 

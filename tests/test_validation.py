@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from sidecar import api
 from sidecar.config import load_config
 from sidecar.embedded import Cluster
+from sidecar.logical.validation import Runner, check_constraints
 from tests.conftest import backup_id, cli, load_dataset
 
 SCHEMA = """
@@ -138,3 +140,32 @@ def test_the_python_api_returns_is_valid_and_errors(cluster: Cluster, db: str, e
     result = api.validate_data_consistency(load_config(None, env))
     assert not result.is_valid and result.errors[0].startswith("sequences:")
     assert result.counts_by_check() == {"sequences": 1}
+
+
+def test_not_valid_checks_of_one_table_are_counted_in_one_scan_with_the_same_findings(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE DOMAIN small AS int; CREATE TABLE lines (id int, qty int, price int, size small);"
+                 "INSERT INTO lines SELECT g, g % 5, g % 7 - 1, g % 150 FROM generate_series(1, 1000) g;"
+                 "ALTER TABLE lines ADD CONSTRAINT qty_positive CHECK (qty > 0) NOT VALID;"
+                 "ALTER TABLE lines ADD CONSTRAINT price_positive CHECK (price >= 0) NOT VALID;"
+                 "ALTER TABLE lines ADD CONSTRAINT id_positive CHECK (id > 0) NOT VALID;"
+                 "ALTER DOMAIN small ADD CONSTRAINT below_100 CHECK (VALUE < 100) NOT VALID;"
+                 # one expression raises an error on some rows: it cannot be verified, its neighbour still can
+                 "CREATE TABLE odd (n int); INSERT INTO odd VALUES (1), (0), (-1);"
+                 "ALTER TABLE odd ADD CONSTRAINT inverse CHECK (1 / n > -5) NOT VALID;"
+                 "ALTER TABLE odd ADD CONSTRAINT non_negative CHECK (n >= 0) NOT VALID", db)
+    config = load_config(None, env)
+    with psycopg.connect(cluster.url(db), autocommit=True) as conn:
+        def scans() -> int:
+            conn.execute("SELECT pg_stat_force_next_flush()")  # this backend's counters are flushed before it answers the next query
+            return int(conn.execute("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'lines'").fetchone()[0])  # type: ignore[index]
+
+        before = scans()
+        found = check_constraints(Runner(conn, 60), config)
+        assert scans() - before == 1  # one scan of lines for its four NOT VALID constraints (four scans before)
+    assert [(f.object, f.count, f.kind) for f in found] == [
+        ("public.lines.price_positive", 142, "violation"), ("public.lines.qty_positive", 200, "violation"),
+        ("public.odd.inverse", None, "could_not_verify"), ("public.odd.non_negative", 1, "violation"),
+        ("public.lines.size", 301, "violation")]
+    assert found[0].message == "142 rows of public.lines violate CHECK price_positive (NOT VALID)"
+    assert "division by zero" in found[2].message
+    assert found[4].message == "301 rows of public.lines.size violate domain public.small constraint below_100 (NOT VALID)"

@@ -141,10 +141,10 @@ def _count_with_sample(run: Runner, check: str, obj: str, source: sql.Composable
     return [Finding(check, obj, count, f"{count} {message}", sample)]
 
 
-def check_foreign_keys(run: Runner, config: Config) -> list[Finding]:
-    """Child rows whose non-null key has no parent: orphans left by NOT VALID keys, triggers bypassed
-    with session_replication_role = replica, or corruption. MATCH SIMPLE semantics."""
-    findings = []
+def foreign_key_queries(run: Runner) -> list[tuple[str, sql.Composable, sql.Composable, sql.Composable, str]]:
+    """Per foreign key: (object, source, where, sample key, message); `SELECT count(*) FROM source WHERE where` is
+    one anti-join of the child against the parent (bench/bench_validation.py checks its plan)."""
+    queries: list[tuple[str, sql.Composable, sql.Composable, sql.Composable, str]] = []
     for conname, schema, table, kind, pschema, ptable, pkind, validated, cols, pcols in run.rows(FOREIGN_KEYS):
         obj = f"{schema}.{table}.{conname}"
         child, parent = sql.Identifier("c"), sql.Identifier("p")
@@ -155,7 +155,15 @@ def check_foreign_keys(run: Runner, config: Config) -> list[Finding]:
 
         source = sql.SQL("{} {}").format(_table(schema, table, kind), child)
         note = "" if validated else " (constraint is NOT VALID)"
-        message = f"rows of {schema}.{table} reference missing rows of {pschema}.{ptable}{note}"
+        queries.append((obj, source, where, key, f"rows of {schema}.{table} reference missing rows of {pschema}.{ptable}{note}"))
+    return queries
+
+
+def check_foreign_keys(run: Runner, config: Config) -> list[Finding]:
+    """Child rows whose non-null key has no parent: orphans left by NOT VALID keys, triggers bypassed
+    with session_replication_role = replica, or corruption. MATCH SIMPLE semantics."""
+    findings = []
+    for obj, source, where, key, message in foreign_key_queries(run):
         findings += _guard("foreign_keys", obj, partial(_count_with_sample, run, "foreign_keys", obj, source, where, key, message))
     return findings
 
@@ -178,24 +186,52 @@ SELECT c.conname, format('%I.%I', tn.nspname, t.typname), n.nspname, r.relname, 
 
 
 def check_constraints(run: Runner, config: Config) -> list[Finding]:
-    """Rows violating NOT VALID CHECK constraints of tables and of domains (PostgreSQL let them in)."""
-    findings = []
+    """Rows violating NOT VALID CHECK constraints of tables and of domains (PostgreSQL let them in).
+    One scan per table, counting every constraint on it at once; if that scan fails (say, one expression
+    raises an error) each constraint is counted alone, so the findings are those of one query per constraint."""
+    items: list[tuple[str, tuple[str, str, str], sql.Composable, str]] = []  # (object, table, condition, message)
     for conname, schema, table, kind, expr in run.rows(NOT_VALID_CHECKS):
-        obj = f"{schema}.{table}.{conname}"
-        condition = sql.SQL(expr)
-
-        where = sql.SQL("({}) IS FALSE").format(condition)
-        message = f"rows of {schema}.{table} violate CHECK {conname} (NOT VALID)"
-        findings += _guard("check_constraints", obj, partial(_count_with_sample, run, "check_constraints", obj, _table(schema, table, kind), where, None, message))
+        items.append((f"{schema}.{table}.{conname}", (schema, table, kind), sql.SQL(expr),
+                      f"rows of {schema}.{table} violate CHECK {conname} (NOT VALID)"))
     for conname, domain, schema, table, kind, column, expr in run.rows(NOT_VALID_DOMAINS):
-        obj = f"{schema}.{table}.{column}"
         column_sql = sql.Identifier(column).as_string(run.conn)
-        condition = sql.SQL(re.sub(r"\bVALUE\b", column_sql, expr))
+        obj = f"{schema}.{table}.{column}"
+        items.append((obj, (schema, table, kind), sql.SQL(re.sub(r"\bVALUE\b", column_sql, expr)),
+                      f"rows of {obj} violate domain {domain} constraint {conname} (NOT VALID)"))
 
+    def alone(index: int) -> list[Finding]:
+        obj, (schema, table, kind), condition, message = items[index]
         where = sql.SQL("({}) IS FALSE").format(condition)
-        message = f"rows of {obj} violate domain {domain} constraint {conname} (NOT VALID)"
-        findings += _guard("check_constraints", obj, partial(_count_with_sample, run, "check_constraints", obj, _table(schema, table, kind), where, None, message))
-    return findings
+        return _guard("check_constraints", obj, partial(_count_with_sample, run, "check_constraints", obj, _table(schema, table, kind), where, None, message))
+
+    by_table: dict[tuple[str, str, str], list[int]] = {}
+    for index, item in enumerate(items):
+        by_table.setdefault(item[1], []).append(index)
+    results: dict[int, list[Finding]] = {}
+    for (schema, table, kind), indexes in by_table.items():
+        if len(indexes) == 1:
+            results[indexes[0]] = alone(indexes[0])
+            continue
+        counts = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE ({}) IS FALSE)").format(items[i][2]) for i in indexes)
+        try:
+            row = run.rows(sql.SQL("SELECT {} FROM {}").format(counts, _table(schema, table, kind)))[0]
+        except psycopg.errors.QueryCanceled as exc:
+            for i in indexes:
+                results[i] = _guard("check_constraints", items[i][0], partial(_raise, exc))
+            continue
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+                raise
+            for i in indexes:
+                results[i] = alone(i)
+            continue
+        for i, count in zip(indexes, row, strict=True):
+            results[i] = [Finding("check_constraints", items[i][0], count, f"{count} {items[i][3]}")] if count else []
+    return [finding for index in range(len(items)) for finding in results[index]]
+
+
+def _raise(exc: Exception) -> list[Finding]:
+    raise exc
 
 
 INVALID_INDEXES = f"""

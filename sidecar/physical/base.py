@@ -306,7 +306,8 @@ def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, d
         for link in chain:
             part = scratch / link.id
             part.mkdir(mode=0o700)
-            problems = read_base(config, link, tar.Extractor(part, None), part / "backup_manifest")
+            checked = scratch / f"{link.id}.manifest"  # a copy to check against; the part keeps its backup_manifest for pg_combinebackup
+            problems = read_base(config, link, tar.Extractor(part, checked), checked)
             if problems:
                 raise SidecarError(f"base backup {link.id} (of the chain of {backup.id}) is damaged: {problems[0]}")
             tar.fix_modes(part)

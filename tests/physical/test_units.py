@@ -153,3 +153,22 @@ def test_a_restore_from_the_bucket_refuses_targets_it_cannot_reach_instead_of_ru
         result = cli(env, "restore", *target, "--from-remote", "--into-data-dir", str(tmp_path / "d"), check=False)
         assert result.returncode == 2 and "--from-remote restores to --to-time, --to-lsn or --to-latest" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+
+
+def test_retention_keeps_every_base_backup_a_kept_incremental_builds_on_and_drops_a_chain_whole() -> None:
+    from sidecar.retention import BaseFacts, classify_base, wal_cutoffs
+
+    now = datetime(2026, 3, 30, tzinfo=UTC)
+
+    def facts(backup_id: str, day: int, parent: str = "") -> BaseFacts:
+        return BaseFacts(backup_id, "ok", datetime(2026, 3, day, tzinfo=UTC), "7", day, parent=parent)
+
+    # an old chain (full 1, incrementals 2 and 3); a newer one (full 20, incrementals 24, 27, 29); 5-day retention: 24 is
+    # the newest good one from before the window, and it needs 20
+    backups = [facts("backup_01", 1), facts("backup_02", 2, "backup_01"), facts("backup_03", 3, "backup_02"), facts("backup_20", 20),
+               facts("backup_24", 24, "backup_20"), facts("backup_27", 27, "backup_24"), facts("backup_29", 29, "backup_27")]
+    actions = {d.id: (d.action, d.reason) for d in classify_base(backups, 5, now)}
+    assert [actions[i][0] for i in ("backup_29", "backup_27", "backup_24")] == ["keep"] * 3
+    assert actions["backup_20"] == ("keep", "incremental backup_24 builds on it (a chain is kept whole)")
+    assert [actions[i][0] for i in ("backup_01", "backup_02", "backup_03")] == ["delete"] * 3
+    assert wal_cutoffs(backups, classify_base(backups, 5, now)) == {"7": 20}

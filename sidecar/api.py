@@ -482,7 +482,7 @@ def drill_backup(ref: str = "latest", config: Config | None = None, from_remote:
 
 # --- physical: base backups, WAL archiving, point-in-time restore (sidecar/physical, issue 13) -----
 
-def create_base_backup(config: Config | None = None, incremental: bool = False) -> dict[str, Any]:
+def create_base_backup(config: Config | None = None, incremental: bool | None = None) -> dict[str, Any]:
     """pg_basebackup through our stages into BACKUP_DIR/base/; returns its metadata. It is good (`list --base`)
     once the WAL up to its end LSN is archived by `wal-receive`."""
     from sidecar.physical.base import create_base_backup as create

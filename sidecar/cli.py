@@ -139,7 +139,10 @@ def parser() -> argparse.ArgumentParser:
     # --- physical: base backups, WAL archiving, point-in-time restore (issue 13) ---
     bb = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for point-in-time recovery; good once its WAL is archived")
     bb.add_argument("--json", action="store_true")
-    bb.add_argument("--incremental", action="store_true", help="PostgreSQL 17+ (summarize_wal = on): only the blocks changed since the newest base backup")
+    kind = bb.add_mutually_exclusive_group()
+    kind.add_argument("--incremental", action="store_true", default=None,
+                      help="PostgreSQL 17+ (summarize_wal = on): only the blocks changed since the newest base backup")
+    kind.add_argument("--full", dest="incremental", action="store_false", help="a full one whatever BASE_BACKUP_FULL_EVERY says")
     sub.add_parser("wal-receive", help="stream WAL (pg_receivewal, replication slot) into the archive until stopped (foreground)")
     wf = sub.add_parser("wal-fetch", help="restore_command helper: an archived WAL file into DEST (exit 1: not archived; 126: damaged)")
     wf.add_argument("segment", metavar="SEGMENT")

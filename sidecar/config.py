@@ -77,6 +77,7 @@ class Config:
     parallel: int = 1  # backup.parallel: dumps of a set's databases at once
     base_retention_days: int | None = None  # days to keep base backups (and the WAL they need); None: retention_days
     base_backup_cron: str = "0 3 * * 0"  # the daemon's base backups when WAL archiving is on (weekly, Sunday 03:00)
+    base_full_every: int = 1  # a full base backup every N (the others incremental, PostgreSQL 17+); 1: every one is full
 
     @property
     def base_backup_retention_days(self) -> int:
@@ -139,6 +140,7 @@ class Config:
             "backup.parallel": self.parallel,
             "base_backup.retention_days": self.base_backup_retention_days,
             "base_backup.schedule": self.base_backup_cron,
+            "base_backup.full_every": self.base_full_every,
         }
 
     def drill_server(self) -> Config:
@@ -343,6 +345,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "backup.parallel": ("BACKUP_PARALLEL", _int_at_least(1, 16)),
     "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
     "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
+    "base_backup.full_every": ("BASE_BACKUP_FULL_EVERY", _int_at_least(1, 1000)),
 }
 
 
@@ -472,6 +475,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         parallel=values.get("backup.parallel", 1),
         base_retention_days=values.get("base_backup.retention_days"),
         base_backup_cron=values.get("base_backup.schedule", "0 3 * * 0"),
+        base_full_every=values.get("base_backup.full_every", 1),
     )
 
 

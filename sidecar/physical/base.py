@@ -83,7 +83,29 @@ def chain_of(backups: list[BaseBackup], backup: BaseBackup) -> tuple[list[BaseBa
     return chain, ""
 
 
-def create_base_backup(config: Config, incremental: bool = False) -> dict[str, Any]:
+def _incremental_due(config: Config, ident: dict[str, Any]) -> bool:
+    """With BASE_BACKUP_FULL_EVERY=N (N > 1), a base backup is incremental while the newest chain has fewer than N
+    backups; a server before 17, or with summarize_wal off, gets a full one (and a warning saying why)."""
+    if config.base_full_every <= 1:
+        return False
+    if ident["major"] < INCREMENTAL_MAJOR:
+        log.warning("BASE_BACKUP_FULL_EVERY=%d: incremental base backups need PostgreSQL %d+ (this is %d); taking a full one",
+                    config.base_full_every, INCREMENTAL_MAJOR, ident["major"], extra={"event": "base_backup_full_fallback"})
+        return False
+    problem = _summarize_wal_problem(config)
+    if problem:
+        log.warning("BASE_BACKUP_FULL_EVERY=%d: %s; taking a full one", config.base_full_every, problem, extra={"event": "base_backup_full_fallback"})
+        return False
+    backups = list_base_backups(config)
+    parent = choose_parent(backups, str(ident["systemIdentifier"]), int(ident["timeline"]), lambda i: manifest_path(config, i).is_file())
+    if parent is None:
+        return False
+    links, broken = chain_of(backups, parent)
+    return not broken and len(links) < config.base_full_every
+
+
+def create_base_backup(config: Config, incremental: bool | None = None) -> dict[str, Any]:
+    """A base backup: full, incremental (PostgreSQL 17+, on the newest base backup), or None: as BASE_BACKUP_FULL_EVERY says."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     directory = base_dir(config)
     with repo.lock("base-backup"):
@@ -96,6 +118,8 @@ def create_base_backup(config: Config, incremental: bool = False) -> dict[str, A
         if major < ident["major"]:
             raise SidecarError(f"{tool} is version {major} but the server is PostgreSQL {ident['major']}; install postgresql-client-{ident['major']} or set PG_BIN_DIR")
         parent: BaseBackup | None = None
+        if incremental is None:  # BASE_BACKUP_FULL_EVERY: incremental unless the chain is due for a new full one
+            incremental = _incremental_due(config, ident)
         if incremental:
             if ident["major"] < INCREMENTAL_MAJOR or major < INCREMENTAL_MAJOR:
                 raise UsageError(f"--incremental needs PostgreSQL {INCREMENTAL_MAJOR}+ (server {ident['major']}, pg_basebackup {major}); take a full base backup")
@@ -336,6 +360,12 @@ def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[s
     keeper = tar.Keeper(manifest_tmp, hashing=True)
     problems = read_base(config, backup, keeper, manifest_tmp)
     notes = [f"sha256 matches; {len(keeper.digests)} files checked against backup_manifest"] if not problems else []
+    if backup.metadata.get("parent"):  # an incremental restores only with its chain: every link is there and usable
+        links, broken = chain_of(list_base_backups(config), backup)
+        if broken:
+            problems.append(broken)
+        else:
+            notes.append(f"incremental: its chain {' <- '.join(link.id for link in links)} is there (verify each with 'verify --base ID')")
     if backup.status == "waiting-for-wal":
         notes.append(f"waiting for WAL: {backup.problem}")
     return backup.id, problems, notes

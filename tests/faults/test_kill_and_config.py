@@ -103,6 +103,7 @@ BAD_VALUES = {
     "backup.parallel": "0",
     "base_backup.retention_days": "-1",
     "base_backup.schedule": "weekly-ish",
+    "base_backup.full_every": "0",
 }
 
 

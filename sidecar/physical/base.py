@@ -450,7 +450,7 @@ def prune_physical(config: Config, dry_run: bool = False, now: datetime | None =
         log.info("pruned base backup %s (%s)", decision.id, decision.reason, extra={"event": "base_backup_pruned", "backup_id": decision.id})
     if directory.is_dir() and not dry_run:  # data files whose metadata is gone: a prune interrupted between the two
         listed = {b.id for b in backups if b.id not in report.deleted}
-        for path in directory.glob("backup_*.tar*"):
+        for path in [*directory.glob("backup_*.tar*"), *directory.glob("backup_*" + MANIFEST_SUFFIX)]:
             if not path.name.endswith((".partial", ".tmp")) and path.name.split(".", 1)[0] not in listed \
                     and not (directory / (path.name.split(".", 1)[0] + METADATA_SUFFIX)).exists():
                 _remove(path, report)

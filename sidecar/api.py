@@ -514,13 +514,13 @@ def drill_backup(ref: str = "latest", config: Config | None = None, from_remote:
 
 # --- physical: base backups, WAL archiving, point-in-time restore (sidecar/physical, issue 13) -----
 
-def create_base_backup(config: Config | None = None) -> dict[str, Any]:
+def create_base_backup(config: Config | None = None, incremental: bool | None = None) -> dict[str, Any]:
     """pg_basebackup through our stages into BACKUP_DIR/base/; returns its metadata. It is good (`list --base`)
     once the WAL up to its end LSN is archived by `wal-receive`."""
     from sidecar.physical.base import create_base_backup as create
 
     cfg = _config(config)
-    metadata = create(cfg.replication())  # pg_basebackup as WAL_REPLICATION_URL's role when one is set
+    metadata = create(cfg.replication(), incremental)  # pg_basebackup as WAL_REPLICATION_URL's role when one is set
     if cfg.remote is not None:  # off-site at once; a failure leaves it pending for the daemon's copier
         from sidecar.physical.offsite import copy_base
 

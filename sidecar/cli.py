@@ -145,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
     # --- physical: base backups, WAL archiving, point-in-time restore (issue 13) ---
     bb = sub.add_parser("base-backup", help="take a base backup (pg_basebackup) for point-in-time recovery; good once its WAL is archived")
     bb.add_argument("--json", action="store_true")
+    kind = bb.add_mutually_exclusive_group()
+    kind.add_argument("--incremental", action="store_true", default=None,
+                      help="PostgreSQL 17+ (summarize_wal = on): only the blocks changed since the newest base backup")
+    kind.add_argument("--full", dest="incremental", action="store_false", help="a full one whatever BASE_BACKUP_FULL_EVERY says")
     sub.add_parser("wal-receive", help="stream WAL (pg_receivewal, replication slot) into the archive until stopped (foreground)")
     wf = sub.add_parser("wal-fetch", help="restore_command helper: an archived WAL file into DEST (exit 1: not archived; 126: damaged)")
     wf.add_argument("segment", metavar="SEGMENT")
@@ -453,7 +457,7 @@ def _pitr_target(args: argparse.Namespace) -> dict[str, Any]:
 def _run_physical(args: argparse.Namespace, config: Config) -> int | None:
     """The commands of point-in-time recovery (issue 13); None for every other command."""
     if args.command == "base-backup":
-        meta = api.create_base_backup(config)
+        meta = api.create_base_backup(config, incremental=args.incremental)
         if args.json:
             emit(meta)
         else:

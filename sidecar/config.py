@@ -81,6 +81,7 @@ class Config:
     base_retention_days: int | None = None  # days to keep base backups (and the WAL they need); None: retention_days
     base_backup_cron: str = "0 3 * * 0"  # the daemon's base backups when WAL archiving is on (weekly, Sunday 03:00)
     pitr_drill_cron: str | None = None  # the daemon's PITR drills (drill.pitr_cron / PITR_DRILL_SCHEDULE); None: none scheduled
+    base_full_every: int = 1  # a full base backup every N (the others incremental, PostgreSQL 17+); 1: every one is full
 
     @property
     def base_backup_retention_days(self) -> int:
@@ -154,6 +155,7 @@ class Config:
             "backup.parallel": self.parallel,
             "base_backup.retention_days": self.base_backup_retention_days,
             "base_backup.schedule": self.base_backup_cron,
+            "base_backup.full_every": self.base_full_every,
         }
 
     def replication(self) -> Config:
@@ -379,6 +381,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "base_backup.retention_days": ("BASE_BACKUP_RETENTION_DAYS", _int_at_least(0)),
     "base_backup.schedule": ("BASE_BACKUP_SCHEDULE", _cron),
     "drill.pitr_cron": ("PITR_DRILL_SCHEDULE", _cron),
+    "base_backup.full_every": ("BASE_BACKUP_FULL_EVERY", _int_at_least(1, 1000)),
 }
 
 
@@ -518,6 +521,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         base_retention_days=values.get("base_backup.retention_days"),
         base_backup_cron=values.get("base_backup.schedule", "0 3 * * 0"),
         pitr_drill_cron=values.get("drill.pitr_cron"),
+        base_full_every=values.get("base_backup.full_every", 1),
     )
 
 

@@ -135,6 +135,7 @@ class BaseFacts:
     system_id: str = ""
     start_segno: int = 0
     keep: bool = False
+    parent: str = ""  # an incremental base backup: the one it builds on (restoring it needs the whole chain)
 
     @property
     def good(self) -> bool:
@@ -183,7 +184,25 @@ def classify_base(backups: list[BaseFacts], days: int, now: datetime, hold: dict
             decisions.append(BaseDecision(backup.id, "keep", "; ".join(reasons)))
         else:
             decisions.append(BaseDecision(backup.id, "delete", f"older than {days} days" + ("" if backup.good else f", {backup.status}")))
-    return decisions
+    return _keep_chains(ordered, decisions)
+
+
+def _keep_chains(ordered: list[BaseFacts], decisions: list[BaseDecision]) -> list[BaseDecision]:
+    """An incremental base backup kept keeps every one it builds on, down to its full one: a chain is kept whole."""
+    by_id = {b.id: b for b in ordered}
+    action = {d.id: d for d in decisions}
+    for backup in ordered:  # newest first: a kept incremental marks its parents before they are reached
+        if action[backup.id].action != "keep":
+            continue
+        child, parent_id = backup, backup.parent
+        while parent_id and parent_id in action:
+            if action[parent_id].action == "delete":
+                action[parent_id] = BaseDecision(parent_id, "keep", f"incremental {child.id} builds on it (a chain is kept whole)")
+            elif action[parent_id].action == "report":
+                break
+            child = by_id[parent_id]
+            parent_id = child.parent
+    return [action[d.id] for d in decisions]
 
 
 def wal_cutoffs(backups: list[BaseFacts], decisions: list[BaseDecision]) -> dict[str, int | None]:

@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +20,7 @@ from typing import Any
 
 from sidecar import __version__, age, streams
 from sidecar.config import Config
-from sidecar.errors import NotFound, SidecarError
+from sidecar.errors import NotFound, SidecarError, UsageError
 from sidecar.physical import tar
 from sidecar.physical.server import identify, require_replication
 from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn, record_segment_size, segment_name, segment_of
@@ -34,7 +36,76 @@ def base_dir(config: Config) -> Path:
     return config.backup_dir / BASE_DIR
 
 
-def create_base_backup(config: Config) -> dict[str, Any]:
+MANIFEST_SUFFIX = ".manifest"  # the backup_manifest of each base backup, beside it: the parent an incremental names
+INCREMENTAL_MAJOR = 17
+
+
+def manifest_path(config: Config, backup_id: str) -> Path:
+    return base_dir(config) / (backup_id + MANIFEST_SUFFIX)
+
+
+def _summarize_wal_problem(config: Config) -> str | None:
+    from sidecar.postgres import connect
+
+    with connect(config) as conn:
+        row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'summarize_wal'").fetchone()
+    if row is None or row[0] != "on":
+        return "summarize_wal is off: ALTER SYSTEM SET summarize_wal = on, then SELECT pg_reload_conf() (incremental base backups need it)"
+    return None
+
+
+def choose_parent(backups: list[BaseBackup], system: str, timeline: int, has_manifest: Any) -> BaseBackup | None:
+    """The base backup an incremental builds on (pure but for `has_manifest`): the newest usable one (ok or waiting for
+    its WAL) of the same system and timeline, whose backup_manifest is kept beside it."""
+    for backup in backups:
+        meta = backup.metadata
+        if backup.status in ("ok", "waiting-for-wal") and str(meta.get("systemIdentifier")) == system \
+                and int(meta.get("timeline", 0)) == timeline and has_manifest(backup.id):
+            return backup
+    return None
+
+
+def chain_of(backups: list[BaseBackup], backup: BaseBackup) -> tuple[list[BaseBackup], str]:
+    """The base backups a restore of `backup` combines, full first, and a problem ('' when every link is there and
+    usable). An incremental's metadata names its parent; the chain ends at a full one."""
+    by_id = {b.id: b for b in backups}
+    chain = [backup]
+    while chain[0].metadata.get("parent"):
+        parent_id = str(chain[0].metadata["parent"])
+        parent = by_id.get(parent_id)
+        if parent is None:
+            return chain, f"base backup {parent_id}, which incremental {chain[0].id} builds on, is missing; restore an older full chain or take a full base backup"
+        if parent.status not in ("ok", "waiting-for-wal"):
+            return chain, f"base backup {parent_id}, which incremental {chain[0].id} builds on, is {parent.status}: {parent.problem}"
+        if parent in chain:
+            return chain, f"base backup {parent_id} is its own ancestor in the chain; its metadata is damaged"
+        chain.insert(0, parent)
+    return chain, ""
+
+
+def _incremental_due(config: Config, ident: dict[str, Any]) -> bool:
+    """With BASE_BACKUP_FULL_EVERY=N (N > 1), a base backup is incremental while the newest chain has fewer than N
+    backups; a server before 17, or with summarize_wal off, gets a full one (and a warning saying why)."""
+    if config.base_full_every <= 1:
+        return False
+    if ident["major"] < INCREMENTAL_MAJOR:
+        log.warning("BASE_BACKUP_FULL_EVERY=%d: incremental base backups need PostgreSQL %d+ (this is %d); taking a full one",
+                    config.base_full_every, INCREMENTAL_MAJOR, ident["major"], extra={"event": "base_backup_full_fallback"})
+        return False
+    problem = _summarize_wal_problem(config)
+    if problem:
+        log.warning("BASE_BACKUP_FULL_EVERY=%d: %s; taking a full one", config.base_full_every, problem, extra={"event": "base_backup_full_fallback"})
+        return False
+    backups = list_base_backups(config)
+    parent = choose_parent(backups, str(ident["systemIdentifier"]), int(ident["timeline"]), lambda i: manifest_path(config, i).is_file())
+    if parent is None:
+        return False
+    links, broken = chain_of(backups, parent)
+    return not broken and len(links) < config.base_full_every
+
+
+def create_base_backup(config: Config, incremental: bool | None = None) -> dict[str, Any]:
+    """A base backup: full, incremental (PostgreSQL 17+, on the newest base backup), or None: as BASE_BACKUP_FULL_EVERY says."""
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     directory = base_dir(config)
     with repo.lock("base-backup"):
@@ -46,6 +117,20 @@ def create_base_backup(config: Config) -> dict[str, Any]:
         major, tool_text = tool_version(tool)
         if major < ident["major"]:
             raise SidecarError(f"{tool} is version {major} but the server is PostgreSQL {ident['major']}; install postgresql-client-{ident['major']} or set PG_BIN_DIR")
+        parent: BaseBackup | None = None
+        if incremental is None:  # BASE_BACKUP_FULL_EVERY: incremental unless the chain is due for a new full one
+            incremental = _incremental_due(config, ident)
+        if incremental:
+            if ident["major"] < INCREMENTAL_MAJOR or major < INCREMENTAL_MAJOR:
+                raise UsageError(f"--incremental needs PostgreSQL {INCREMENTAL_MAJOR}+ (server {ident['major']}, pg_basebackup {major}); take a full base backup")
+            problem = _summarize_wal_problem(config)
+            if problem:
+                raise SidecarError(problem)
+            parent = choose_parent(list_base_backups(config), str(ident["systemIdentifier"]), int(ident["timeline"]),
+                                   lambda i: manifest_path(config, i).is_file())
+            if parent is None:
+                raise UsageError("no base backup of this server and timeline to build an incremental on (its .manifest kept beside it); "
+                                 "take a full one with 'pg-backup-sidecar base-backup'")
         taken = {p.name.split(".", 1)[0] for p in directory.iterdir()}
         backup_id = new_id(datetime.now(UTC), taken)
         name = backup_id + ".tar" + streams.EXTENSIONS[config.compression] + (".age" if config.encryption else "")
@@ -54,6 +139,8 @@ def create_base_backup(config: Config) -> dict[str, Any]:
         conninfo, env = child_env(config)
         argv = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--manifest-checksums=SHA256", "--no-password",
                 "--label", f"pg-backup-sidecar {backup_id}", "-d", conninfo]
+        if parent is not None:
+            argv.insert(1, f"--incremental={manifest_path(config, parent.id)}")
         started = time.monotonic()
         out = streams.HashingFile(partial)
         keeper = tar.Keeper(manifest_tmp)
@@ -72,7 +159,6 @@ def create_base_backup(config: Config) -> dict[str, Any]:
             out.abort()
             streams.remove_quietly(manifest_tmp)
             raise
-        streams.remove_quietly(manifest_tmp)
         finished = datetime.now(UTC)
         label = tar.label_fields(keeper.label)
         start_lsn, end_lsn = parse_lsn(wal_range["Start-LSN"]), parse_lsn(wal_range["End-LSN"])
@@ -90,8 +176,16 @@ def create_base_backup(config: Config) -> dict[str, Any]:
             "encrypted": config.encryption, "members": parser.members, "durationSeconds": round(time.monotonic() - started, 3),
             "sidecarVersion": __version__,
         }
+        if parent is not None:
+            metadata["parent"] = parent.id
+            metadata["chain"] = [*parent.metadata.get("chain", [parent.id]), backup_id]
         record_segment_size(WalArchive(config.backup_dir, repo.file_mode, repo.dir_mode), ident["systemIdentifier"], size)
         write_atomically(directory / (backup_id + METADATA_SUFFIX), json.dumps(metadata, indent=2, sort_keys=True).encode() + b"\n", repo.file_mode)
+        if ident["major"] >= INCREMENTAL_MAJOR:  # the next incremental names it; file names and checksums, no data
+            os.chmod(manifest_tmp, repo.file_mode)
+            os.rename(manifest_tmp, manifest_path(config, backup_id))
+        else:
+            streams.remove_quietly(manifest_tmp)
         os.chmod(partial, repo.file_mode)
         os.rename(partial, directory / name)
         streams.fsync_dir(directory)
@@ -217,6 +311,43 @@ def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_
         streams.remove_quietly(manifest_tmp)
 
 
+def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, directory: Path) -> None:
+    """Write the data directory of `backup` into the empty `directory`: a full one is extracted from its tar; an
+    incremental one's chain is extracted into a scratch directory beside it, each checked against its manifest, and
+    combined with pg_combinebackup. Check chain_of first, before anything is written."""
+    chain, problem = chain_of(backups, backup)
+    if problem:
+        raise SidecarError(problem)
+    if len(chain) == 1:
+        problems = read_base(config, backup, tar.Extractor(directory, None), directory / "backup_manifest")
+        if problems:
+            raise SidecarError(f"base backup {backup.id} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return
+    tool = find_tool("pg_combinebackup", config.pg_bin_dir)
+    scratch = Path(tempfile.mkdtemp(prefix=".combine-", dir=directory.parent))
+    try:
+        parts = []
+        for link in chain:
+            part = scratch / link.id
+            part.mkdir(mode=0o700)
+            checked = scratch / f"{link.id}.manifest"  # a copy to check against; the part keeps its backup_manifest for pg_combinebackup
+            problems = read_base(config, link, tar.Extractor(part, checked), checked)
+            if problems:
+                raise SidecarError(f"base backup {link.id} (of the chain of {backup.id}) is damaged: {problems[0]}")
+            tar.fix_modes(part)
+            parts.append(str(part))
+        directory.rmdir()  # pg_combinebackup makes the output directory
+        child = Child([tool, *parts, "-o", str(directory)], {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"})
+        try:
+            assert child.proc.stdout is not None
+            child.proc.stdout.read()
+            child.check("pg_combinebackup")
+        finally:
+            directory.mkdir(mode=0o700, exist_ok=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[str]]:
     """(id, problems, notes): sha256 of the stored file, then every file in the tar against the manifest."""
     backup = get_base_backup(config, ref)
@@ -229,6 +360,12 @@ def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[s
     keeper = tar.Keeper(manifest_tmp, hashing=True)
     problems = read_base(config, backup, keeper, manifest_tmp)
     notes = [f"sha256 matches; {len(keeper.digests)} files checked against backup_manifest"] if not problems else []
+    if backup.metadata.get("parent"):  # an incremental restores only with its chain: every link is there and usable
+        links, broken = chain_of(list_base_backups(config), backup)
+        if broken:
+            problems.append(broken)
+        else:
+            notes.append(f"incremental: its chain {' <- '.join(link.id for link in links)} is there (verify each with 'verify --base ID')")
     if backup.status == "waiting-for-wal":
         notes.append(f"waiting for WAL: {backup.problem}")
     return backup.id, problems, notes
@@ -262,7 +399,7 @@ def base_facts(backup: BaseBackup) -> BaseFacts:
         size = int(meta["walSegmentSize"])
         finished = datetime.fromisoformat(str(meta["finishedAt"]).replace("Z", "+00:00"))
         return BaseFacts(backup.id, backup.status, finished, str(meta["systemIdentifier"]), segment_of(parse_lsn(meta["startLsn"]), size),
-                         bool(meta.get("keep")))
+                         bool(meta.get("keep")), str(meta.get("parent") or ""))
     except (KeyError, ValueError, TypeError):
         return BaseFacts(backup.id, "unreadable-metadata")
 
@@ -310,10 +447,11 @@ def prune_physical(config: Config, dry_run: bool = False, now: datetime | None =
         # the metadata first: from then on it is not listed, so an interrupted prune never leaves a half base backup listed
         if _remove(directory / (decision.id + METADATA_SUFFIX), report) and name.startswith(decision.id + ".tar") and "/" not in name:
             _remove(directory / name, report)
+            _remove(directory / (decision.id + MANIFEST_SUFFIX), report)
         log.info("pruned base backup %s (%s)", decision.id, decision.reason, extra={"event": "base_backup_pruned", "backup_id": decision.id})
     if directory.is_dir() and not dry_run:  # data files whose metadata is gone: a prune interrupted between the two
         listed = {b.id for b in backups if b.id not in report.deleted}
-        for path in directory.glob("backup_*.tar*"):
+        for path in [*directory.glob("backup_*.tar*"), *directory.glob("backup_*" + MANIFEST_SUFFIX)]:
             if not path.name.endswith((".partial", ".tmp")) and path.name.split(".", 1)[0] not in listed \
                     and not (directory / (path.name.split(".", 1)[0] + METADATA_SUFFIX)).exists():
                 _remove(path, report)

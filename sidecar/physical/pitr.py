@@ -22,7 +22,7 @@ from sidecar import age
 from sidecar.config import Config
 from sidecar.errors import NotFound, SidecarError, UsageError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, identities, list_base_backups, read_base
+from sidecar.physical.base import BaseBackup, chain_of, identities, list_base_backups, materialise
 from sidecar.physical.receiver import spool_dir
 from sidecar.physical.wal import HISTORY, PARTIAL, SEGMENT, WalArchive, copy_into_place, format_lsn, parse_lsn, parse_segment, segment_name, segment_of, spool_segment
 from sidecar.repository import iso_timestamp
@@ -357,7 +357,8 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
     directory = directory.absolute()
     _empty_target(directory)
     archive = WalArchive(config.backup_dir)
-    candidates, path = resolve_timeline(archive, config, list_base_backups(config), target)
+    listed = list_base_backups(config)
+    candidates, path = resolve_timeline(archive, config, listed, target)
     choice = target
     if target.kind in ("name", "xid"):
         good = [b for b in candidates if b.good]
@@ -371,16 +372,16 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
         raise NotFound(f"the WAL of base backup {backup.id} is not archived up to its end ({meta['endWal']})")
     for name in chain:  # before anything is written: a damaged segment stops the restore here, named
         archive.check(system, name)
+    _, broken = chain_of(listed, backup)
+    if broken:  # a missing or unusable link: one line, nothing written
+        raise NotFound(broken)
     identity = identities(config, meta)
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     staged = os.geteuid() == 0 if stage_wal is None else stage_wal
     try:
-        extractor = tar.Extractor(directory, None)
-        problems = read_base(config, backup, extractor, directory / "backup_manifest")
-        if problems:
-            raise SidecarError(f"base backup {backup.id} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        materialise(config, listed, backup, directory)
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
         if staged:

@@ -107,6 +107,7 @@ BAD_VALUES = {
     "base_backup.retention_days": "-1",
     "base_backup.schedule": "weekly-ish",
     "drill.pitr_cron": "nightly",
+    "base_backup.full_every": "0",
 }
 
 

@@ -163,3 +163,22 @@ def test_a_point_in_time_restore_refuses_database_rather_than_ignoring_it(tmp_pa
     result = cli(env, "restore", "--to-latest", "--target-db", "copy", "--database", "billing", check=False)
     assert result.returncode == 2 and "leave out the backup id, --database" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_retention_keeps_every_base_backup_a_kept_incremental_builds_on_and_drops_a_chain_whole() -> None:
+    from sidecar.retention import BaseFacts, classify_base, wal_cutoffs
+
+    now = datetime(2026, 3, 30, tzinfo=UTC)
+
+    def facts(backup_id: str, day: int, parent: str = "") -> BaseFacts:
+        return BaseFacts(backup_id, "ok", datetime(2026, 3, day, tzinfo=UTC), "7", day, parent=parent)
+
+    # an old chain (full 1, incrementals 2 and 3); a newer one (full 20, incrementals 24, 27, 29); 5-day retention: 24 is
+    # the newest good one from before the window, and it needs 20
+    backups = [facts("backup_01", 1), facts("backup_02", 2, "backup_01"), facts("backup_03", 3, "backup_02"), facts("backup_20", 20),
+               facts("backup_24", 24, "backup_20"), facts("backup_27", 27, "backup_24"), facts("backup_29", 29, "backup_27")]
+    actions = {d.id: (d.action, d.reason) for d in classify_base(backups, 5, now)}
+    assert [actions[i][0] for i in ("backup_29", "backup_27", "backup_24")] == ["keep"] * 3
+    assert actions["backup_20"] == ("keep", "incremental backup_24 builds on it (a chain is kept whole)")
+    assert [actions[i][0] for i in ("backup_01", "backup_02", "backup_03")] == ["delete"] * 3
+    assert wal_cutoffs(backups, classify_base(backups, 5, now)) == {"7": 20}

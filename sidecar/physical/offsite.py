@@ -448,7 +448,9 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
 
         raise UsageError(f"{directory} is not an empty directory; give a new or empty directory to --into-data-dir")
     store = api.remote_store(config)
-    backup = choose_base(remote_base_backups(store), target)
+    # an incremental base backup needs its chain combined (pg_combinebackup, from the volume); from the bucket alone the
+    # restore starts from the newest full one before the target and replays more WAL
+    backup = choose_base([b for b in remote_base_backups(store) if not b.metadata.get("parent")], target)
     meta = backup.metadata
     system, timeline, size = str(meta["systemIdentifier"]), int(meta["timeline"]), int(meta["walSegmentSize"])
     have = remote_wal(store, system)

@@ -684,7 +684,16 @@ def pitr_drill(config: Config | None = None) -> Any:
     scratch server, the counts compared; recorded on the volume (wal/.pitr-drill.json) for the metrics. `report.ok`."""
     from sidecar.physical.drill import run_pitr_drill
 
-    return run_pitr_drill(_config(config))
+    cfg = _config(config)
+    with _reading(cfg):
+        return run_pitr_drill(cfg)
+
+
+def _reading(cfg: Config) -> contextlib.AbstractContextManager[None]:
+    """The volume's archive held against `prune` while a restore, a drill or `pitr find` reads it (physical/hold.py)."""
+    from sidecar.physical.hold import reading
+
+    return reading(cfg.backup_dir) if cfg.volume else contextlib.nullcontext()
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -762,7 +771,8 @@ def restore_tables(config: Config | None, tables: list[str], ref: str | None = N
     from sidecar.physical.pitr import parse_target
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
-    return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db)
+    with _reading(cfg):
+        return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db)
 
 
 def find_moment(config: Config | None, table: str, kind: str, before: str | None = None, existed_at: str | None = None) -> Moment:
@@ -771,7 +781,9 @@ def find_moment(config: Config | None, table: str, kind: str, before: str | None
     the target that stops just before it. NothingFound (exit 1) when the table is unknown or nothing is found."""
     from sidecar.physical.find import find_moment as _find
 
-    return _find(_config(config), table, kind, _moment(before, "--before"), _moment(existed_at, "--existed-at"))
+    cfg = _config(config)
+    with _reading(cfg):
+        return _find(cfg, table, kind, _moment(before, "--before"), _moment(existed_at, "--existed-at"))
 
 
 def _moment(text: str | None, option: str) -> datetime | None:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sidecar.postgres import find_tool
+from sidecar.postgres import base_env, find_tool
 
 HBA = """\
 local all pwuser scram-sha-256
@@ -38,7 +38,8 @@ class Cluster:
         self.root.chmod(0o755)
 
     def _run(self, argv: list[str]) -> None:
-        result = subprocess.run(argv, user=self._as_user, capture_output=True, text=True, check=False, cwd="/")
+        result = subprocess.run(argv, user=self._as_user, capture_output=True, text=True, check=False, cwd="/",
+                                env=base_env())  # initdb, pg_ctl and the server: never the sidecar's secrets
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:2])} failed: {result.stderr.strip() or result.stdout.strip()}")
 

@@ -373,7 +373,8 @@ class ParallelLoad:
     def _list(self) -> str:
         """A --use-list file (another memfd) of every entry but the table data, which is loaded already."""
         tool = postgres.find_tool("pg_restore", self._config.pg_bin_dir)
-        listed = subprocess.run([tool, "--list", self._toc], capture_output=True, pass_fds=(self._toc_fd,), check=False)
+        listed = subprocess.run([tool, "--list", self._toc], capture_output=True, pass_fds=(self._toc_fd,), check=False,
+                                env=postgres.base_env())  # reads a file: no connection, and never the sidecar's secrets
         if listed.returncode != 0:
             raise SidecarError(f"restore failed: pg_restore --list: {listed.stderr.decode(errors='replace').strip()[-400:]}")
         data = {e.dump_id for e in self._reader.entries if e.desc == b"TABLE DATA"}

@@ -372,7 +372,7 @@ def prune_backups(config: Config | None = None, dry_run: bool = False, now: date
                 else:
                     report.physical = PhysicalPruneReport(busy="a point-in-time restore is reading the archive")
                     log.warning("base backups and WAL not pruned: a point-in-time restore is reading them; the next prune will")
-            if cfg.remote is not None and remote:  # the same rule on the remote's base backups and WAL
+            if cfg.remote is not None and remote and report.physical.busy is None:  # the same rule on the remote's base backups and WAL
                 from sidecar.physical.offsite import RemotePhysicalPrune, prune_remote
 
                 try:
@@ -650,13 +650,14 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
+    cfg = _config(config)
     if from_remote:
         from sidecar.physical.offsite import restore_from_remote
 
-        return restore_from_remote(_config(config), target, into_data_dir)
+        with _reading(cfg):  # a prune run beside it (the daemon's, with the volume) leaves the remote's objects alone too
+            return restore_from_remote(cfg, target, into_data_dir)
     from sidecar.physical.hold import reading
 
-    cfg = _config(config)
     with reading(cfg.backup_dir):  # what is staged is read here; without staging, the new server reads it later (unheld)
         return restore_to_data_dir(cfg, target, into_data_dir, stage_wal)
 
@@ -693,7 +694,7 @@ def _reading(cfg: Config) -> contextlib.AbstractContextManager[None]:
     """The volume's archive held against `prune` while a restore, a drill or `pitr find` reads it (physical/hold.py)."""
     from sidecar.physical.hold import reading
 
-    return reading(cfg.backup_dir) if cfg.volume else contextlib.nullcontext()
+    return reading(cfg.backup_dir) if cfg.volume and cfg.backup_dir.is_dir() else contextlib.nullcontext()  # no volume: nothing to hold
 
 
 def start_wal_receiver(config_path: str | None, stop: Any, pid_variable: str) -> Any:
@@ -720,11 +721,10 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     cfg = _config(config)
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
     _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
-    from sidecar.physical.hold import reading
 
     root = scratch_directory()
     try:
-        with reading(cfg.backup_dir) if cfg.volume else contextlib.nullcontext():  # until replayed: prune leaves them
+        with _reading(cfg):  # until replayed: prune leaves them
             if from_remote:  # base backup and WAL from the remote store alone
                 from sidecar.physical.offsite import restore_from_remote
 

@@ -549,6 +549,9 @@ class Daemon:
                               **({} if ok else {"error": report.get("error") or str(result)}))
                 if not ok:  # the child logged the passed drill; a failure that never reached the record is said here
                     log.error("PITR drill failed: %s", record["error"], extra={"event": "pitr_drill_failed"})
+            except Exception as exc:  # the child could not run or answered nonsense: the run ends failed, never "running" forever
+                record.update(state="failed", error=f"the drill could not run: {exc}", finished=_now())
+                log.error("PITR drill failed: %s", record["error"], extra={"event": "pitr_drill_failed"})
             finally:
                 self.metrics.in_progress.labels(operation="pitr_drill").set(0)
                 self._run_lock.release()

@@ -45,11 +45,21 @@ def manifest_path(config: Config, backup_id: str) -> Path:
 
 
 def _summarize_wal_problem(config: Config) -> str | None:
-    from sidecar.postgres import connect
+    """Asked over the replication protocol (SHOW), as the role that takes the base backup: a dedicated replication role
+    (WAL_REPLICATION_URL) may have a pg_hba line for replication only."""
+    import psycopg
 
-    with connect(config) as conn:
-        row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'summarize_wal'").fetchone()
-    if row is None or row[0] != "on":
+    from sidecar.physical.server import _replication_connection
+
+    try:
+        conn = _replication_connection(config)
+        try:
+            value = (conn.pgconn.exec_(b"SHOW summarize_wal").get_value(0, 0) or b"").decode()  # the simple protocol a walsender takes
+        finally:
+            conn.close()
+    except psycopg.Error as exc:
+        raise SidecarError(f"cannot ask the server whether summarize_wal is on: {exc}") from None
+    if value != "on":
         return "summarize_wal is off: ALTER SYSTEM SET summarize_wal = on, then SELECT pg_reload_conf() (incremental base backups need it)"
     return None
 
@@ -92,7 +102,10 @@ def _incremental_due(config: Config, ident: dict[str, Any]) -> bool:
         log.warning("BASE_BACKUP_FULL_EVERY=%d: incremental base backups need PostgreSQL %d+ (this is %d); taking a full one",
                     config.base_full_every, INCREMENTAL_MAJOR, ident["major"], extra={"event": "base_backup_full_fallback"})
         return False
-    problem = _summarize_wal_problem(config)
+    try:
+        problem = _summarize_wal_problem(config)
+    except SidecarError as exc:
+        problem = str(exc)
     if problem:
         log.warning("BASE_BACKUP_FULL_EVERY=%d: %s; taking a full one", config.base_full_every, problem, extra={"event": "base_backup_full_fallback"})
         return False
@@ -104,8 +117,23 @@ def _incremental_due(config: Config, ident: dict[str, Any]) -> bool:
     return not broken and len(links) < config.base_full_every
 
 
+class _IncrementalFailed(SidecarError):
+    """pg_basebackup --incremental failed where BASE_BACKUP_FULL_EVERY chose it (e.g. the server's WAL summaries of the
+    parent are gone: older than wal_summary_keep_time)."""
+
+
 def create_base_backup(config: Config, incremental: bool | None = None) -> dict[str, Any]:
-    """A base backup: full, incremental (PostgreSQL 17+, on the newest base backup), or None: as BASE_BACKUP_FULL_EVERY says."""
+    """A base backup: full, incremental (PostgreSQL 17+, on the newest base backup), or None: as BASE_BACKUP_FULL_EVERY says
+    (an incremental chosen that way that fails is taken again as a full one: a schedule never fails on it for good)."""
+    try:
+        return _create_base_backup(config, incremental)
+    except _IncrementalFailed as exc:
+        log.warning("incremental base backup failed (%s); taking a full one", exc, extra={"event": "base_backup_full_fallback"})
+        return _create_base_backup(config, False)
+
+
+def _create_base_backup(config: Config, incremental: bool | None) -> dict[str, Any]:
+    automatic = incremental is None
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     directory = base_dir(config)
     with repo.lock("base-backup"):
@@ -154,10 +182,12 @@ def create_base_backup(config: Config, incremental: bool | None = None) -> dict[
             parser.close()
             checksum = out.close()
             wal_range = tar.manifest_wal_range(manifest_tmp)
-        except BaseException:
+        except BaseException as exc:
             child.terminate()
             out.abort()
             streams.remove_quietly(manifest_tmp)
+            if automatic and parent is not None and isinstance(exc, SidecarError):
+                raise _IncrementalFailed(str(exc)) from None
             raise
         finished = datetime.now(UTC)
         label = tar.label_fields(keeper.label)

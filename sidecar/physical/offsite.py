@@ -266,11 +266,15 @@ def _archive_signature(config: Config) -> tuple[tuple[str, int], ...]:
     paths = [base_dir(config)] + ([p for system in root.iterdir() if system.is_dir() for p in system.iterdir() if p.is_dir()]
                                   if root.is_dir() else [])
     out = []
+    recent = time.time_ns() - 2_000_000_000
     for path in paths:
         try:
-            out.append((str(path), path.stat().st_mtime_ns))
+            mtime = path.stat().st_mtime_ns
         except OSError:
-            pass
+            continue
+        # two files landing within one tick of the clock share an mtime: a directory changed in the last 2 s is looked at
+        # again on the next round, so the second file is never missed
+        out.append((str(path), mtime if mtime < recent else -time.monotonic_ns()))
     return tuple(sorted(out))
 
 

@@ -10,6 +10,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import cli
 from tests.physical.conftest import WalCluster, archived, list_wal, switch
 
@@ -18,6 +20,7 @@ def _pids(parent: int, pattern: str) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(parent), "-f", pattern], capture_output=True, text=True).stdout.split()]
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_slot_that_loses_wal_while_the_daemon_runs_is_made_again_and_streaming_and_base_backups_go_on(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                        tmp_path: Path) -> None:
     from tests.test_daemon import Running

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from sidecar.physical.wal import parse_lsn
 from sidecar.retention import BaseFacts, classify_base, wal_cutoffs, wal_to_delete
 from tests.conftest import cli
@@ -263,6 +265,7 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_full_volume_while_streaming_fails_visibly_damages_nothing_and_the_daemon_recovers_when_space_is_back(
         wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
     from tests.conftest import tmpfs
@@ -297,7 +300,7 @@ def test_a_full_volume_while_streaming_fails_visibly_damages_nothing_and_the_dae
         [timeline] = list_wal(env)
         assert timeline["gaps"] == [], timeline
         assert not list(backups.glob("wal/*/*/.*.tmp"))  # no half-written file left in the archive
-        restored = WalCluster(port=54332)
+        restored = WalCluster(port=54332, bin_dir=wal_cluster.bin_dir)
         try:  # every archived segment reads back and replays
             cli(env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
             restored.start_existing()
@@ -307,6 +310,7 @@ def test_a_full_volume_while_streaming_fails_visibly_damages_nothing_and_the_dae
             restored.destroy()
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_committed_a_second_before(
         wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
     import os
@@ -349,7 +353,7 @@ def test_restore_to_latest_after_the_sidecar_is_killed_mid_write_has_every_row_c
         if receiver.proc.poll() is None:
             receiver.kill()
     assert killed is not None
-    restored = WalCluster(port=54332)
+    restored = WalCluster(port=54332, bin_dir=wal_cluster.bin_dir)
     try:
         cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(restored.data))  # every archived segment's sha256 checked first
         restored.start_existing()

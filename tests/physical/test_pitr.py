@@ -125,6 +125,7 @@ def test_wal_fetch_restores_an_archived_segment_exactly_and_says_not_found_with_
     assert run.returncode == 1
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_wal_receive_killed_and_restarted_continues_without_a_gap(wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
     log = tmp_path / "receiver.log"
@@ -239,6 +240,7 @@ def test_the_daemon_with_wal_archiving_streams_wal_and_restarts_a_killed_receive
     assert wal_cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'") == "0"  # nothing left streaming
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                   tmp_path: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
@@ -266,6 +268,7 @@ def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was
     assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*"))  # the scratch server and its directory are gone
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_second_before(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                                tmp_path: Path) -> None:
     import psycopg
@@ -296,7 +299,7 @@ def test_restore_to_latest_after_postgresql_is_killed_has_every_row_committed_a_
     finally:
         assert receiver.stop() == 0
     assert list((backups / "wal" / "spool").glob("*.partial"))
-    restored = WalCluster(port=54332)
+    restored = WalCluster(port=54332, bin_dir=wal_cluster.bin_dir)
     try:
         cli(pitr_env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
         restored.start_existing()

@@ -123,6 +123,7 @@ def test_a_restore_to_a_restore_point_or_a_transaction_stops_there_and_an_unknow
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_after_a_promote_a_restore_follows_the_new_timeline_or_the_old_one_when_asked(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                       tmp_path: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])

@@ -34,7 +34,9 @@ def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool 
 def ours(env: dict[str, str], *args: str) -> tuple[float, int]:
     """Wall time and peak RSS (KiB) of our own process, via bench/rss.py."""
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "rss.py"), *args], env=env, check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "rss.py"), *args], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"ours {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return time.monotonic() - start, int(result.stderr.strip().splitlines()[-1].split()[-1])
 
 

@@ -240,10 +240,12 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
             return RestoreReport(backup_id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
                                  checked.to_json() if checked else None, _lines(new), _lines(known))
 
-        scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}" if exists else target
+        # a new database is loaded under a scratch name too and renamed once whole: a restore killed mid-load
+        # leaves a scratch database (dropped by the next restore), never a partly loaded one under the target name
+        scratch = f"{target[:MAX_NAME - 24]}__restore_{stamp}"
         _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
-        where = "the live database was not touched" if exists else f"{target} was dropped again"
+        where = "the live database was not touched" if exists else f"nothing was created under the name {target}"
         try:
             try:
                 _load(config, files, metadata, scratch, identities, clean=False)
@@ -268,6 +270,8 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
                 _drop_database(admin, previous)
                 previous = None
             dropped = _prune_previous(config, admin, target)
+        else:
+            _rename_new(admin, scratch, target)
         log.info("restored %s into %s", backup_id, target, extra={"event": "restore_completed", "backup_id": backup_id,
                                                                 "duration_seconds": round(time.monotonic() - clock, 3), "sessions": len(ended)})
         return RestoreReport(backup_id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
@@ -452,6 +456,16 @@ def _swap(conn: psycopg.Connection[Any], live: str, restored: str, previous: str
             continue
     raise SidecarError(f"could not swap in the restored database: sessions keep reconnecting to {live} ({_summary(ended)}); "
                        "stop the application and retry")
+
+
+def _rename_new(conn: psycopg.Connection[Any], scratch: str, target: str) -> None:
+    """The whole, checked new database under its name (it was loaded as `scratch`)."""
+    try:
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(target)))
+    except psycopg.errors.DuplicateDatabase:
+        _drop_database(conn, scratch)
+        raise SidecarError(f"database {target} was created by someone else during the restore; it was not touched and the "
+                           "restored copy was dropped: restore again to swap it in, or choose another --target-db") from None
 
 
 def _summary(sessions: list[str]) -> str:

@@ -20,7 +20,8 @@ committed change to those tables is in it and none can follow. The restore point
 held, so the tables in the WAL at the restore point are the tables in that snapshot. A second connection imports the
 snapshot (SET TRANSACTION SNAPSHOT), the first commits and releases the locks, and the counting runs in the imported
 snapshot while writers go on. Writers wait only for the lock, the export, the restore point and the import
-(milliseconds); `lock_timeout` bounds the wait behind a long transaction (retried, then the drill fails naming it).
+(milliseconds); `lock_timeout` and `statement_timeout` bound the wait behind a long transaction, for all the tables
+together (retried, then the drill fails naming it).
 Readers are never blocked. Unlogged and temporary tables are left out (their rows are not in the WAL).
 """
 
@@ -43,6 +44,7 @@ from psycopg.conninfo import make_conninfo
 from sidecar import postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
+from sidecar.physical.hold import recording
 from sidecar.physical.wal import WalArchive
 from sidecar.repository import iso_timestamp, write_atomically
 
@@ -52,7 +54,7 @@ RECORD = ".pitr-drill.json"  # BACKUP_DIR/wal/.pitr-drill.json
 TABLES = ("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
           "WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
           "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2")
-LOCK_TIMEOUT = "2s"  # how long writers may queue behind the drill's lock request, per attempt
+LOCK_TIMEOUT = "2s"  # how long writers may queue behind the drill's lock request (all its tables), per attempt
 LOCK_ATTEMPTS = 10
 ARCHIVE_WAIT = 300.0  # seconds for the segment holding the restore point to be archived
 
@@ -114,8 +116,8 @@ def capture(config: Config, name: str, databases: list[str]) -> tuple[dict[str, 
         try:
             point, tables, counts = _capture_once(config, name, databases)
             return {**point, "anchor": anchor}, tables, counts
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.UndefinedTable) as exc:
-            # a writer held a table longer than lock_timeout, or a table was dropped after it was listed: again
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, psycopg.errors.UndefinedTable) as exc:
+            # writers held the tables longer than the timeout, or a table was dropped after it was listed: again
             if attempt == LOCK_ATTEMPTS:
                 raise SidecarError(f"could not lock the tables for the restore point in {LOCK_ATTEMPTS} tries of {LOCK_TIMEOUT}: "
                                    f"{postgres.describe(exc)}; a long transaction writes to them (or changes them): run the drill when "
@@ -137,7 +139,10 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
             holders.append(holder)
             holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             tables[database] = [(str(s), str(t)) for s, t in _listed(config, database)]
+            # lock_timeout bounds each table's wait, statement_timeout the whole LOCK: while it waits for one table, the
+            # tables it holds already keep their writers waiting, so many tables must not add up their waits
             holder.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+            holder.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
             locked = locked or time.monotonic()
             if tables[database]:  # LOCK takes no snapshot: the export below does, once no writer can be in the middle
                 try:
@@ -147,6 +152,7 @@ def _capture_once(config: Config, name: str, databases: list[str]) -> tuple[dict
                     raise SidecarError(f"the drill cannot lock the tables of {database!r} to count them at the restore point: "
                                        f"{postgres.describe(exc)}; the role needs UPDATE, DELETE or TRUNCATE on every table (or to own "
                                        "them), as a superuser has") from None
+            holder.execute("SET LOCAL statement_timeout TO DEFAULT")
             row = holder.execute("SELECT pg_export_snapshot()").fetchone()
             assert row is not None
             snapshots[database] = str(row[0])
@@ -385,15 +391,15 @@ def read_record(backup_dir: Path) -> dict[str, Any]:
 
 def record(config: Config, report: PitrDrillReport) -> None:
     """Add a drill's outcome to wal/.pitr-drill.json (atomically): last, lastSuccess, lastFailure, passed, failed."""
-    data = read_record(config.backup_dir)
-    entry = {**asdict(report), "finishedAt": iso_timestamp(datetime.now(UTC))}
-    data["last"] = entry
-    data["lastSuccess" if report.ok else "lastFailure"] = entry
-    key = "passed" if report.ok else "failed"
-    data[key] = int(data.get(key, 0)) + 1
     path = record_path(config)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+        with recording(path.parent):  # a hand-run drill ending beside the daemon's: both outcomes counted
+            data = read_record(config.backup_dir)
+            entry = {**asdict(report), "finishedAt": iso_timestamp(datetime.now(UTC))}
+            data["last"] = entry
+            data["lastSuccess" if report.ok else "lastFailure"] = entry
+            key = "passed" if report.ok else "failed"
+            data[key] = int(data.get(key, 0)) + 1
+            write_atomically(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
     except OSError as exc:
         log.error("cannot record the PITR drill's outcome on the backup volume (%s): the metrics will not show it", exc.strerror)

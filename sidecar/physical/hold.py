@@ -4,7 +4,9 @@
   restores at once are fine); `prune` takes the exclusive one, and when a restore holds it, prunes no base backup or
   WAL this time (the next prune does), so a restore never loses the segment it is about to replay.
 - `copying`: one off-site copier of base backups at a time (the `base-backup` command copies its own at once while the
-  daemon's copier runs every few seconds): the second waits, then finds the backup copied and skips it."""
+  daemon's copier runs every few seconds): the second waits, then finds the backup copied and skips it.
+- `recording`: the PITR drill record (wal/.pitr-drill.json) is read, updated and written under it, so a hand-run drill
+  ending beside the daemon's loses neither outcome nor count."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 READERS = ".physical.lock"
 COPIER = ".offsite.lock"
+RECORDING = ".pitr-drill.lock"
 
 
 @contextmanager
@@ -52,3 +55,9 @@ def pruning(backup_dir: Path) -> Iterator[bool]:
 def copying(directory: Path, wait: bool) -> Iterator[bool]:
     with _flock(directory / COPIER, exclusive=True, wait=wait) as held:
         yield held
+
+
+@contextmanager
+def recording(directory: Path) -> Iterator[None]:
+    with _flock(directory / RECORDING, exclusive=True, wait=True):
+        yield

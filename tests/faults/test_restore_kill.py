@@ -48,3 +48,32 @@ def test_sigkill_during_a_restore_leaves_the_old_or_the_new_database_never_none(
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{db}\\_\\_restore%'") == "0"
     assert "100" in seen
     print(f"restore kill trials: {TRIALS}, live database states seen: {sorted(seen)}, full restore {full:.2f}s")
+
+
+def test_sigkill_during_a_restore_into_a_new_database_never_leaves_it_partly_loaded(cluster: Cluster, db: str, env: dict[str, str]) -> None:
+    cluster.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 200000) g", db)
+    cluster.psql("CREATE TABLE u AS SELECT g FROM generate_series(1, 200000) g", db)
+    bid = backup_id(env)
+    target = f"{db}_new"
+    started = time.monotonic()
+    cli(env, "restore", bid, "--target-db", target)
+    full = time.monotonic() - started
+    cluster.psql(f"DROP DATABASE {target}")
+    rng = random.Random(11)
+    seen = set()
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar", "restore", bid, "--target-db", target], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(full * 0.3, full * 0.9))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{target}'") == "1":  # renamed in: whole
+            assert cluster.psql("SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM u)", target) == "400000"
+            cluster.psql(f"DROP DATABASE {target}")
+            seen.add("whole")
+        else:
+            seen.add("absent")
+    assert "absent" in seen
+    cli(env, "restore", bid, "--target-db", target)  # drops what the killed ones left and creates it
+    assert cluster.psql("SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM u)", target) == "400000"
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{target}\\_\\_restore%'") == "0"

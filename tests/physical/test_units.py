@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.embedded import Cluster
 from sidecar.errors import NotFound, UsageError
 from sidecar.physical import tar
 from sidecar.physical.base import BaseBackup
@@ -182,3 +183,59 @@ def test_retention_keeps_every_base_backup_a_kept_incremental_builds_on_and_drop
     assert actions["backup_20"] == ("keep", "incremental backup_24 builds on it (a chain is kept whole)")
     assert [actions[i][0] for i in ("backup_01", "backup_02", "backup_03")] == ["delete"] * 3
     assert wal_cutoffs(backups, classify_base(backups, 5, now)) == {"7": 20}
+
+
+def _record_outcomes(backup_dir: str, ok: bool, times: int) -> None:
+    from sidecar.config import load_config
+    from sidecar.physical.drill import PitrDrillReport, record
+
+    config = load_config(None, {"DATABASE_URL": "postgresql://u@localhost/db", "BACKUP_DIR": backup_dir})
+    for _ in range(times):
+        record(config, PitrDrillReport(ok=ok, at="2026-11-27T00:00:00Z"))
+
+
+def test_two_pitr_drills_ending_at_once_both_count_in_the_record(tmp_path: Path) -> None:
+    """A hand-run `drill --pitr` beside the daemon's: each outcome is counted (the record is read and written under a lock)."""
+    import multiprocessing
+
+    from sidecar.physical.drill import read_record
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_record_outcomes, args=(str(tmp_path), ok, 150)) for ok in (True, False)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    data = read_record(tmp_path)
+    assert (data["passed"], data["failed"]) == (150, 150)
+    assert oct((tmp_path / "wal" / ".pitr-drill.lock").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_pitr_drill_keeps_writers_waiting_at_most_its_lock_timeout_for_all_tables_together(cluster: Cluster, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tables, each written by a transaction that ends 2.5 s after the other: waiting for each in turn (3 s each) would
+    hold the first table's writers for 5 s; the drill gives up after 3 s for both and tries again later."""
+    import threading
+
+    import psycopg
+
+    from sidecar.config import load_config
+    from sidecar.physical import drill
+
+    cluster.psql("CREATE TABLE w1 (i int); CREATE TABLE w2 (i int)", db)
+    config = load_config(None, {"DATABASE_URL": cluster.url(db), "BACKUP_DIR": "/nonexistent"})
+    monkeypatch.setattr(drill, "LOCK_TIMEOUT", "3s")
+    writers = [psycopg.connect(cluster.url(db)) for _ in range(2)]
+    for table, conn in zip(("w1", "w2"), writers, strict=True):
+        conn.execute(f"INSERT INTO {table} VALUES (1)")  # open transactions holding ROW EXCLUSIVE
+    timers = [threading.Timer(seconds, conn.commit) for seconds, conn in zip((2.5, 5.0), writers, strict=True)]
+    for timer in timers:
+        timer.start()
+    try:
+        with pytest.raises((psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
+            drill._capture_once(config, "unit_drill_point", [db])
+    finally:
+        for timer in timers:
+            timer.join()
+        for conn in writers:
+            conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--small-rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levels", default="1,3", help="zstd levels to compare")
+    parser.add_argument("--cases", default="", help="regular expression: only the cases whose name matches (e.g. 'raw|ours zstd -1$')")
+    parser.add_argument("--no-restore", action="store_true", help="leave out the restore comparison")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_DIR", "/tmp")))
     os.chmod(work, 0o755)
@@ -76,6 +79,8 @@ def main() -> None:
             cases["ours gzip -1"] = {"BACKUP_COMPRESSION": "gzip", "BACKUP_COMPRESSION_LEVEL": "1"}
             if rows != args.rows:
                 cases = {k: v for k, v in cases.items() if k.startswith("ours zstd -1") and "age" not in k}
+            elif args.cases:
+                cases = {k: v for k, v in cases.items() if re.search(args.cases, k)}
             times: dict[str, list[float]] = {name: [] for name in cases}
             sizes: dict[str, int] = {}
             for _ in range(args.rounds):  # interleaved: every case once per round
@@ -93,16 +98,20 @@ def main() -> None:
                         for path in backups.glob("backup_*"):
                             path.unlink()
             if rows == args.rows:
-                sizes["pg_dump -Fp | gzip"] = (work / "plain.sql.gz").stat().st_size
-                sizes["pg_dump -Fc (default compression)"] = (work / "custom.dump").stat().st_size
+                for name, file in (("pg_dump -Fp | gzip", "plain.sql.gz"), ("pg_dump -Fc (default compression)", "custom.dump")):
+                    if name in times:
+                        sizes[name] = (work / file).stat().st_size
                 raw = min(times["raw pg_dump -Fc -Z0 > /dev/null"])
-                gz = min(times["pg_dump -Fp | gzip"])
+                gz = min(times.get("pg_dump -Fp | gzip", [float("nan")]))
                 print(f"\n| case ({rows} rows, {size}) | best of {args.rounds} (s) | vs raw pg_dump | pg_dump\\|gzip / this | size (MB) |")
                 print("|---|---|---|---|---|")
                 for name, values in times.items():
                     best = min(values)
                     mb = f"{sizes[name] / 1e6:.0f}" if name in sizes else "-"
                     print(f"| {name} | {best:.1f} | {best / raw:.2f}x | {gz / best:.2f}x | {mb} |", flush=True)
+                if args.no_restore:
+                    cluster.psql(f"DROP DATABASE {db}")
+                    continue
                 # restore: ours (verify + decode + pg_restore into a new database + row counts) vs pg_restore -j 2
                 subprocess.run(f"{pg_dump} -Fc -Z0 -d '{url}' > {work}/raw.dump", shell=True, check=True)
                 restore_times: dict[str, list[float]] = {"pg_restore -j 2 (uncompressed custom dump)": [], "ours restore --target-db (zstd -1)": []}

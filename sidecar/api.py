@@ -787,12 +787,6 @@ def find_moment(config: Config | None, table: str, kind: str, before: str | None
 
 
 def _moment(text: str | None, option: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-26T14:32:05Z)") from None
-    if moment.tzinfo is None:
-        raise UsageError(f"{option} {text!r} has no time zone; add Z (UTC) or an offset such as +01:00")
-    return moment.astimezone(UTC)
+    from sidecar.physical.pitr import parse_moment
+
+    return None if text is None else parse_moment(text, option)

@@ -60,6 +60,17 @@ class Target:
 MAX_RESTORE_POINT = 63  # PostgreSQL's MAXFNAMELEN - 1
 
 
+def parse_moment(text: str, option: str) -> datetime:
+    """An ISO 8601 time with a time zone (`option` names it in the error), in UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option} '{text[:60]}' is not a time; write it like 2026-11-26T14:32:05Z") from None
+    if moment.tzinfo is None:
+        raise UsageError(f"{option} '{text[:60]}' has no time zone; add Z (UTC) or an offset like +01:00")
+    return moment.astimezone(UTC)
+
+
 def parse_target(to_time: str | None, to_lsn: str | None, to_latest: bool, to_restore_point: str | None = None, to_xid: str | None = None,
                  exclusive: bool = False, timeline: str | None = None) -> Target:
     given = [x for x in (to_time, to_lsn, to_latest or None, to_restore_point, to_xid) if x]
@@ -70,13 +81,7 @@ def parse_target(to_time: str | None, to_lsn: str | None, to_latest: bool, to_re
         raise UsageError("--exclusive stops just before a --to-time, --to-lsn or --to-xid target; a restore point or --to-latest has no 'before'")
     inclusive = not exclusive
     if to_time:
-        try:
-            moment = datetime.fromisoformat(to_time.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise UsageError(f"--to-time '{to_time[:60]}' is not a time; write it like 2026-11-26T14:32:05Z") from None
-        if moment.tzinfo is None:
-            raise UsageError(f"--to-time '{to_time[:60]}' has no time zone; add Z (UTC) or an offset like +01:00")
-        return Target("time", time=moment.astimezone(UTC), inclusive=inclusive, timeline=line)
+        return Target("time", time=parse_moment(to_time, "--to-time"), inclusive=inclusive, timeline=line)
     if to_lsn:
         try:
             return Target("lsn", lsn=parse_lsn(to_lsn), inclusive=inclusive, timeline=line)

@@ -714,8 +714,6 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
     import shutil
     from dataclasses import replace
 
-    from psycopg.conninfo import make_conninfo
-
     from sidecar.physical.pitr import ScratchServer, parse_target, restore_to_data_dir, scratch_directory
 
     cfg = _config(config)
@@ -732,14 +730,7 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
             else:
                 result = restore_to_data_dir(cfg, target, root / "data")
             server = ScratchServer(cfg, root, result.get("serverMajor"))
-            try:
-                server.start()
-                params = {k: v for k, v in cfg.conninfo().items() if k in ("user", "dbname")}
-                scratch_url = make_conninfo(**params, host=str(root), port=str(server.port))
-                server.wait_promoted(make_conninfo(scratch_url, dbname="postgres"), target=target.describe())
-            except BaseException:
-                server.stop()
-                raise
+            scratch_url = server.start_promoted(cfg, target.describe())
         try:
             log.info("scratch server recovered to %s; backing up %s from it", result["target"], cfg.database_name)
             dump_cfg = replace(cfg, database_url=scratch_url, password_file=None, backup_dir=root / "repository", encryption=False, recipients=(),

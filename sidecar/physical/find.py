@@ -310,17 +310,13 @@ def _live_identity(config: Config, table: Table) -> tuple[int, int, str] | None:
 def _catalog_identity(config: Config, table: Table, target: Target) -> tuple[tuple[int, int] | None, str]:
     """The table's (oid, database oid) in the catalog of a scratch server restored to `target`; and the base backup used."""
     import psycopg
-    from psycopg.conninfo import make_conninfo
 
     root = scratch_directory()
     try:
         result = restore_to_data_dir(config, target, root / "data")
         server = ScratchServer(config, root, result.get("serverMajor"))
+        url = server.start_promoted(config, target.describe())
         try:
-            server.start()
-            user = {k: v for k, v in config.conninfo().items() if k == "user"}
-            url = make_conninfo(**user, dbname=config.database_name, host=str(root), port=str(server.port))
-            server.wait_promoted(make_conninfo(url, dbname="postgres"), target=target.describe())
             with psycopg.connect(url, autocommit=True) as conn:
                 row = conn.execute("SELECT c.oid, d.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_database d "
                                    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'm') AND d.datname = current_database()",

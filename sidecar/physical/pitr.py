@@ -567,6 +567,21 @@ class ScratchServer:
             time.sleep(0.5)
         raise SidecarError(f"the scratch PostgreSQL did not finish recovery in {timeout:.0f}s; {self.log_tail()}")
 
+    def start_promoted(self, config: Config, target: str) -> str:
+        """Start it and wait until recovery has promoted; the conninfo of `config`'s database there, as its user. The
+        server is stopped again when that fails; on success the caller stops it."""
+        from psycopg.conninfo import make_conninfo
+
+        try:
+            self.start()
+            params = {k: v for k, v in config.conninfo().items() if k in ("user", "dbname")}
+            url = make_conninfo(**params, host=str(self.root), port=str(self.port))
+            self.wait_promoted(make_conninfo(url, dbname="postgres"), target=target)
+        except BaseException:
+            self.stop()
+            raise
+        return url
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run([self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"], check=False)

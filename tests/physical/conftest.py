@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +65,16 @@ def pitr_env(wal_cluster: WalCluster, tmp_path: Path) -> dict[str, str]:
     if wal_cluster.bin_dir is not None:
         env["PG_BIN_DIR"] = str(wal_cluster.bin_dir)
     return env
+
+
+@pytest.fixture
+def scratch_tmp() -> Iterator[Path]:
+    """A TMPDIR of the test's own for scratch servers' directories (their user may pass through it, not list it): a test
+    can tell its own were removed while other tests make theirs in /tmp."""
+    path = Path(tempfile.mkdtemp(prefix="pgsc-tmp-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class Receiver:

@@ -242,11 +242,11 @@ def test_the_daemon_with_wal_archiving_streams_wal_and_restarts_a_killed_receive
 
 @pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was(wal_cluster: WalCluster, pitr_env: dict[str, str],
-                                                                                  tmp_path: Path) -> None:
+                                                                                  tmp_path: Path, scratch_tmp: Path) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
     wal_cluster.psql("CREATE DATABASE app")
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY, note text)", "app")
-    env = {**pitr_env, "DATABASE_URL": wal_cluster.url("app")}
+    env = {**pitr_env, "DATABASE_URL": wal_cluster.url("app"), "TMPDIR": str(scratch_tmp)}
     receiver = Receiver(env, tmp_path / "receiver.log")
     try:
         wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
@@ -265,7 +265,7 @@ def test_a_restore_to_a_time_into_a_database_brings_that_database_back_as_it_was
     assert "into app_as_it_was (new-database" in result.stdout, result.stdout
     assert wal_cluster.psql("SELECT count(*), min(id), max(id), count(DISTINCT note) FROM t", "app_as_it_was") == "100|1|100|1"
     assert wal_cluster.psql("SELECT count(*) FROM t", "app") == "140"  # the live database is untouched
-    assert not list(Path("/tmp").glob("pg-backup-sidecar-pitr-*"))  # the scratch server and its directory are gone
+    assert not list(scratch_tmp.iterdir())  # the scratch server and its directory are gone
 
 
 @pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)

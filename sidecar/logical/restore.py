@@ -459,13 +459,22 @@ def _swap(conn: psycopg.Connection[Any], live: str, restored: str, previous: str
 
 
 def _rename_new(conn: psycopg.Connection[Any], scratch: str, target: str) -> None:
-    """The whole, checked new database under its name (it was loaded as `scratch`)."""
-    try:
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(target)))
-    except psycopg.errors.DuplicateDatabase:
-        _drop_database(conn, scratch)
-        raise SidecarError(f"database {target} was created by someone else during the restore; it was not touched and the "
-                           "restored copy was dropped: restore again to swap it in, or choose another --target-db") from None
+    """The whole, checked new database under its name (it was loaded as `scratch`; a tool that connects to every
+    database, e.g. a monitoring agent, may have found it: such sessions are ended, as the swap ends them)."""
+    for attempt in range(20):
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (scratch,))
+        time.sleep(0.1 * attempt)
+        try:
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(target)))
+            return
+        except psycopg.errors.ObjectInUse:
+            continue
+        except psycopg.errors.DuplicateDatabase:
+            _drop_database(conn, scratch)
+            raise SidecarError(f"database {target} was created by someone else during the restore; it was not touched and the "
+                               "restored copy was dropped: restore again to swap it in, or choose another --target-db") from None
+    raise SidecarError(f"could not rename the restored database {scratch} to {target}: sessions keep connecting to it; it is left "
+                       "as it is (the next restore drops it)")
 
 
 def _summary(sessions: list[str]) -> str:

@@ -77,3 +77,27 @@ def test_sigkill_during_a_restore_into_a_new_database_never_leaves_it_partly_loa
     cli(env, "restore", bid, "--target-db", target)  # drops what the killed ones left and creates it
     assert cluster.psql("SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM u)", target) == "400000"
     assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname LIKE '{target}\\_\\_restore%'") == "0"
+
+
+def test_a_new_database_is_renamed_in_past_a_session_on_it_and_never_over_one_created_meanwhile(cluster: Cluster, db: str) -> None:
+    """The restored copy's last step: a tool connected to every database (a monitoring agent) is ended; a database
+    created under the target name during the restore is left alone, the copy dropped, one line."""
+    import psycopg
+
+    from sidecar.errors import SidecarError
+    from sidecar.logical.restore import _rename_new
+
+    scratch, target = f"{db}__restore_1", f"{db}_renamed"
+    cluster.psql(f"CREATE DATABASE {scratch}")
+    with psycopg.connect(cluster.url("postgres"), autocommit=True) as admin:
+        agent = psycopg.connect(cluster.url(scratch), autocommit=True)
+        _rename_new(admin, scratch, target)
+        with pytest.raises(psycopg.OperationalError):  # the agent's session was ended
+            agent.execute("SELECT 1")
+        agent.close()
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname IN ('{scratch}', '{target}')") == "1"
+    assert cluster.psql("SELECT current_database()", target) == target
+    cluster.psql(f"CREATE DATABASE {scratch}")
+    with psycopg.connect(cluster.url("postgres"), autocommit=True) as admin, pytest.raises(SidecarError, match="created by someone else"):
+        _rename_new(admin, scratch, target)
+    assert cluster.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{scratch}'") == "0"

@@ -1021,3 +1021,37 @@ def test_a_pod_rendered_with_a_replication_role_and_rpo_0_streams_as_that_role_a
         assert sql("SELECT count(*) FROM t") == "3"
     finally:
         server.destroy()
+
+
+def test_against_an_external_server_the_notes_turn_rpo_0_on_and_their_way_out_releases_the_waiting_commits() -> None:
+    """NOTES.txt's RPO 0 lines for an external server, on a real one: the receiver's name makes a commit wait while no
+    receiver streams, and the way out they give lets it return."""
+    import threading
+
+    import psycopg
+
+    from tests.conftest import TestCluster
+    from tests.physical.conftest import wait_for
+    from tests.test_daemon import free_port
+
+    notes = render_files(MATRIX["WAL, a dedicated replication role, external"])["pg-backup-sidecar/templates/NOTES.txt"]
+    [turn_on] = [line.split(": ", 1)[1] for line in notes.splitlines() if "RPO 0 (optional" in line]
+    [way_out] = [line.strip().split("  (")[0] for line in notes.splitlines() if line.strip().startswith("ALTER SYSTEM SET synchronous_standby_names = ''")]
+    with TestCluster(port=free_port()) as server:
+        server.psql(turn_on)
+        wait_for(lambda: server.psql("SHOW synchronous_standby_names") == '"pg_backup_sidecar"', "the reload")
+        server.psql("CREATE TABLE t (id int)")  # the test clusters commit with synchronous_commit = off: this one does not wait
+        done: list[bool] = []
+
+        def commit() -> None:
+            with psycopg.connect(server.url(), autocommit=True, options="-c synchronous_commit=on") as conn:
+                conn.execute("INSERT INTO t VALUES (1)")
+                done.append(True)
+
+        writer = threading.Thread(target=commit)
+        writer.start()
+        wait_for(lambda: server.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == "1", "the commit to wait")
+        assert not done
+        server.psql(way_out)
+        writer.join(timeout=30)
+        assert done == [True] and server.psql("SELECT count(*) FROM t") == "1"

@@ -53,6 +53,14 @@ MATRIX: dict[str, dict[str, Any]] = {
                                                   "restore": {"enabled": True, "requestId": "before-the-bug", "toTime": "2026-11-26T14:32:05+01:00",
                                                               "targetDb": "app_then"}},
     "off-site only, no backups volume": {"backup": {"persistence": {"enabled": False}}, "remote": {"url": "s3://backups/db"}},
+    "WAL, a dedicated replication role, RPO 0, bundled": {
+        "wal": {"enabled": True, "synchronous": True, "replication": {"user": "replicator", "password": "repl-s3cret-never-in-env"}},
+        "bootstrap": {"fromBackup": {"enabled": True, "toLatest": True}},
+        "restore": {"enabled": True, "requestId": "before-the-bug", "toLatest": True, "targetDb": "app_then"}},
+    "WAL, a dedicated replication role, external": {
+        "wal": {"enabled": True, "replication": {"user": "replicator", "existingSecret": "pg-replication", "passwordKey": "pw"}},
+        "postgresql": {"enabled": False},
+        "externalDatabase": {"host": "db.example", "port": 6432, "database": "app", "username": "backup", "existingSecret": "db-creds"}},
 }
 
 
@@ -775,3 +783,275 @@ def test_a_point_in_time_restore_job_is_named_after_its_request_id_only_and_asks
     latest = {**values, "restore": {**values["restore"], "toTime": "", "toLatest": True}}
     [job] = [d for d in render(latest, 4) if d["kind"] == "Job"]
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["restore-request", "--to-latest"]
+
+
+# --- the dedicated replication role and RPO 0 (wal.replication, wal.synchronous) -------------------------------------
+
+REPLICATION_PASSWORD = "repl-s3cret-never-in-env"
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_a_dedicated_replication_role_reaches_every_sidecar_container_as_a_url_without_password_and_a_secret_file() -> None:
+    import json
+
+    for case, secret, key, url in (
+            ("WAL, a dedicated replication role, RPO 0, bundled", "rel-pg-backup-sidecar-wal-replication", "password",
+             "postgresql://replicator@127.0.0.1:5432/postgres"),
+            ("WAL, a dedicated replication role, external", "pg-replication", "pw", "postgresql://replicator@db.example:6432/postgres")):
+        docs = render(MATRIX[case])
+        pod = workload(docs)["spec"]["template"]["spec"]
+        # the sidecar and the bootstrap init container (which restores with the same settings) get the same env and files
+        for container in [c for c in pod["containers"] + pod.get("initContainers", []) if c["name"] != "postgres"]:
+            assert all("valueFrom" not in e for e in container["env"])
+            env = env_of(container)
+            assert env["WAL_REPLICATION_URL"] == url  # no password in it: the password is a file
+            [mount] = [m for m in container["volumeMounts"] if env["WAL_REPLICATION_PASSWORD_FILE"].startswith(m["mountPath"] + "/")]
+            assert mount["readOnly"] is True
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+            assert volume["secretName"] == secret and volume["defaultMode"] == 0o440
+            assert volume["items"] == [{"key": key, "path": env["WAL_REPLICATION_PASSWORD_FILE"].removeprefix(mount["mountPath"] + "/")}]
+            assert not [a for a in container.get("args", []) + container.get("command", []) if "replicator" in a or "s3cret" in a]
+        # the password is in its Secret and nowhere else: no env value, argument, ConfigMap or NOTES
+        for doc in docs:
+            if doc["kind"] != "Secret":
+                assert REPLICATION_PASSWORD not in json.dumps(doc), doc["kind"]
+        assert REPLICATION_PASSWORD not in render_files(MATRIX[case])["pg-backup-sidecar/templates/NOTES.txt"]
+        created = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret]
+        assert [d["data"]["password"] for d in created] == ([__import__("base64").b64encode(REPLICATION_PASSWORD.encode()).decode()]
+                                                             if case.endswith("bundled") else [])
+        # the restore Job only asks the daemon (which restores with this env): it gets the API token, nothing of the role
+        for job in [d for d in docs if d["kind"] == "Job"]:
+            assert set(env_of(job["spec"]["template"]["spec"]["containers"][0])) == {"RESTORE_REQUEST_ID", "SIDECAR_API_TOKEN_FILE"}
+    # the bundled server's pg_hba.conf allows replication for the dedicated role only
+    docs = render(MATRIX["WAL, a dedicated replication role, RPO 0, bundled"])
+    [hba] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    assert {tuple(line.split()[:3]) for line in hba["data"]["pg_hba.conf"].splitlines() if " replication " in line} == {
+        ("local", "replication", '"replicator"'), ("host", "replication", '"replicator"')}
+
+
+def test_rpo_0_makes_the_bundled_postgres_wait_for_the_receiver_named_by_the_slot() -> None:
+    values = {"wal": {"enabled": True, "synchronous": True, "slotName": "orders_wal"}}
+    [sts] = [d for d in render(values) if d["kind"] == "StatefulSet"]
+    postgres = next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "postgres")
+    assert dict(a.split("=", 1) for a in postgres["args"] if a != "-c")["synchronous_standby_names"] == '"orders_wal"'
+    notes = render_files(values)["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "commits WAIT" in notes and "ALTER SYSTEM SET synchronous_commit = local" in notes and "pg_cancel_backend" in notes
+    external = render_files({**MATRIX["WAL archiving, external"]})["pg-backup-sidecar/templates/NOTES.txt"]
+    assert "ALTER SYSTEM SET synchronous_standby_names = '\"pg_backup_sidecar\"'" in external
+
+
+def test_with_the_new_wal_values_unset_or_at_their_defaults_the_chart_renders_as_before() -> None:
+    for case in ("default", "WAL archiving, bundled", "WAL archiving, external"):
+        explicit = {**MATRIX[case], "wal": {**MATRIX[case].get("wal", {}), "synchronous": False,
+                                            "replication": {"user": "", "existingSecret": "", "passwordKey": "password", "password": ""}}}
+        assert strip_generated(render_files(explicit)) == strip_generated(render_files(MATRIX[case]))
+        sidecar = sidecar_container(render(MATRIX[case]), "StatefulSet" if case != "WAL archiving, external" else "Deployment")
+        assert not [e for e in sidecar["env"] if e["name"].startswith("WAL_")]
+        assert "wal-replication" not in {m["name"] for m in sidecar["volumeMounts"]}
+        assert "synchronous_standby_names" not in str(render(MATRIX[case]))
+
+
+def strip_generated(files: dict[str, str]) -> dict[str, str]:
+    """The rendered files without the random passwords and tokens the chart generates at each render."""
+    import re
+
+    return {name: re.sub(r"(password|api-token): \S+", r"\1: -", text) for name, text in files.items()}
+
+
+@pytest.mark.parametrize(("wal", "words"), [
+    ({"replication": {"user": "replicator", "existingSecret": "r"}}, "set wal.enabled=true too"),
+    ({"enabled": True, "replication": {"user": "replicator"}}, 'wal.replication.user "replicator" needs its password from a Secret'),
+    ({"enabled": True, "replication": {"existingSecret": "r"}}, "set wal.replication.user too"),
+    ({"enabled": True, "replication": {"password": "x"}}, "set wal.replication.user too"),
+    ({"synchronous": True}, "wal.synchronous makes the sidecar's WAL receiver a synchronous standby: set wal.enabled=true"),
+    ({"enabled": True, "replication": {"user": "repl icator", "existingSecret": "r"}}, "/wal/replication/user"),
+    ({"enabled": True, "replication": {"user": "replicator", "existingSecret": "r", "passwordKey": ""}}, "/wal/replication/passwordKey"),
+    ({"enabled": True, "synchronous": "yes"}, "/wal/synchronous"),
+    ({"enabled": True, "replication": {"user": "replicator", "secret": "r"}}, "secret"),
+])
+def test_a_bad_replication_role_or_rpo_0_value_fails_at_install_saying_why(wal: dict[str, Any], words: str) -> None:
+    import re
+
+    with pytest.raises(helm_python.HelmError, match=re.escape(words)):
+        render({"wal": wal})
+
+
+def test_rpo_0_against_an_external_server_is_refused_with_the_sql_to_run_there() -> None:
+    with pytest.raises(helm_python.HelmError, match="ALTER SYSTEM SET synchronous_standby_names = '\"pg_backup_sidecar\"'"):
+        render({**MATRIX["WAL archiving, external"], "wal": {"enabled": True, "synchronous": True}})
+
+
+def materialize(docs: list[dict[str, Any]], container: dict[str, Any], root: Path, port: int) -> dict[str, str]:
+    """What the kubelet does with the rendered pod, under `root`: each volume the container mounts becomes a directory (a
+    Secret's items and a ConfigMap's keys files, with the Secret's mode), and the container's environment points into them;
+    the database's address 127.0.0.1:5432 becomes the test server's port."""
+    import base64
+
+    pod = workload(docs)["spec"]["template"]["spec"]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    paths = {}
+    for mount in container["volumeMounts"]:
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        directory = root / mount["name"]
+        directory.mkdir(parents=True)
+        paths[mount["mountPath"]] = directory
+        if "secret" in volume:
+            data = objects["Secret", volume["secret"]["secretName"]]["data"]
+            for item in volume["secret"]["items"]:
+                (directory / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+                (directory / item["path"]).chmod(volume["secret"].get("defaultMode", 0o644))
+        elif "configMap" in volume:
+            for key, text in objects["ConfigMap", volume["configMap"]["name"]]["data"].items():
+                (directory / key).write_text(text)
+    env = {}
+    for name, value in env_of(container).items():
+        for mount_path, directory in paths.items():
+            if value == mount_path or value.startswith(mount_path + "/"):
+                value = str(directory) + value.removeprefix(mount_path)
+        env[name] = value.replace("@127.0.0.1:5432/", f"@127.0.0.1:{port}/")
+    return env
+
+
+def test_a_pod_rendered_with_a_replication_role_and_rpo_0_streams_as_that_role_and_commits_wait_for_it(tmp_path: Path) -> None:
+    """The rendered pod on a real server: PostgreSQL with the rendered arguments and pg_hba.conf (on 127.0.0.1), the role
+    created with the SQL of NOTES.txt, the Secrets' keys and the ConfigMap as files, and the sidecar container's environment
+    given to the real daemon. `check` passes; the daemon makes the slot, streams and takes its base backup as the
+    replication role (the database's role has no replication line), as the synchronous standby; with the daemon stopped
+    a commit waits, the image's first-start setup (psql in the postgres container) does not, and the way out NOTES.txt
+    gives releases the waiting commit."""
+    import json
+    import os
+    import shlex
+    import threading
+
+    import psycopg
+
+    from sidecar.embedded import Cluster
+    from sidecar.postgres import find_tool
+    from tests.conftest import cli
+    from tests.physical.conftest import wait_for
+    from tests.test_daemon import Running, free_port, request
+
+    values = {"wal": MATRIX["WAL, a dedicated replication role, RPO 0, bundled"]["wal"]}
+    docs = render(values)
+    notes = render_files(values)["pg-backup-sidecar/templates/NOTES.txt"]
+    pod = workload(docs)["spec"]["template"]["spec"]
+    postgres = next(c for c in pod["containers"] if c["name"] == "postgres")
+    sidecar = sidecar_container(docs, "StatefulSet")
+    [hba] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-pg-hba")]
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "DATABASE_", "SIDECAR_", "PG", "WAL_"))}
+    pod_env = {**clean, **materialize(docs, sidecar, tmp_path / "pod", port)}
+    (tmp_path / "pod" / "backups").chmod(0o700)
+    app_password = Path(pod_env["DATABASE_PASSWORD_FILE"]).read_text()
+    assert Path(pod_env["WAL_REPLICATION_PASSWORD_FILE"]).read_text() == REPLICATION_PASSWORD
+    assert Path(pod_env["WAL_REPLICATION_PASSWORD_FILE"]).stat().st_mode & 0o777 == 0o440
+
+    server = Cluster(port=port)
+    server.user = "app"  # the official image's POSTGRES_USER
+    server.start()
+    try:
+        server.psql(f"ALTER ROLE app PASSWORD '{app_password}'")
+        [create] = [line.strip() for line in notes.splitlines() if line.strip().startswith("CREATE ROLE")]
+        server.psql(create)  # NOTES.txt's SQL, then the password psql's \password would set
+        server.psql(f"ALTER ROLE replicator PASSWORD '{REPLICATION_PASSWORD}'")
+        server.stop("fast")
+        (server.root / "pg_hba.conf").write_text(hba["data"]["pg_hba.conf"])
+        rendered = [a for a in postgres["args"] if a != "-c" and not a.startswith("hba_file=")]
+        options = (f"-c listen_addresses=127.0.0.1 -c unix_socket_directories='{server.socket_dir}' -c port={port} -c fsync=off "
+                   + " ".join(f"-c {shlex.quote(a)}" for a in rendered) + f" -c hba_file={server.root}/pg_hba.conf")
+        server._run([find_tool("pg_ctl"), "-D", str(server.data), "-o", options, "-l", str(server.root / "server.log"), "-w", "start"])
+        # the image's first start: CREATE DATABASE by psql in the postgres container, on a server with these arguments and no
+        # receiver yet; with the container's environment (PGOPTIONS) it does not wait for one
+        container_env = {**clean, **{e["name"]: e["value"] for e in postgres["env"] if "value" in e}, "PGPASSWORD": app_password}
+        setup = subprocess.run([find_tool("psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", str(server.socket_dir), "-p", str(port), "-U", "app",
+                                "-d", "postgres", "-c", "CREATE DATABASE app"], env=container_env, capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stderr
+
+        def sql(query: str) -> str:
+            with psycopg.connect(pod_env["DATABASE_URL"], password=app_password, autocommit=True) as conn:
+                cursor = conn.execute(query)  # type: ignore[arg-type]
+                return ",".join(str(v) for row in (cursor.fetchall() if cursor.description else []) for v in row)
+
+        sql("SET synchronous_commit = local; CREATE TABLE t (id int PRIMARY KEY)")
+        assert cli(pod_env, "check").returncode == 0
+        # the database's role has no replication line: without the dedicated role the sidecar could not stream
+        without = cli({k: v for k, v in pod_env.items() if not k.startswith("WAL_REPLICATION_")}, "base-backup", check=False)
+        assert without.returncode == 3 and "no pg_hba.conf line allows replication connections for role app" in without.stderr, without.stderr
+
+        token = Path(pod_env["SIDECAR_API_TOKEN_FILE"]).read_text()
+        running = Running(pod_env, tmp_path / "daemon.log", token=None)
+        try:
+            running.wait_for(lambda: sql("SELECT usename, application_name, sync_state FROM pg_stat_replication "
+                                         "WHERE application_name = 'pg_backup_sidecar'") == "replicator,pg_backup_sidecar,sync",
+                             "the receiver to stream as the synchronous standby")
+            sql("INSERT INTO t VALUES (1)")  # returns: the receiver flushed it
+            running.wait_for(lambda: [b["status"] for b in json.loads(cli(pod_env, "list", "--base", "--json").stdout)] == ["ok"],
+                             "the daemon's base backup (as the replication role)")
+            assert request(running.base, "/v1/backups", token=token)[0] == 200  # the API token of the rendered Secret's file
+            assert sql("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'pg_backup_sidecar'") == "physical"
+        finally:
+            assert running.stop() == 0
+        assert REPLICATION_PASSWORD not in running.log.read_text() and app_password not in running.log.read_text()
+
+        # the sidecar down: a commit waits (it does not fail) ...
+        done: list[str] = []
+        writer = threading.Thread(target=lambda: done.append(sql("INSERT INTO t VALUES (2) RETURNING id")))
+        writer.start()
+        wait_for(lambda: sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == "1", "the commit to wait for the receiver")
+        assert not done
+        # ... ALTER SYSTEM cannot lift it (the setting is on the command line) ...
+        sql("ALTER SYSTEM SET synchronous_standby_names = ''")
+        sql("SELECT pg_reload_conf()")
+        assert sql("SHOW synchronous_standby_names") == '"pg_backup_sidecar"'
+        sql("ALTER SYSTEM RESET synchronous_standby_names")
+        # ... the way out NOTES.txt gives does: the waiting commit returns, and the next ones do not wait
+        for line in notes.splitlines():
+            if line.strip().startswith(("ALTER SYSTEM SET synchronous_commit", "SELECT pg_cancel_backend")):
+                for statement in line.split("--")[0].split(";"):
+                    if statement.strip():
+                        sql(statement)
+        writer.join(timeout=30)
+        assert done == ["2"]
+        wait_for(lambda: sql("SHOW synchronous_commit") == "local", "the reload")
+        assert sql("INSERT INTO t VALUES (3) RETURNING id") == "3"
+        assert sql("SELECT count(*) FROM t") == "3"
+    finally:
+        server.destroy()
+
+
+def test_against_an_external_server_the_notes_turn_rpo_0_on_and_their_way_out_releases_the_waiting_commits() -> None:
+    """NOTES.txt's RPO 0 lines for an external server, on a real one: the receiver's name makes a commit wait while no
+    receiver streams, and the way out they give lets it return."""
+    import threading
+
+    import psycopg
+
+    from tests.conftest import TestCluster
+    from tests.physical.conftest import wait_for
+    from tests.test_daemon import free_port
+
+    notes = render_files(MATRIX["WAL, a dedicated replication role, external"])["pg-backup-sidecar/templates/NOTES.txt"]
+    [turn_on] = [line.split(": ", 1)[1] for line in notes.splitlines() if "RPO 0 (optional" in line]
+    [way_out] = [line.strip().split("  (")[0] for line in notes.splitlines() if line.strip().startswith("ALTER SYSTEM SET synchronous_standby_names = ''")]
+    with TestCluster(port=free_port()) as server:
+        server.psql(turn_on)
+        wait_for(lambda: server.psql("SHOW synchronous_standby_names") == '"pg_backup_sidecar"', "the reload")
+        server.psql("CREATE TABLE t (id int)")  # the test clusters commit with synchronous_commit = off: this one does not wait
+        done: list[bool] = []
+
+        def commit() -> None:
+            with psycopg.connect(server.url(), autocommit=True, options="-c synchronous_commit=on") as conn:
+                conn.execute("INSERT INTO t VALUES (1)")
+                done.append(True)
+
+        writer = threading.Thread(target=commit)
+        writer.start()
+        wait_for(lambda: server.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == "1", "the commit to wait")
+        assert not done
+        server.psql(way_out)
+        writer.join(timeout=30)
+        assert done == [True] and server.psql("SELECT count(*) FROM t") == "1"

@@ -49,6 +49,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The dedicated replication role (wal.replication.user), or "" when the sidecar's own role replicates */}}
+{{- define "sidecar.replicationUser" -}}
+{{- if .Values.wal.enabled -}}{{ .Values.wal.replication.user }}{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the replication role's password (with wal.replication.user) */}}
+{{- define "sidecar.replicationSecret" -}}
+{{- $r := .Values.wal.replication -}}
+{{- if include "sidecar.replicationUser" . -}}
+{{- if $r.existingSecret -}}{{ $r.existingSecret }}{{- else if $r.password -}}{{ printf "%s-wal-replication" (include "sidecar.fullname" .) }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* WAL_REPLICATION_URL: the database's server as the replication role, no password (a physical replication connection
+names no database: "postgres" is only there to make a complete URL) */}}
+{{- define "sidecar.replicationUrl" -}}
+{{- if .Values.postgresql.enabled -}}
+postgresql://{{ .Values.wal.replication.user }}@127.0.0.1:5432/postgres
+{{- else -}}
+postgresql://{{ .Values.wal.replication.user }}@{{ .Values.externalDatabase.host }}:{{ .Values.externalDatabase.port }}/postgres
+{{- end -}}
+{{- end -}}
+
 {{- define "sidecar.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{ .Values.serviceAccount.name | default (include "sidecar.fullname" .) }}
@@ -152,6 +175,13 @@ backups themselves are in the remote store) */}}
     defaultMode: 0440
     items: [{key: {{ $.Values.backup.encryption.identity.key | default "identity.txt" }}, path: identity.txt}]
 {{- end }}
+{{- with include "sidecar.replicationSecret" . }}
+- name: wal-replication
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items: [{key: {{ ternary $.Values.wal.replication.passwordKey "password" (ne $.Values.wal.replication.existingSecret "") | quote }}, path: password}]
+{{- end }}
 {{- with include "sidecar.remoteSecret" . }}
 {{- $keys := $.Values.remote.existingSecretKeys }}
 - name: remote-credentials
@@ -183,6 +213,11 @@ backups themselves are in the remote store) */}}
 - max_slot_wal_keep_size={{ .Values.wal.maxSlotWalKeepSize }}
 - -c
 - hba_file=/etc/postgresql/hba/pg_hba.conf
+{{- if .Values.wal.synchronous }}
+{{- /* RPO 0: the receiver's application_name is the slot's name; quoted, so that a name of digits is a name, not a count */}}
+- -c
+- synchronous_standby_names="{{ .Values.wal.slotName }}"
+{{- end }}
 {{- end -}}
 
 {{/* The sidecar's environment: its container, and the bootstrap init container that restores with the same settings */}}
@@ -202,6 +237,11 @@ backups themselves are in the remote store) */}}
 - {name: TMPDIR, value: /tmp}
 {{- if include "sidecar.identitySecret" . }}
 - {name: BACKUP_ENCRYPTION_IDENTITY_FILE, value: /etc/pg-backup-sidecar/age/identity.txt}
+{{- end }}
+{{- if include "sidecar.replicationUser" . }}
+{{- /* the dedicated replication role: its URL names no password, which is a file of a Secret volume */}}
+- {name: WAL_REPLICATION_URL, value: {{ include "sidecar.replicationUrl" . | quote }}}
+- {name: WAL_REPLICATION_PASSWORD_FILE, value: /etc/pg-backup-sidecar/replication/password}
 {{- end }}
 {{- if .Values.remote.url }}
 {{- range $name, $value := .Values.remote.extraEnv }}
@@ -230,6 +270,9 @@ backups themselves are in the remote store) */}}
 - {name: api-secret, mountPath: /etc/pg-backup-sidecar/api, readOnly: true}
 {{- if include "sidecar.identitySecret" . }}
 - {name: age-identity, mountPath: /etc/pg-backup-sidecar/age, readOnly: true}
+{{- end }}
+{{- if include "sidecar.replicationSecret" . }}
+- {name: wal-replication, mountPath: /etc/pg-backup-sidecar/replication, readOnly: true}
 {{- end }}
 {{- if include "sidecar.remoteSecret" . }}
 - {name: remote-credentials, mountPath: /etc/pg-backup-sidecar/remote, readOnly: true}

@@ -55,6 +55,7 @@ def _names(names: list[str]) -> str:
 def check_setup(config: Config) -> CheckReport:
     report = CheckReport()
     server_major = _check_database(config, report)
+    _check_wal(config, report)
     _check_tools(config, report, server_major)
     _check_volume(config, report)
     _check_encryption(config, report)
@@ -99,6 +100,37 @@ def _check_database(config: Config, report: CheckReport) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def _check_wal(config: Config, report: CheckReport) -> None:
+    """WAL_ARCHIVING (or a WAL_REPLICATION_URL): what streaming and base backups need (the replication role, its right, pg_hba.conf, the server's
+    WAL settings: physical/server.replication_problems, which the receiver and base-backup refuse to start without), and
+    the state of the slot."""
+    if not (config.wal_archiving or config.wal_replication_url):
+        return
+    from sidecar.physical.server import replication_problems
+
+    try:
+        problems = replication_problems(config)
+    except SidecarError:
+        return  # DATABASE_URL's role replicates and the database refused it: reported above
+    report.problems += problems
+    if problems:
+        return
+    who = config.replication().conninfo().get("user") or "the connecting role"
+    report.checked.append(f"WAL streaming: {who} may open replication connections ({'WAL_REPLICATION_URL' if config.wal_replication_url else 'DATABASE_URL'})")
+    try:
+        with connect(config) as conn:
+            row = conn.execute("SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", (config.wal_slot_name,)).fetchone()
+    except (SidecarError, psycopg.Error):
+        return  # a dedicated role's setup may keep DATABASE_URL's role from reading it; the receiver checks the slot itself
+    if row is None:
+        report.notes.append(f"replication slot {config.wal_slot_name} does not exist yet: the daemon (wal-receive) makes it when it starts")
+    elif row[1] == "lost":
+        report.problems.append(f"replication slot {config.wal_slot_name} has lost WAL (wal_status 'lost'): the archive has a gap; the "
+                               "daemon makes the slot again when it starts; take a base backup then (pg-backup-sidecar base-backup)")
+    else:
+        report.checked.append(f"replication slot {config.wal_slot_name}: {'streaming' if row[0] else 'not streaming now'} (wal_status {row[1]})")
 
 
 def _one(conn: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:

@@ -146,6 +146,9 @@ def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it
     assert "no pg_hba.conf line allows replication connections for role replicator" in both.stderr, both.stderr
     base = cli(env, "base-backup", check=False)
     assert base.returncode == 3 and "ALTER ROLE replicator REPLICATION" in base.stderr, base.stderr
+    checked = cli(env, "check", check=False)  # `check` names the same, beside its other findings
+    assert checked.returncode != 0 and "problem: role replicator (WAL_REPLICATION_URL) lacks REPLICATION: ALTER ROLE replicator REPLICATION" \
+        in checked.stdout.splitlines(), checked.stdout
     gone = cli({**env, "WAL_REPLICATION_URL": wal_cluster.url("postgres", user="nobody")}, "wal-receive", check=False)
     assert gone.returncode == 3 and "role nobody (WAL_REPLICATION_URL) does not exist: CREATE ROLE nobody LOGIN REPLICATION" in gone.stderr, gone.stderr
     wal_cluster.psql("ALTER ROLE replicator REPLICATION PASSWORD 'right-s3cret'")
@@ -164,6 +167,9 @@ def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it
     try:
         assert wal_cluster.psql("SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_replication") == "replicator"
         assert wal_cluster.psql("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'pg_backup_sidecar'") == "physical"
+        lines = cli(env, "check", check=False).stdout.splitlines()
+        assert "ok: WAL streaming: replicator may open replication connections (WAL_REPLICATION_URL)" in lines, lines
+        assert not [line for line in lines if "replicat" in line and line.startswith("problem:")], lines
         last = switch(wal_cluster)
         wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,25 @@ print(f"peak_rss_kib {{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}", fi
 sys.exit(code)
 """
 NO_SETTINGS = "load.LOAD_SETTINGS = {}"
+
+
+def server_cpu(data: Path) -> float:
+    """CPU seconds of the server so far: the postmaster, its live children, and the children it reaped (ended backends)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == postmaster:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def main() -> None:
@@ -96,6 +116,7 @@ def main() -> None:
             keep = {int(n) - 1 for n in args.only.split(",")}
             cases = {name: case for i, (name, case) in enumerate(cases.items()) if i in keep}
         times: dict[str, list[float]] = {name: [] for name in cases}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}  # CPU seconds (client processes, server)
         rss: dict[str, int] = {}
         for round_ in range(args.rounds):
             for i, (name, (argv, case_env)) in enumerate(cases.items()):
@@ -103,25 +124,33 @@ def main() -> None:
                 if case_env is None:
                     cluster.psql(f"CREATE DATABASE {target}")
                 argv = [a.replace("{db}", cluster.url(target)).replace("{name}", target) for a in argv]
-                start = time.monotonic()
+                start, server_before, client_before = time.monotonic(), server_cpu(cluster.data), resource.getrusage(resource.RUSAGE_CHILDREN)
                 result = subprocess.run(argv, env=case_env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 seconds = time.monotonic() - start
+                client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                client = client_after.ru_utime + client_after.ru_stime - client_before.ru_utime - client_before.ru_stime
+                cpu[name].append((client, server_cpu(cluster.data) - server_before))
                 if result.returncode != 0:
                     raise SystemExit(f"{name} failed: {result.stderr[-2000:]}")
                 if case_env is not None:
                     rss[name] = max(rss.get(name, 0), int(result.stderr.strip().splitlines()[-1].split()[-1]))
+                    for line in result.stderr.splitlines():  # where the time went: the load's steps, then the restore's
+                        if "loaded the schema in" in line or ": checksums, roles and a new database" in line:
+                            print(f"#   {line.split(': ', 1)[-1]}", flush=True)
                 times[name].append(seconds)
-                print(f"# round {round_ + 1}: {name}: {seconds:.1f} s", flush=True)
+                print(f"# round {round_ + 1}: {name}: {seconds:.1f} s (CPU: client {client:.1f} s, server {cpu[name][-1][1]:.1f} s)", flush=True)
                 cluster.psql(f"DROP DATABASE {target}")
         base_name = "pg_restore -j 2 of the uncompressed custom dump"
         base = statistics.median(times[base_name]) if base_name in times else 0.0
-        print(f"\n| restore of {args.rows} rows ({size}) | median of {args.rounds} (s) | best (s) | median vs pg_restore -j 2 | peak RSS (MiB) |")
-        print("|---|---|---|---|---|")
+        print(f"\n| restore of {args.rows} rows ({size}) | median of {args.rounds} (s) | best (s) | median vs pg_restore -j 2 "
+              "| CPU s, client + server (median) | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|")
         for name, values in times.items():
             med = statistics.median(values)
             ratio = f"{med / base:.2f}x" if base else "-"
-            print(f"| {name} | {med:.1f} | {min(values):.1f} | {ratio} | {rss[name] / 1024:.0f} |" if name in rss else
-                  f"| {name} | {med:.1f} | {min(values):.1f} | {ratio} | - |", flush=True)
+            used = f"{statistics.median(c for c, _ in cpu[name]):.1f} + {statistics.median(s for _, s in cpu[name]):.1f}"
+            print(f"| {name} | {med:.1f} | {min(values):.1f} | {ratio} | {used} | {rss[name] / 1024:.0f} |" if name in rss else
+                  f"| {name} | {med:.1f} | {min(values):.1f} | {ratio} | {used} | - |", flush=True)
     print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{subprocess.run([find_tool('pg_restore'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print("# uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)

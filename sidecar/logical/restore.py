@@ -246,15 +246,18 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
         _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
         where = "the live database was not touched" if exists else f"nothing was created under the name {target}"
+        steps = _Steps(clock, "checksums, roles and a new database")
         try:
             try:
                 _load(config, files, metadata, scratch, identities, clean=False)
             except SidecarError as exc:
                 raise type(exc)(f"{exc}; {where}") from None
-            mismatches, checked, new, known = _check_restored(config, scratch, metadata)
+            steps.done("load")
+            mismatches, checked, new, known = _check_restored(config, scratch, metadata, steps)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
             problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, dbprops.unseal(metadata.get("databaseProperties"), identities))
+            steps.done("database properties")
             if problems and not force:
                 raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
@@ -272,6 +275,8 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
             dropped = _prune_previous(config, admin, target)
         else:
             _rename_new(admin, scratch, target)
+        steps.done("swap" if exists else "rename")
+        log.info("restore of %s: %s", backup_id, steps)
         log.info("restored %s into %s", backup_id, target, extra={"event": "restore_completed", "backup_id": backup_id,
                                                                 "duration_seconds": round(time.monotonic() - clock, 3), "sessions": len(ended)})
         return RestoreReport(backup_id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
@@ -585,14 +590,35 @@ def _lines(findings: list[Finding]) -> list[str]:
     return [f"{f.check}: {f.message}" for f in findings]
 
 
-def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tuple[list[str], ValidationResult | None, list[Finding], list[Finding]]:
+class _Steps:
+    """How long each step of a restore took, for one log line."""
+
+    def __init__(self, clock: float, first: str) -> None:
+        self._last = time.monotonic()
+        self._parts = [(first, self._last - clock)]
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self._parts.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self._parts)
+
+
+def _check_restored(config: Config, dbname: str, metadata: dict[str, Any],
+                    steps: _Steps | None = None) -> tuple[list[str], ValidationResult | None, list[Finding], list[Finding]]:
     """Row counts against the metadata (exact: taken in the dump's own snapshot), then the consistency checks,
     split into findings that are new (the round trip damaged something: they fail the restore) and findings
     the validation at backup time recorded already (the database had them: reported, not failed on)."""
     mismatches = [f"row_counts: {m}" for m in _compare_counts(config, dbname, metadata)]
+    if steps:
+        steps.done("row counts")
     if not config.validation_enabled:
         return mismatches, None, [], []
     checked = validate(config, dbname=dbname, quiet=True)
+    if steps:
+        steps.done("validation")
     new, known = split_known(checked.findings, metadata.get("validation"))
     for finding in known:
         log.info("validation: %s: %s (already recorded when the backup was taken; not caused by the restore)", finding.check, finding.message)

@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def main() -> None:
     print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{subprocess.run([find_tool('pg_restore'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print("# uptime after:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    shutil.rmtree(work, ignore_errors=True)  # the dump and the backups: gigabytes
 
 
 if __name__ == "__main__":

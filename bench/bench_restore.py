@@ -7,9 +7,10 @@ Cases, interleaved once per round, each into a database of its own that is dropp
 same data; our whole `restore latest --target-db` (sha256 pass, zstd decode, schema, data, indexes and constraints,
 row counts, validation) with RESTORE_JOBS=2 (the default) and 1; ours with the load's session settings off
 (synchronous_commit and the timeouts: the server's defaults); and, with --before REV, our restore as it was
-at that commit (one `pg_restore --single-transaction`), run from a `git archive` of it. --extra adds two secondary
-indexes and a second table with a foreign key, so there is more than one index to build. Prints medians, the best
-run, ratios to `pg_restore -j 2`, and our peak RSS; results are recorded by hand in bench/RESULTS.md."""
+at that commit, run from a `git archive` of it. --extra adds two secondary indexes and a second table with a foreign
+key, so there is more than one index to build. Prints each of our runs' steps (from its log), medians, the best run,
+ratios to `pg_restore -j 2`, CPU seconds (the client processes', the server's) and our peak RSS; results are recorded
+by hand in bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--before", default="", help="git revision of the code before the parallel load (one pg_restore --single-transaction)")
+    parser.add_argument("--before", default="", help="git revision of our code to compare with (run from a git archive of it)")
     parser.add_argument("--extra", action="store_true", help="two more indexes and a second table with a foreign key")
     parser.add_argument("--only", default="", help="comma list of case numbers to run (1-based), for a quick look")
     args = parser.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
             before = work / "before"
             before.mkdir()
             subprocess.run(f"git -C {ROOT} archive {args.before} sidecar | tar -x -C {before}", shell=True, check=True)
-            cases[f"ours before ({args.before}: one pg_restore --single-transaction)"] = (
+            cases[f"ours at {args.before}"] = (
                 [sys.executable, "-c", RUN.format(patch="").replace("import sidecar.logical.load as load\n", ""), "restore", "latest",
                  "--target-db", "{name}"], {**env, "PYTHONPATH": str(before)})
         if args.only:

@@ -31,7 +31,7 @@ import psycopg
 from sidecar import postgres
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.logical.dumpcounts import BLK_DATA, NL, CustomCounter, DumpCountError
+from sidecar.logical.dumpcounts import BLK_DATA, NL, CustomCounter, DumpCountError, _decode
 from sidecar.postgres import Child
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ class ParallelLoad:
         self.mode = "parallel"  # or "single" (the fallback)
         self._last, self._open_row = 0, False
         self._times: list[float] = []  # the schema step's start and end
+        self._ended: set[int] = set()  # dump ids of the TABLE DATA entries whose data block was read to its end
         self.rows: dict[int, int] = {}
 
     def write(self, data: bytes) -> int:
@@ -315,6 +316,7 @@ class ParallelLoad:
             self._open_row = not data.endswith(NL)
         else:  # the table's end, on every connection (each ends its own COPY of it, if it had one)
             self._open_row = False
+            self._ended.add(dump_id)
             for i in range(self._jobs):
                 self._copier.send(dump_id, statement, None, to=i)
 
@@ -352,6 +354,21 @@ class ParallelLoad:
         log.info("loaded the schema in %.1f s, the data of %d tables over %d connections in %.1f s, then the indexes and constraints "
                  "with pg_restore --jobs=%d in %.1f s", self._times[1] - self._times[0], len(self._reader._copies), self._jobs,
                  loaded - self._times[1], self._jobs, time.monotonic() - loaded)
+
+    def row_counts(self) -> dict[tuple[str, str], int] | None:
+        """After finish(): the rows loaded into each table whose data the archive had, keyed (schema, table) as the
+        backup's counter keys them: the sum of the servers' own counts of what each COPY inserted (its command tag),
+        0 for a table with an empty data block. None after the whole-archive fallback (nothing was counted).
+
+        A table's count is that of its own TABLE DATA entry: with --load-via-partition-root a partition's rows are
+        loaded through its root and the server routes each row; all of them were inserted, into the partition the
+        restored database's bounds give them (the same one, except hash partitioning on an enum: pg_dump then loads
+        through the root because the hash differs from one database to another)."""
+        if self.mode != "parallel":
+            return None
+        tables = self._reader._tables
+        return {(_decode(tables[i][0], self._reader._encoding), _decode(tables[i][1], self._reader._encoding)): self.rows.get(i, 0)
+                for i in self._ended}
 
     def abort(self) -> None:
         if self._child is not None:

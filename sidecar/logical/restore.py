@@ -21,7 +21,7 @@ from sidecar import age, postgres
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.logical import dbprops
-from sidecar.logical.backup import count_rows
+from sidecar.logical.backup import TABLES, count_rows, table_key
 from sidecar.logical.load import ParallelLoad
 from sidecar.logical.validation import Finding, ValidationResult, split_known, validate
 from sidecar.postgres import Child
@@ -236,7 +236,7 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
                 raise UsageError(f"--in-place: database {target!r} does not exist; leave out --in-place to create it")
             log.warning("in-place restore into %s: objects are dropped and recreated; this is not atomic", target)
             _load(config, files, metadata, target, identities, clean=True)
-            mismatches, checked, new, known = _check_restored(config, target, metadata)
+            mismatches, checked, new, known = _check_restored(config, target, metadata, None)
             return RestoreReport(backup_id, target, None, "in-place", round(time.monotonic() - clock, 3), len(metadata["rowCounts"]), mismatches,
                                  checked.to_json() if checked else None, _lines(new), _lines(known))
 
@@ -246,15 +246,18 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
         _check_space(config, admin, metadata, backup_id)
         _create_database(admin, scratch, metadata)
         where = "the live database was not touched" if exists else f"nothing was created under the name {target}"
+        steps = _Steps(clock, "checksums, roles and a new database")
         try:
             try:
-                _load(config, files, metadata, scratch, identities, clean=False)
+                loaded = _load(config, files, metadata, scratch, identities, clean=False)
             except SidecarError as exc:
                 raise type(exc)(f"{exc}; {where}") from None
-            mismatches, checked, new, known = _check_restored(config, scratch, metadata)
+            steps.done("load")
+            mismatches, checked, new, known = _check_restored(config, scratch, metadata, loaded, steps)
             # owner, privileges, settings, comment, connection limit: before the swap, so the restored
             # database is never open to a role the live one kept out
             problems = mismatches + _lines(new) + dbprops.apply(admin, scratch, dbprops.unseal(metadata.get("databaseProperties"), identities))
+            steps.done("database properties")
             if problems and not force:
                 raise SidecarError(f"restore of {backup_id} failed validation ({'; '.join(problems[:3])}); {where} (use --force to accept it)")
         except BaseException:
@@ -272,6 +275,8 @@ def restore_database(config: Config, files: Files, metadata: dict[str, Any], bac
             dropped = _prune_previous(config, admin, target)
         else:
             _rename_new(admin, scratch, target)
+        steps.done("swap" if exists else "rename")
+        log.info("restore of %s: %s", backup_id, steps)
         log.info("restored %s into %s", backup_id, target, extra={"event": "restore_completed", "backup_id": backup_id,
                                                                 "duration_seconds": round(time.monotonic() - clock, 3), "sessions": len(ended)})
         return RestoreReport(backup_id, target, previous, "swap" if exists else "new-database", round(time.monotonic() - clock, 3),
@@ -511,7 +516,10 @@ def _run_globals(config: Config, files: Files, metadata: dict[str, Any], admin_d
     _pump(child, files, item, metadata["compression"], identities, "creating roles")
 
 
-def _load(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None, clean: bool) -> None:
+def _load(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None,
+          clean: bool) -> dict[tuple[str, str], int] | None:
+    """Load the backup into `dbname`; the rows the load itself counted into each table (the parallel load of a custom
+    archive into a new database: the server's own count of each COPY), or None (the whole-archive pg_restore, psql)."""
     conninfo, env = postgres.child_env(config.with_database(dbname))
     item = metadata["files"]["dump"]
     if metadata["format"] == "custom":
@@ -519,17 +527,18 @@ def _load(config: Config, files: Files, metadata: dict[str, Any], dbname: str, i
         if clean:
             argv += ["--clean", "--if-exists"]
         else:  # a new (scratch) database: schema, data over several connections, then indexes and constraints in parallel
-            _load_parallel(config, files, metadata, dbname, identities, lambda: Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
-            return
+            return _load_parallel(config, files, metadata, dbname, identities,
+                                  lambda: Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
     else:
         argv = [postgres.find_tool("psql", config.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "--no-password", f"--dbname={conninfo}"]
     child = Child(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     trailer = PLAIN_TRAILER if metadata["format"] == "plain" else None
     _pump(child, files, item, metadata["compression"], identities, "restore", trailer)
+    return None
 
 
 def _load_parallel(config: Config, files: Files, metadata: dict[str, Any], dbname: str, identities: age.Identities | None,
-                   fallback: Callable[[], Child]) -> None:
+                   fallback: Callable[[], Child]) -> dict[tuple[str, str], int] | None:
     """The archive into a scratch database (load.py); the indexes and constraints are built only once the whole
     file decoded and its sha256 matched again; any failure leaves a half-loaded scratch database, which the caller drops."""
     loader = ParallelLoad(config, dbname, config.restore_jobs, fallback)
@@ -542,6 +551,7 @@ def _load_parallel(config: Config, files: Files, metadata: dict[str, Any], dbnam
     except BaseException:
         loader.abort()
         raise
+    return loader.row_counts()
 
 
 def _pump(child: Child, files: Files, item: dict[str, Any], compression: str, identities: age.Identities | None, what: str,
@@ -594,14 +604,35 @@ def _lines(findings: list[Finding]) -> list[str]:
     return [f"{f.check}: {f.message}" for f in findings]
 
 
-def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tuple[list[str], ValidationResult | None, list[Finding], list[Finding]]:
+class _Steps:
+    """How long each step of a restore took, for one log line."""
+
+    def __init__(self, clock: float, first: str) -> None:
+        self._last = time.monotonic()
+        self._parts = [(first, self._last - clock)]
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self._parts.append((step, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self._parts)
+
+
+def _check_restored(config: Config, dbname: str, metadata: dict[str, Any], loaded: dict[tuple[str, str], int] | None,
+                    steps: _Steps | None = None) -> tuple[list[str], ValidationResult | None, list[Finding], list[Finding]]:
     """Row counts against the metadata (exact: taken in the dump's own snapshot), then the consistency checks,
     split into findings that are new (the round trip damaged something: they fail the restore) and findings
     the validation at backup time recorded already (the database had them: reported, not failed on)."""
-    mismatches = [f"row_counts: {m}" for m in _compare_counts(config, dbname, metadata)]
+    mismatches = [f"row_counts: {m}" for m in _compare_counts(config, dbname, metadata, loaded)]
+    if steps:
+        steps.done("row counts")
     if not config.validation_enabled:
         return mismatches, None, [], []
     checked = validate(config, dbname=dbname, quiet=True)
+    if steps:
+        steps.done("validation")
     new, known = split_known(checked.findings, metadata.get("validation"))
     for finding in known:
         log.info("validation: %s: %s (already recorded when the backup was taken; not caused by the restore)", finding.check, finding.message)
@@ -613,12 +644,21 @@ def _check_restored(config: Config, dbname: str, metadata: dict[str, Any]) -> tu
     return mismatches, checked, new, known
 
 
-def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any]) -> list[str]:
+def _compare_counts(config: Config, dbname: str, metadata: dict[str, Any], loaded: dict[tuple[str, str], int] | None) -> list[str]:
+    """The restored database's row count of every table against the backup's. A table the load counted (`loaded`: the
+    server's own count of the rows each COPY inserted, as exact as count(*) of a database nothing else writes to yet)
+    is not scanned again; every other table is counted with count(*): all of them after a whole-archive pg_restore or
+    a plain SQL backup, and those whose data the archive did not hold (excluded from the dump, unlogged)."""
     conn = postgres.connect(config, dbname=dbname)
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            actual = count_rows(conn)
+            if loaded is None:
+                actual = count_rows(conn)
+            else:
+                tables = [(schema, table) for schema, table in conn.execute(TABLES).fetchall()]
+                actual = count_rows(conn, [t for t in tables if t not in loaded])
+                actual.update({table_key(*t): loaded[t] for t in tables if t in loaded})
     finally:
         conn.close()
     expected: dict[str, int] = metadata.get("rowCounts", {})

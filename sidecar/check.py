@@ -3,7 +3,9 @@
 Connects, checks the role's rights (read every table, create databases, own the database, read role
 passwords), pg_dump against the server, the backup volume (writable, free space) and that the age identity
 belongs to a recipient, and the remote store when one is configured (reachable, bucket there, credentials
-accepted, listable and writable; its backups and the pending copies counted). Every check runs even when an
+accepted, listable and writable; its backups and the pending copies counted), with WAL archiving what streaming needs (the
+replication role, pg_hba.conf, the server's WAL settings) and the slot's state, and, when BASE_BACKUP_FULL_EVERY asks for
+incremental base backups, whether the server can take them (PostgreSQL 17+, summarize_wal on). Every check runs even when an
 earlier one failed; nothing is changed, except a one-byte file written to and removed from the backup volume
 and a small probe object written to and removed from the remote store's `.check/` prefix."""
 
@@ -94,6 +96,7 @@ def _check_database(config: Config, report: CheckReport) -> int | None:
             if not createrole:
                 report.notes.append(f"role {role} cannot create roles (no CREATEROLE): a restore onto a server that lacks "
                                     "the database's roles will fail")
+        _check_incremental(conn, config, report, int(info["major"]))
         return int(info["major"])
     except psycopg.Error as exc:
         report.problems.append(f"cannot inspect the database's rights: {describe(exc)}")
@@ -131,6 +134,25 @@ def _check_wal(config: Config, report: CheckReport) -> None:
                                "daemon makes the slot again when it starts; take a base backup then (pg-backup-sidecar base-backup)")
     else:
         report.checked.append(f"replication slot {config.wal_slot_name}: {'streaming' if row[0] else 'not streaming now'} (wal_status {row[1]})")
+INCREMENTAL_MAJOR = 17  # pg_basebackup --incremental and pg_combinebackup (sidecar.physical.base)
+
+
+def _check_incremental(conn: psycopg.Connection[Any], config: Config, report: CheckReport, major: int) -> None:
+    """BASE_BACKUP_FULL_EVERY > 1 asks for incremental base backups: they need PostgreSQL 17+ and summarize_wal on; without
+    them every base backup is taken full (a note: nothing fails, but the chains asked for do not happen)."""
+    every = config.base_full_every
+    if every <= 1:
+        return
+    if major < INCREMENTAL_MAJOR:
+        report.notes.append(f"BASE_BACKUP_FULL_EVERY={every}: incremental base backups need PostgreSQL {INCREMENTAL_MAJOR}+ (this is {major}), "
+                            "so every base backup is taken full; set BASE_BACKUP_FULL_EVERY=1 to say so")
+        return
+    (value,) = _one(conn, "SHOW summarize_wal")
+    if value == "on":
+        report.checked.append(f"summarize_wal is on: base backups are incremental, a full one every {every} (BASE_BACKUP_FULL_EVERY)")
+    else:
+        report.notes.append(f"BASE_BACKUP_FULL_EVERY={every} asks for incremental base backups, but summarize_wal is off, so every base "
+                            "backup is taken full; turn it on: ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf()")
 
 
 def _one(conn: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:

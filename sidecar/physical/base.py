@@ -13,14 +13,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sidecar import __version__, age, streams
 from sidecar.config import Config
-from sidecar.errors import NotFound, SidecarError, UsageError
+from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.physical import tar
 from sidecar.physical.server import identify, require_replication
 from sidecar.physical.wal import WalArchive, format_lsn, parse_lsn, record_segment_size, segment_name, segment_of
@@ -341,17 +342,28 @@ def read_base(config: Config, backup: BaseBackup, handler: tar.Keeper, manifest_
         streams.remove_quietly(manifest_tmp)
 
 
-def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, directory: Path) -> None:
+class DamagedBase(ChecksumMismatch):
+    """A base backup of a chain read back damaged (sha256, the tar, the manifest): `backup_id` names which."""
+
+    def __init__(self, backup_id: str, message: str) -> None:
+        super().__init__(message)
+        self.backup_id = backup_id
+
+
+def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, directory: Path,
+                source: Callable[[BaseBackup], Any] | None = None) -> None:
     """Write the data directory of `backup` into the empty `directory`: a full one is extracted from its tar; an
-    incremental one's chain is extracted into a scratch directory beside it, each checked against its manifest, and
-    combined with pg_combinebackup. Check chain_of first, before anything is written."""
+    incremental one's chain is extracted into a scratch directory beside it, each checked against its manifest (the
+    backup_manifest inside its tar, which pg_combinebackup reads from each part), and combined with pg_combinebackup.
+    `source(link)` reads a link's stored bytes from elsewhere (the remote store); by default the volume's file. Check
+    chain_of first, before anything is written. A link read back damaged raises DamagedBase naming it."""
     chain, problem = chain_of(backups, backup)
     if problem:
         raise SidecarError(problem)
+    for link in chain:  # a missing identity file stops here, before anything is written (not taken for damage)
+        identities(config, link.metadata)
     if len(chain) == 1:
-        problems = read_base(config, backup, tar.Extractor(directory, None), directory / "backup_manifest")
-        if problems:
-            raise SidecarError(f"base backup {backup.id} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        _extract(config, backup, tar.Extractor(directory, None), directory / "backup_manifest", source, "")
         return
     tool = find_tool("pg_combinebackup", config.pg_bin_dir)
     scratch = Path(tempfile.mkdtemp(prefix=".combine-", dir=directory.parent))
@@ -361,9 +373,7 @@ def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, d
             part = scratch / link.id
             part.mkdir(mode=0o700)
             checked = scratch / f"{link.id}.manifest"  # a copy to check against; the part keeps its backup_manifest for pg_combinebackup
-            problems = read_base(config, link, tar.Extractor(part, checked), checked)
-            if problems:
-                raise SidecarError(f"base backup {link.id} (of the chain of {backup.id}) is damaged: {problems[0]}")
+            _extract(config, link, tar.Extractor(part, checked), checked, source, f" (of the chain of {backup.id})")
             tar.fix_modes(part)
             parts.append(str(part))
         directory.rmdir()  # pg_combinebackup makes the output directory
@@ -376,6 +386,21 @@ def materialise(config: Config, backups: list[BaseBackup], backup: BaseBackup, d
             directory.mkdir(mode=0o700, exist_ok=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _extract(config: Config, link: BaseBackup, extractor: tar.Extractor, manifest: Path, source: Callable[[BaseBackup], Any] | None,
+             of: str) -> None:
+    from sidecar.storage.base import StorageError
+
+    try:
+        problems = read_base(config, link, extractor, manifest, source=None if source is None else source(link))
+    except StorageError:
+        raise  # the store failed (unreachable, credentials): not a damaged backup
+    except SidecarError as exc:  # decryption, decompression, the tar stream
+        problems = [str(exc)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DamagedBase(link.id, f"base backup {link.id}{of} is damaged: {problems[0]}{more}")
 
 
 def verify_base_backup(config: Config, ref: str) -> tuple[str, list[str], list[str]]:
@@ -434,6 +459,19 @@ def base_facts(backup: BaseBackup) -> BaseFacts:
         return BaseFacts(backup.id, "unreadable-metadata")
 
 
+def chain_facts(backups: list[BaseBackup]) -> list[BaseFacts]:
+    """The retention facts of listed base backups (on the volume or the remote), an incremental whose chain is broken there
+    (a link missing or unusable) as `broken-chain`: not good, so it is never the newest good one that retention keeps
+    in place of a full one that still restores."""
+    facts = []
+    for backup in backups:
+        fact = base_facts(backup)
+        if fact.good and backup.metadata.get("parent") and chain_of(backups, backup)[1]:
+            fact = replace(fact, status="broken-chain")
+        facts.append(fact)
+    return facts
+
+
 def _remove(path: Path, report: PhysicalPruneReport) -> bool:
     """Remove one file; a file that cannot be removed (read-only, immutable, busy) is reported, never fatal."""
     try:
@@ -455,7 +493,7 @@ def prune_physical(config: Config, dry_run: bool = False, now: datetime | None =
     report = PhysicalPruneReport()
     directory = base_dir(config)
     backups = list_base_backups(config)
-    facts = [base_facts(b) for b in backups]
+    facts = chain_facts(backups)
     hold: dict[str, str] = {}
     marks: dict[tuple[str, int], int] | None = None
     if config.remote is not None:  # nothing leaves the volume before it is off-site

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from sidecar import streams
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, base_dir, base_facts, identities, list_base_backups, read_base
+from sidecar.physical.base import BaseBackup, DamagedBase, base_dir, chain_facts, chain_of, identities, list_base_backups, materialise
 from sidecar.physical.hold import copying
 from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of, segment_size_of
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
@@ -363,7 +364,8 @@ def prune_remote(config: Config, store: Store, dry_run: bool, now: datetime) -> 
     try:
         backups = remote_base_backups(store)
         pinned_here = {b.id for b in list_base_backups(config) if b.metadata.get("keep")}  # pinned after it was copied
-        facts = [replace(f, keep=True) if f.id in pinned_here else f for f in (base_facts(b) for b in backups)]
+        # a chain is kept whole (classify_base), and an incremental whose chain is broken on the remote is not good there
+        facts = [replace(f, keep=True) if f.id in pinned_here else f for f in chain_facts(backups)]
         decisions = classify_base(facts, config.base_backup_retention_days, now)
         by_id = {b.id: b for b in backups}
         for decision in decisions:
@@ -439,12 +441,89 @@ def _fetch_wal(store: Store, system: str, name: str, dest: Path, config: Config,
     os.rename(tmp, dest)
 
 
+def _remote_wal_chain(have: dict[str, int], meta: dict[str, Any], target: Any) -> tuple[list[str], str]:
+    """The WAL segments on the remote from a base backup's start, one after the other (to the target's segment for an LSN
+    target), and what is missing ('' when they reach the target, or, for another target, at least the base backup's end)."""
+    timeline, size = int(meta["timeline"]), int(meta["walSegmentSize"])
+    segno = segment_of(parse_lsn(meta["startLsn"]), size)
+    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
+    chain = []
+    while (last is None or segno <= last) and segment_name(timeline, segno, size) in have:
+        chain.append(segment_name(timeline, segno, size))
+        segno += 1
+    needed = segment_name(timeline, last, size) if last is not None else str(meta["endWal"])
+    if not chain or chain[-1] < needed:
+        return chain, f"segment {segment_name(timeline, segno, size)} is missing"
+    return chain, ""
+
+
+def _remote_candidates(backups: list[BaseBackup], target: Any, wal_of: Callable[[str], dict[str, int]]) -> list[tuple[BaseBackup, list[str]]]:
+    """The base backups a restore from the bucket tries, in order, with the WAL each replays (pure but for `wal_of`, the
+    remote's WAL of a system): the newest good one that ends before the target (an incremental with its whole chain
+    there), then, should its chain be broken or a link turn out damaged, each good one before it (of the same system, its
+    chain whole) whose WAL on the remote reaches as far, newest first. NotFound, naming what is missing, when none can."""
+    from sidecar.physical.pitr import choose_base
+
+    chosen = choose_base(backups, target)
+    system = str(chosen.metadata["systemIdentifier"])
+    have = wal_of(system)
+    wal, missing = _remote_wal_chain(have, chosen.metadata, target)
+    if missing:
+        raise NotFound(f"WAL up to {target.describe()} is not on the remote: {missing}")
+    out = []
+    _, broken = chain_of(backups, chosen)
+    if not broken:
+        out.append((chosen, wal))
+    why = ""
+    for backup in backups:  # newest first
+        if backup.id >= chosen.id or not backup.good or str(backup.metadata.get("systemIdentifier")) != system or chain_of(backups, backup)[1]:
+            continue
+        fallback, short = _remote_wal_chain(have, backup.metadata, target)
+        if short or fallback[-1] < wal[-1]:
+            why = why or f" ({backup.id}: WAL {short or 'only up to ' + fallback[-1]})"
+            continue
+        out.append((backup, fallback))
+    if not out:
+        raise NotFound(f"base backup {chosen.id} on the remote cannot be restored: {broken}; no older base backup there whose chain "
+                       f"is whole and whose WAL reaches {target.describe()}{why}")
+    if broken:
+        log.warning("base backup %s on the remote cannot be restored (%s); restoring %s, an older one, with more WAL", chosen.id, broken,
+                    out[0][0].id, extra={"event": "pitr_base_broken_chain", "backup_id": chosen.id})
+    return out
+
+
+def _materialise_remote(config: Config, store: Store, backups: list[BaseBackup], candidates: list[tuple[BaseBackup, list[str]]],
+                        directory: Path) -> tuple[BaseBackup, list[str]]:
+    """The first candidate whose chain reads back whole, written into `directory`; a damaged link rules out every
+    candidate that needs it. ChecksumMismatch naming the first damaged link when none is left."""
+    from sidecar.physical.pitr import _wipe
+
+    def source(link: BaseBackup) -> ChunkReader:
+        return ChunkReader(store.open_read(base_object(link.metadata["files"]["base"]["name"])))
+
+    damaged: list[DamagedBase] = []
+    for backup, wal in candidates:
+        if any(d.backup_id == link.id for d in damaged for link in chain_of(backups, backup)[0]):
+            continue
+        try:
+            materialise(config, backups, backup, directory, source=source)
+            return backup, wal
+        except DamagedBase as exc:
+            damaged.append(exc)
+            log.warning("%s on the remote; trying an older base backup", exc, extra={"event": "pitr_base_damaged", "backup_id": exc.backup_id})
+            _wipe(directory, False)
+    raise ChecksumMismatch(f"{damaged[0]} (on the remote); no older base backup there whose chain is whole restores instead")
+
+
 def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[str, Any]:
     """restore --to-time/--to-lsn/--to-latest --from-remote --into-data-dir: the newest good base backup on the remote
-    that ends before the target, streamed from the bucket into `directory` (every file checked against its manifest), the
-    WAL it needs staged in pg_wal (each file's sha256 checked), recovery configured. Nothing is read from the volume."""
+    that ends before the target, streamed from the bucket into `directory` (every file checked against its manifest; an
+    incremental one with its chain, combined by pg_combinebackup as on the volume), the WAL it needs staged in pg_wal (each
+    file's sha256 checked), recovery configured. An incremental whose chain is broken there (a link missing, or read back
+    damaged) gives way to the newest base backup before it whose chain is whole there (a full one, or an incremental) and
+    whose WAL there reaches as far; none: refused, naming what is missing. Nothing is read from the volume."""
     from sidecar import api
-    from sidecar.physical.pitr import _chown, _conf_quote, _wipe, choose_base
+    from sidecar.physical.pitr import _chown, _conf_quote, _wipe
 
     directory = directory.absolute()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -452,29 +531,17 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
 
         raise UsageError(f"{directory} is not an empty directory; give a new or empty directory to --into-data-dir")
     store = api.remote_store(config)
-    # an incremental base backup needs its chain combined (pg_combinebackup, from the volume); from the bucket alone the
-    # restore starts from the newest full one before the target and replays more WAL
-    backup = choose_base([b for b in remote_base_backups(store) if not b.metadata.get("parent")], target)
-    meta = backup.metadata
-    system, timeline, size = str(meta["systemIdentifier"]), int(meta["timeline"]), int(meta["walSegmentSize"])
-    have = remote_wal(store, system)
-    segno = segment_of(parse_lsn(meta["startLsn"]), size)
-    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
-    chain = []
-    while (last is None or segno <= last) and segment_name(timeline, segno, size) in have:
-        chain.append(segment_name(timeline, segno, size))
-        segno += 1
-    if last is not None and (not chain or chain[-1] < segment_name(timeline, last, size)):
-        raise NotFound(f"WAL up to {target.describe()} is not on the remote: segment {segment_name(timeline, segno, size)} is missing")
+    backups = remote_base_backups(store)
+    wal_seen: dict[str, dict[str, int]] = {}
+    candidates = _remote_candidates(backups, target, lambda system: wal_seen.setdefault(system, remote_wal(store, system)))
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     try:
-        extractor = tar.Extractor(directory, None)
-        source = ChunkReader(store.open_read(base_object(meta["files"]["base"]["name"])))
-        problems = read_base(config, backup, extractor, directory / "backup_manifest", source=source)
-        if problems:
-            raise SidecarError(f"base backup {backup.id} on the remote is damaged: {problems[0]}")
+        backup, chain = _materialise_remote(config, store, backups, candidates, directory)
+        have = wal_seen[str(backup.metadata["systemIdentifier"])]
+        meta = backup.metadata
+        system, timeline = str(meta["systemIdentifier"]), int(meta["timeline"])
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
         for name in [f"{t:08X}.history" for t in range(2, timeline + 1) if f"{t:08X}.history" in have] + chain:
@@ -494,8 +561,9 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
     except BaseException:
         _wipe(directory, created)
         raise
+    links = [link.id for link in chain_of(backups, backup)[0]]
     log.info("data directory %s written from base backup %s on %s, recovering to %s", directory, backup.id, store.description,
              target.describe(), extra={"event": "pitr_data_dir_written", "backup_id": backup.id})
     return {"dataDir": str(directory), "baseBackup": backup.id, "target": target.describe(), "walSegments": len(chain), "walStaged": True,
             "serverMajor": meta.get("serverMajor"), "systemIdentifier": system, "source": store.description,
-            "at": datetime.now(UTC).isoformat()}
+            "chain": links, "at": datetime.now(UTC).isoformat()}

@@ -106,9 +106,9 @@ def _check_database(config: Config, report: CheckReport) -> int | None:
 
 
 def _check_wal(config: Config, report: CheckReport) -> None:
-    """WAL_ARCHIVING (or a WAL_REPLICATION_URL): what streaming and base backups need (the replication role, its right, pg_hba.conf, the server's
-    WAL settings: physical/server.replication_problems, which the receiver and base-backup refuse to start without), and
-    the state of the slot."""
+    """WAL_ARCHIVING (or a WAL_REPLICATION_URL): what streaming and base backups need (the replication role, its right,
+    pg_hba.conf, the server's WAL settings: physical/server.replication_problems, which the receiver and base-backup
+    refuse to start without), and the state of the slot."""
     if not (config.wal_archiving or config.wal_replication_url):
         return
     from sidecar.physical.server import replication_problems
@@ -134,6 +134,8 @@ def _check_wal(config: Config, report: CheckReport) -> None:
                                "daemon makes the slot again when it starts; take a base backup then (pg-backup-sidecar base-backup)")
     else:
         report.checked.append(f"replication slot {config.wal_slot_name}: {'streaming' if row[0] else 'not streaming now'} (wal_status {row[1]})")
+
+
 INCREMENTAL_MAJOR = 17  # pg_basebackup --incremental and pg_combinebackup (sidecar.physical.base)
 
 

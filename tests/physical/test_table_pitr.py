@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
-from sidecar.logical.tables import plan, select_entries, toc_entries, with_suffix
+from sidecar.logical.tables import one_database, plan, select_entries, toc_entries, with_suffix
 from sidecar.physical.find import Search, Table, parse_end, parse_record, parse_table
 from sidecar.physical.wal import parse_lsn
 from tests.conftest import backup_id, cli
@@ -81,6 +81,24 @@ def test_a_table_restore_selects_definitions_the_chosen_rows_and_their_foreign_k
     assert select_entries(entries, orders, "data") == ["3350; 0 16386 TABLE DATA public orders app", "3352; 0 0 SEQUENCE SET public orders_id_seq app"]
     assert select_entries(entries, orders, "fk") == ["3360; 2606 16401 FK CONSTRAINT public orders orders_c_fkey app"]
     assert not [line for line in select_entries(entries, orders, "schema") if "EVENT TRIGGER" in line or "FK CONSTRAINT" in line]
+
+
+def test_a_table_restore_reads_one_database_of_a_set_with_the_sets_roles_and_refuses_a_database_of_a_single_backup() -> None:
+    dump = {"name": "b.db002.dump.zst", "size": 3, "checksum": "c2"}
+    whole = {"id": "b", "format": "custom", "database": None, "databases": [{"name": "shop", "file": "dump:001", "rowCounts": {"t": 1}},
+                                                                            {"name": "billing", "file": "dump:002", "rowCounts": {"u": 2}}],
+             "files": {"globals": {"name": "b.globals.sql.zst"}, "dump:001": {"name": "b.db001.dump.zst"}, "dump:002": dump}}
+    one = one_database("b", whole, "billing")
+    assert one["database"] == "billing" and one["rowCounts"] == {"u": 2}
+    assert one["files"] == {"dump": dump, "globals": {"name": "b.globals.sql.zst"}}  # only what the restore reads is checked
+    with pytest.raises(UsageError, match="whole server's set \\(shop, billing\\): give --database NAME"):
+        one_database("b", whole, None)
+    with pytest.raises(UsageError, match="no database 'nope'; it has shop, billing"):
+        one_database("b", whole, "nope")
+    single = {"id": "s", "format": "custom", "database": "app", "files": {"dump": dump}}
+    assert one_database("s", single, None) is single
+    with pytest.raises(UsageError, match="backup s is of one database \\(app\\); leave out --database"):
+        one_database("s", single, "app")
 
 
 # --- real servers ----------------------------------------------------------------------------------

@@ -745,25 +745,35 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
 
 def restore_tables(config: Config | None, tables: list[str], ref: str | None = None, *, suffix: str | None = None, target_db: str | None = None,
                    to_time: str | None = None, to_lsn: str | None = None, to_latest: bool = False, to_restore_point: str | None = None,
-                   to_xid: str | None = None, exclusive: bool = False, timeline: str | None = None) -> TableRestoreReport:
+                   to_xid: str | None = None, exclusive: bool = False, timeline: str | None = None, from_remote: bool = False,
+                   database: str | None = None) -> TableRestoreReport:
     """Chosen tables (`schema.name`) beside the live ones: from the backup `ref`, or as they were at a point in time (a
     target as for restore_to_point). Into the live database under new names (`suffix`, default `_pitr` for a point in
     time, `_restored` for a backup), or into `target_db` under their own; with their rows, indexes and constraints that
-    stand alone (foreign keys to tables not restored are left out). A name already taken is refused before anything."""
+    stand alone (foreign keys to tables not restored are left out). A name already taken is refused before anything.
+    `from_remote` (always without a volume): the backup, or the base backup and WAL, read from the remote store alone
+    (for a point in time: --to-time, --to-lsn or --to-latest). `database`: of a whole server's backup set, the database
+    whose tables to restore (they go back into it); a set needs it, a point in time refuses it (DATABASE_URL's database)."""
     from sidecar.logical import tables as _tables
 
     cfg = _config(config)
     if not tables:
         raise UsageError("give at least one --table schema.name")
+    remote = from_remote or not cfg.volume
     if ref is not None:
         if any((to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)):
             raise UsageError("give a backup id or a point in time (--to-time ...), not both")
-        return _tables.restore_tables_from_backup(cfg, ref, tables, suffix, target_db)
+        return _tables.restore_tables_from_backup(cfg, ref, tables, suffix, target_db, database=database,
+                                                  store=remote_store(cfg) if remote else None)
     from sidecar.physical.pitr import parse_target
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
-    with _reading(cfg):
-        return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db)
+    if database is not None:
+        raise UsageError("a point in time restores tables of DATABASE_URL's database (the one the base backups were taken with); "
+                         "leave out --database, or restore from a logical backup set: restore ID --database NAME --table S.T")
+    _remote_targets_only(remote, to_restore_point, to_xid, exclusive, timeline)
+    with _reading(cfg):  # a prune run beside it (the daemon's, with the volume) leaves the base backups and WAL alone
+        return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db, from_remote=remote)
 
 
 def find_moment(config: Config | None, table: str, kind: str, before: str | None = None, existed_at: str | None = None) -> Moment:

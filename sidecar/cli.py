@@ -169,7 +169,8 @@ def parser() -> argparse.ArgumentParser:
                    help="copy the WAL recovery needs into DIR/pg_wal (self-contained; default when running as root) instead of restore_command = wal-fetch")
     r.add_argument("--table", action="append", metavar="SCHEMA.NAME",
                    help="restore only this table (repeat for more), beside the live one under a new name (--as-suffix), from the backup ID "
-                        "or as it was at the --to-* target")
+                        "(of a whole server's set: with --database NAME, into that database) or as it was at the --to-* target; with "
+                        "--from-remote read from the remote store alone")
     r.add_argument("--as-suffix", metavar="SUFFIX", help="with --table: the restored tables' names get this suffix (default _pitr for a "
                                                          "point in time, _restored for a backup; none with --target-db)")
     pt = sub.add_parser("pitr", help="point-in-time recovery helpers: find the moment to restore to")
@@ -567,15 +568,17 @@ def _run_tables(args: argparse.Namespace, config: Config) -> int | None:
         return None
     if not args.table:
         raise UsageError("--as-suffix goes with --table schema.name")
-    if args.in_place or args.force or args.database or args.from_remote or args.into_data_dir or args.stage_wal is not None:
-        raise UsageError("--table restores tables beside the live ones: leave out --in-place, --force, --database, --from-remote, "
-                         "--into-data-dir and --stage-wal")
+    if args.in_place or args.force or args.into_data_dir or args.stage_wal is not None:
+        raise UsageError("--table restores tables beside the live ones: leave out --in-place, --force, --into-data-dir and --stage-wal")
     point = bool(args.to_time or args.to_lsn or args.to_latest or args.to_restore_point or args.to_xid)
     if not args.id and not point:
         raise UsageError("--table needs a backup id (restore ID --table ...) or a point in time (--to-time T, --to-xid N ...)")
+    if point and args.database:
+        raise UsageError("--to-* restores tables of DATABASE_URL's database (the one the base backups were taken with); leave out --database "
+                         "(it picks one database of a whole server's backup set: restore ID --database NAME --table S.T)")
     restored = api.restore_tables(config, args.table, args.id, suffix=args.as_suffix, target_db=args.target_db, to_time=args.to_time,
                                   to_lsn=args.to_lsn, to_latest=args.to_latest, to_restore_point=args.to_restore_point, to_xid=args.to_xid,
-                                  exclusive=args.exclusive, timeline=args.timeline)
+                                  exclusive=args.exclusive, timeline=args.timeline, from_remote=args.from_remote, database=args.database)
     if args.json:
         emit(asdict(restored))
         return OK

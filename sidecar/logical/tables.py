@@ -32,6 +32,9 @@ from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.physical.find import Table, parse_table
 from sidecar.postgres import Child
+from sidecar.repository import Entry
+from sidecar.storage.base import Store
+from sidecar.storage.copy import find_remote
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +316,10 @@ def _report(source: str, database: str, prepared: Prepared, rows: dict[Table, in
 
 
 def restore_tables_to_point(config: Config, target: Any, table_texts: list[str], suffix: str | None = None,
-                            target_db: str | None = None) -> TableRestoreReport:
-    """The tables as they were at `target` (a pitr.Target), through a scratch PostgreSQL recovered to it, into the live
-    database under new names (or into `target_db` under their own)."""
+                            target_db: str | None = None, from_remote: bool = False) -> TableRestoreReport:
+    """The tables as they were at `target` (a pitr.Target), through a scratch PostgreSQL recovered to it (from the base
+    backups and WAL on the volume, or with `from_remote` from the bucket alone: physical/offsite.restore_from_remote),
+    into the live database under new names (or into `target_db` under their own)."""
     from psycopg.conninfo import make_conninfo
 
     from sidecar.physical.pitr import ScratchServer, restore_to_data_dir, scratch_directory
@@ -327,7 +331,12 @@ def restore_tables_to_point(config: Config, target: Any, table_texts: list[str],
     _refuse_taken(config, database, list(renames.values()))  # the tables' own names, before the long part
     root = scratch_directory()
     try:
-        result = restore_to_data_dir(config, target, root / "data")
+        if from_remote:
+            from sidecar.physical.offsite import restore_from_remote
+
+            result = restore_from_remote(config, target, root / "data")
+        else:
+            result = restore_to_data_dir(config, target, root / "data")
         server = ScratchServer(config, root, result.get("serverMajor"))
         try:
             server.start()
@@ -381,32 +390,39 @@ def select_entries(entries: list[tuple[str, str]], tables: list[Table], part: st
 
 
 def restore_tables_from_backup(config: Config, ref: str, table_texts: list[str], suffix: str | None = None,
-                               target_db: str | None = None) -> TableRestoreReport:
+                               target_db: str | None = None, database: str | None = None, store: Store | None = None) -> TableRestoreReport:
     """The tables of a logical backup (custom format), through a scratch database on the live server loaded with
     pg_restore's own selection (the stored dump streamed through our decode stages, sha256 checked first), into the
-    live database under new names (or into `target_db` under their own)."""
+    live database under new names (or into `target_db` under their own). With `store` the backup is read from the
+    remote store (each object's sha256 checked in a pass of its own before anything is created), never the volume. Of a
+    whole server's set, `database` names the database whose tables these are: they go back into it (on DATABASE_URL's
+    server)."""
     from sidecar.logical import restore as _restore
     from sidecar.repository import Repository
 
     clock = time.monotonic()
     tables = [parse_table(t) for t in table_texts]
+    of_set = database  # the set's database whose tables these are (the destination is worked out below)
+    if of_set is not None:
+        config = config.with_database(of_set)
     database, suffix = _destination(config, target_db, suffix, BACKUP_SUFFIX)
     renames = plan(tables, suffix) if suffix else {t: t for t in tables}
     repo = Repository(config.backup_dir, group_readable=config.group_readable)
     with repo.lock("restore"):
-        entry = repo.get(ref)
+        entry = repo.get(ref) if store is None else find_remote(store, ref)
         if not entry.good or entry.metadata is None:
             raise SidecarError(f"backup {entry.id} cannot be restored: {entry.status}: {entry.problem}")
-        metadata = entry.metadata
-        if isinstance(metadata.get("databases"), list):
-            raise UsageError(f"backup {entry.id} is a whole server's set: --table restores from a single database's backup")
+        metadata = one_database(entry.id, entry.metadata, of_set)
         if metadata["format"] != "custom":
             raise UsageError(f"backup {entry.id} is plain SQL (.sql.gz): --table needs pg_restore's selection, i.e. a custom-format backup (.dump)")
-        problems = _restore.check_files(repo, entry)
-        if problems:
-            raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+        if store is None:
+            problems = _restore.check_files(repo, Entry(entry.id, metadata, entry.status, entry.problem))
+            if problems:
+                raise ChecksumMismatch(f"restore refused, nothing was changed: {problems[0]}")
+        else:  # roles and the scratch database are created before the dump is read to its end: every object checked first
+            _restore._check_remote_first(store, metadata)
         identities = _restore.identities_for(config, metadata)
-        files = _restore._VolumeFiles(repo)
+        files: _restore.Files = _restore._VolumeFiles(repo) if store is None else _restore._RemoteFiles(store)
         _refuse_taken(config, database, list(renames.values()))
         with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-tables-") as scratch_dir:
             entries = toc_entries(_pg_restore(config, files, metadata, identities, Path(scratch_dir), ["--list"], "reading the table of contents"))
@@ -433,6 +449,25 @@ def restore_tables_from_backup(config: Config, ref: str, table_texts: list[str],
                 _drop_database(config, scratch)
     log.info("restored %s from %s into %s", ", ".join(str(t) for t in tables), entry.id, database, extra={"event": "table_restore_completed"})
     return _report(entry.id, database, prepared, rows, created, clock)
+
+
+def one_database(backup_id: str, metadata: dict[str, Any], database: str | None) -> dict[str, Any]:
+    """The metadata to restore tables from (pure): a single database's backup as it is; of a whole server's set, the
+    view of `database` (its dump, and the set's roles so that owners and grants restore), which must be given."""
+    from sidecar.logical import server as _server
+
+    if not _server.is_set(metadata):
+        if database is not None:
+            raise UsageError(f"backup {backup_id} is of one database ({metadata.get('database')}); leave out --database")
+        return metadata
+    if database is None:
+        names = ", ".join(str(d["name"]) for d in metadata["databases"])
+        raise UsageError(f"backup {backup_id} is a whole server's set ({names}): give --database NAME, the database whose tables to restore")
+    one = _server.view(metadata, database)  # refuses a name the set does not have, naming the ones it has
+    files = {"dump": one["files"]["dump"]}
+    if metadata["files"].get("globals"):
+        files["globals"] = metadata["files"]["globals"]
+    return {**one, "files": files}
 
 
 def _drop_leftovers(admin: psycopg.Connection[Any], database: str) -> None:

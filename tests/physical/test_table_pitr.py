@@ -5,8 +5,10 @@ read from the archived WAL; `restore --table` brings tables back beside the live
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,11 +17,12 @@ import pytest
 
 from sidecar.embedded import Cluster
 from sidecar.errors import UsageError
-from sidecar.logical.tables import plan, select_entries, toc_entries, with_suffix
+from sidecar.logical.tables import one_database, plan, select_entries, toc_entries, with_suffix
 from sidecar.physical.find import Search, Table, parse_end, parse_record, parse_table
 from sidecar.physical.wal import parse_lsn
 from tests.conftest import backup_id, cli
 from tests.physical.conftest import Receiver, WalCluster, archived, switch, wait_for
+from tests.storage.seaweed import SeaweedServer
 
 # --- pure ------------------------------------------------------------------------------------------
 
@@ -78,6 +81,24 @@ def test_a_table_restore_selects_definitions_the_chosen_rows_and_their_foreign_k
     assert select_entries(entries, orders, "data") == ["3350; 0 16386 TABLE DATA public orders app", "3352; 0 0 SEQUENCE SET public orders_id_seq app"]
     assert select_entries(entries, orders, "fk") == ["3360; 2606 16401 FK CONSTRAINT public orders orders_c_fkey app"]
     assert not [line for line in select_entries(entries, orders, "schema") if "EVENT TRIGGER" in line or "FK CONSTRAINT" in line]
+
+
+def test_a_table_restore_reads_one_database_of_a_set_with_the_sets_roles_and_refuses_a_database_of_a_single_backup() -> None:
+    dump = {"name": "b.db002.dump.zst", "size": 3, "checksum": "c2"}
+    whole = {"id": "b", "format": "custom", "database": None, "databases": [{"name": "shop", "file": "dump:001", "rowCounts": {"t": 1}},
+                                                                            {"name": "billing", "file": "dump:002", "rowCounts": {"u": 2}}],
+             "files": {"globals": {"name": "b.globals.sql.zst"}, "dump:001": {"name": "b.db001.dump.zst"}, "dump:002": dump}}
+    one = one_database("b", whole, "billing")
+    assert one["database"] == "billing" and one["rowCounts"] == {"u": 2}
+    assert one["files"] == {"dump": dump, "globals": {"name": "b.globals.sql.zst"}}  # only what the restore reads is checked
+    with pytest.raises(UsageError, match="whole server's set \\(shop, billing\\): give --database NAME"):
+        one_database("b", whole, None)
+    with pytest.raises(UsageError, match="no database 'nope'; it has shop, billing"):
+        one_database("b", whole, "nope")
+    single = {"id": "s", "format": "custom", "database": "app", "files": {"dump": dump}}
+    assert one_database("s", single, None) is single
+    with pytest.raises(UsageError, match="backup s is of one database \\(app\\); leave out --database"):
+        one_database("s", single, "app")
 
 
 # --- real servers ----------------------------------------------------------------------------------
@@ -227,3 +248,45 @@ def test_a_table_of_a_logical_backup_is_restored_beside_the_live_one(cluster: Cl
     into = cli(env, "restore", backup, "--table", "public.child", "--table", "public.parent", "--target-db", f"{db}_copy")
     assert "created: database" in into.stdout, into.stdout
     assert _sum(cluster, "child", f"{db}_copy") == expected
+
+
+def test_a_table_comes_back_as_it_was_at_a_time_from_the_bucket_alone_once_the_volume_lost_its_base_backups_and_wal(
+        wal_cluster: WalCluster, pitr_env: dict[str, str], tmp_path: Path, seaweed: SeaweedServer) -> None:
+    from sidecar.config import load_config
+    from sidecar.physical.offsite import copy_base, copy_wal
+
+    c = wal_cluster
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    env = {**pitr_env, **seaweed.environment(prefix)}
+    backups = Path(env["BACKUP_DIR"])
+    c.psql("CREATE TABLE orders (id serial PRIMARY KEY, amount int NOT NULL); CREATE INDEX orders_amount ON orders (amount)")
+    receiver = Receiver(env, tmp_path / "receiver.log")
+    try:
+        wait_for(lambda: "receiving WAL" in receiver.log.read_text(), "the receiver to start")
+        cli(env, "base-backup")
+        c.psql("INSERT INTO orders (amount) SELECT g FROM generate_series(1, 1000) g")
+        expected = _sum(c, "orders")
+        time.sleep(1.1)
+        at = datetime.now(UTC)
+        time.sleep(1.1)
+        c.psql("DELETE FROM orders WHERE amount > 10")  # the mistake
+        last = switch(c)
+        wait_for(lambda: archived(backups, last), f"segment {last} to be archived")
+    finally:
+        assert receiver.stop() == 0
+    config, store = load_config(environ=env), seaweed.store(prefix)
+    assert copy_base(config, store).ok and copy_wal(config, store).ok  # off-site, as the daemon's copier does
+    shutil.rmtree(backups / "base")  # the volume lost its base backups and WAL: only the bucket has them
+    shutil.rmtree(backups / "wal")
+
+    restored = cli(env, "restore", "--to-time", at.isoformat(), "--table", "public.orders", "--from-remote")
+    assert "into postgres as public.orders_pitr (1000 rows)" in restored.stdout, restored.stdout
+    assert _sum(c, "orders_pitr") == expected
+    assert c.psql("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY indexrelid::regclass::text) FROM pg_index "
+                  "WHERE indrelid = 'orders_pitr'::regclass") == "orders_amount_pitr,orders_pkey_pitr"
+    assert c.psql("SELECT count(*) FROM orders") == "10"  # the live table untouched
+    assert not (backups / "base").exists() and not (backups / "wal").exists()  # nothing read from (or written back to) the volume
+    for args, words in [(("--to-xid", "5", "--from-remote"), "--from-remote restores to --to-time, --to-lsn or --to-latest"),
+                        (("--to-latest", "--database", "postgres"), "leave out --database")]:
+        refused = cli(env, "restore", *args, "--table", "public.orders", "--as-suffix", "_x", check=False)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr, refused.stderr

@@ -320,8 +320,6 @@ def restore_tables_to_point(config: Config, target: Any, table_texts: list[str],
     """The tables as they were at `target` (a pitr.Target), through a scratch PostgreSQL recovered to it (from the base
     backups and WAL on the volume, or with `from_remote` from the bucket alone: physical/offsite.restore_from_remote),
     into the live database under new names (or into `target_db` under their own)."""
-    from psycopg.conninfo import make_conninfo
-
     from sidecar.physical.pitr import ScratchServer, restore_to_data_dir, scratch_directory
 
     clock = time.monotonic()
@@ -338,11 +336,8 @@ def restore_tables_to_point(config: Config, target: Any, table_texts: list[str],
         else:
             result = restore_to_data_dir(config, target, root / "data")
         server = ScratchServer(config, root, result.get("serverMajor"))
+        source = server.start_promoted(config, target.describe())
         try:
-            server.start()
-            user = {k: v for k, v in config.conninfo().items() if k == "user"}
-            source = make_conninfo(**user, dbname=config.database_name, host=str(root), port=str(server.port))
-            server.wait_promoted(make_conninfo(source, dbname="postgres"), target=target.describe())
             log.info("scratch server recovered to %s; copying %s from it", result["target"], ", ".join(str(t) for t in tables))
             prepared, rows, created = _transplant(config, source, postgres.base_env(), lambda: psycopg.connect(source, autocommit=True), tables,
                                                   suffix, database, f"at {target.describe()}")

@@ -132,10 +132,10 @@ class Writer:
 
 
 def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_with_every_row(wal_cluster: WalCluster, pitr_env: dict[str, str],
-                                                                                                 tmp_path: Path) -> None:
+                                                                                                 tmp_path: Path, scratch_tmp: Path) -> None:
     c = wal_cluster
     backups = Path(pitr_env["BACKUP_DIR"])
-    scratch = {*Path("/tmp").glob("pg-backup-sidecar-pitr-*"), *Path("/tmp").glob("pg-backup-sidecar-find-*")}
+    pitr_env["TMPDIR"] = str(scratch_tmp)  # the scratch servers' directories, apart from other tests' in /tmp
     c.psql("CREATE TABLE customers (id int PRIMARY KEY, name text); CREATE TABLE other (id serial PRIMARY KEY, note text);"
            "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers, amount numeric CHECK (amount > 0), "
            "  note text); CREATE INDEX orders_customer ON orders (customer_id);"
@@ -214,7 +214,7 @@ def test_a_dropped_table_is_found_in_the_wal_and_restored_beside_the_live_ones_w
     again = cli(pitr_env, "restore", "--to-time", before_delete.isoformat(), "--table", "public.events", check=False)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "public.events_pitr (a table) already exists in database postgres" in again.stderr, again.stderr
-    assert {*Path("/tmp").glob("pg-backup-sidecar-pitr-*"), *Path("/tmp").glob("pg-backup-sidecar-find-*")} <= scratch  # all removed
+    assert not list(scratch_tmp.iterdir())  # every scratch server and directory removed
 
 
 def test_a_table_of_a_logical_backup_is_restored_beside_the_live_one(cluster: Cluster, db: str, env: dict[str, str]) -> None:

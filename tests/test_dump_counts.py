@@ -57,6 +57,10 @@ COPY public.ghost (a) FROM stdin;
 ' $$;
 CREATE TABLE public.bulk (id int, note text);
 INSERT INTO public.bulk SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+CREATE TABLE public.lengths (v text);  -- COPY lines of 10, 266, 2570, 2815 and 655370 bytes: a newline or NUL in their lengths
+INSERT INTO public.lengths SELECT repeat('a', (ARRAY[9, 265, 2569, 2814, 9, 99])[1 + g % 6]) FROM generate_series(1, 3000) g;
+INSERT INTO public.lengths SELECT repeat('b', 655369) FROM generate_series(1, 2);
+INSERT INTO public.lengths SELECT repeat('c', 9) FROM generate_series(1, 500);
 '''
 
 EXACT = r"""
@@ -140,6 +144,86 @@ def test_the_parser_counts_a_whole_dump_exactly(dumps: dict[str, bytes], fmt: st
     counts = _keyed(count_dump([dumps[fmt]], fmt))
     assert {k: v for k, v in counts.items() if k in expected} == expected
     assert set(expected) <= set(counts)
+
+
+def test_most_of_a_custom_dump_is_counted_by_the_fast_path_and_agrees_with_the_stepping(dumps: dict[str, bytes]) -> None:
+    from sidecar.logical import dumpcounts
+
+    counter = dumpcounts.CustomCounter()
+    counter.feed(dumps["custom"])
+    fast = counter.result()
+    assert counter.fast_bytes > 0.5 * (len(dumps["custom"]) - counter.toc_end), (counter.fast_bytes, len(dumps["custom"]))
+    original = dumpcounts._stretch
+    try:  # the same dump by the exact stepping alone
+        dumpcounts._stretch = lambda buf, pos, stop: (pos, 0, None)  # type: ignore[assignment]
+        stepped = count_dump([dumps["custom"]], "custom")
+    finally:
+        dumpcounts._stretch = original
+    assert fast == stepped
+
+
+def _rechunked(dump: bytes, toc_end: int, sizes: list[int]) -> bytes:
+    """The custom dump with every table's data cut into chunks of `sizes` bytes in turn, whatever the rows (a negative
+    size: that many whole rows per chunk), not as pg_dump writes them (one row per chunk); large objects as they were."""
+    def int_at(at: int) -> int:
+        value = int.from_bytes(dump[at + 1:at + 5], "little")
+        return -value if dump[at] else value
+
+    out, at = [dump[:toc_end]], toc_end
+    while at < len(dump):
+        kind = dump[at]
+        out.append(dump[at:at + 6])  # the block's type and dump id
+        at += 6
+        while True:
+            if kind == 3:  # large objects: an oid (0: the block's end), then its chunks
+                out.append(dump[at:at + 5])
+                at += 5
+                if int_at(at - 5) == 0:
+                    break
+            payload = []
+            while (length := int_at(at)) != 0:
+                payload.append(dump[at + 5:at + 5 + length])
+                at += 5 + length
+            at += 5
+            data, i, n = b"".join(payload), 0, 0
+            end = b"\\.\n\n\n" if data.endswith(b"\\.\n\n\n") else b""  # pg_dump's `\\.` line stays a chunk of its own
+            data = data[:len(data) - len(end)]
+            while i < len(data) and kind == 1:
+                size = sizes[n % len(sizes)]
+                if size < 0:  # whole rows
+                    stop = i
+                    for _ in range(-size):
+                        stop = data.find(b"\n", stop) + 1 or len(data)
+                    size = stop - i
+                piece = data[i:i + size]
+                out.append((0).to_bytes(1, "little") + len(piece).to_bytes(4, "little") + piece)
+                i, n = i + len(piece), n + 1
+            if end:
+                out.append((0).to_bytes(1, "little") + len(end).to_bytes(4, "little") + end)
+            if kind == 3:
+                out += [(0).to_bytes(1, "little") + len(p).to_bytes(4, "little") + p for p in payload]
+            out.append(bytes(5))
+            if kind == 1:
+                break
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("sizes", [[1, 7, 300, 2], [10, 266, 2570], [4096], [100_000], [-2], [-1, -3]],
+                         ids=["tiny", "newline-lengths", "4k", "100k", "two-rows", "one-or-three-rows"])
+def test_chunks_that_are_not_one_row_each_are_counted_exactly_by_stepping(dumps: dict[str, bytes], sizes: list[int]) -> None:
+    """Never a wrong count: the fast path takes only pg_dump's one row per chunk; the stepping counts the rest exactly."""
+    from sidecar.logical.dumpcounts import CustomCounter
+
+    head = CustomCounter()
+    head.feed(dumps["custom"])
+    expected = head.result()
+    odd = _rechunked(dumps["custom"], head.toc_end, sizes)
+    assert odd != dumps["custom"]
+    for reads in ([odd], [odd[i:i + 65536] for i in range(0, len(odd), 65536)]):
+        counter = CustomCounter()
+        for chunk in reads:
+            counter.feed(chunk)
+        assert counter.result() == expected
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

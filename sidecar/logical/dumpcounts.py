@@ -121,6 +121,37 @@ class _Short(Exception):
     """Not enough bytes buffered yet."""
 
 
+# the end of a chunk (a row's newline) and the next chunk's length (sign byte 0, 4 bytes little-endian); COPY text never
+# holds a NUL byte and holds a raw newline only at a row's end, so from a chunk boundary after a newline this matches
+# exactly once per chunk and takes the whole next length with it
+_CHUNK_END = re.compile(rb"\n\x00(....)", re.DOTALL)
+ZERO = bytes(4)  # a zero length: the end of the table's data
+FIRST_WINDOW, LAST_WINDOW = 4096, 1 << 20  # bytes searched at once: small first (a small table ends soon), then doubled
+
+
+def _stretch(buf: bytes, pos: int, stop: int) -> tuple[int, int, bool | None]:
+    """Chunks from the boundary `pos` (buf[pos - 1] is a newline), found in buf[pos - 1:stop] by _CHUNK_END, all but
+    the last two found (and none from a zero length on, the table's end): those are left to the exact stepping, with
+    whatever crosses the read's end. The stretch is taken only as pg_dump writes it: the first match at `pos`, the
+    lengths' sum landing on the last match kept, and exactly one newline per chunk (outside the lengths' bytes). The
+    regular expression can only lose step after a chunk that does not end with a newline, which the last check rules
+    out. Returns (where the stepping goes on, the rows of the stretch, True), (pos, 0, False) when there are too few
+    chunks to gain from, or (pos, 0, None) when the chunks are not pg_dump's one row each (stepped through instead)."""
+    found = _CHUNK_END.findall(buf, pos - 1, stop)
+    try:
+        keep = found.index(ZERO) - 2
+    except ValueError:
+        keep = len(found) - 2
+    if keep < 1:
+        return pos, 0, False
+    heads = b"".join(found[:keep])
+    ahead = pos + 5 * keep + sum(struct.unpack(f"<{keep}I", heads))  # where chunk number `keep` starts, if they chain
+    if (buf[pos:pos + 5] != b"\x00" + found[0] or ahead + 5 > stop or buf[ahead - 1:ahead + 5] != b"\n\x00" + found[keep]
+            or buf.count(NL, pos, ahead) != keep + heads.count(NL)):  # one row per chunk, each ending at its end
+        return pos, 0, None
+    return ahead, keep, True
+
+
 class CustomCounter:
     """Row counts from a custom-format archive (pg_dump -Fc -Z0) fed in chunks of any size."""
 
@@ -146,6 +177,7 @@ class CustomCounter:
         self._rows = 0
         self._tail = NL  # the table's last COPY bytes (17 at most) after a NL for its start: where its `\\.` line is
         self._unpack: Callable[[bytes, int], tuple[int, int]] | None = None
+        self.fast_bytes = 0  # data bytes read by _stretch rather than stepped through (for tests)
 
     # -- primitives over self._buf / self._pos (header and TOC)
     def _need(self, n: int) -> None:
@@ -309,7 +341,9 @@ class CustomCounter:
 
     def _chunks(self, buf: bytes, pos: int) -> int:
         """The hot loop: length-prefixed chunks (one per row with -Z0) from `pos`, their newlines counted in C
-        (bytes.count); Python only steps from one length to the next. Returns where it stopped."""
+        (bytes.count). Where a chunk ends with a newline, the stretch of chunks after it is read by `_stretch` (a
+        regular expression, in C); otherwise, and for the last two chunks before the end of a read or of the table,
+        Python steps from one length to the next. Returns where it stopped."""
         end = len(buf)
         isz = 1 + self._int
         unpack = self._unpack
@@ -317,7 +351,21 @@ class CustomCounter:
         begin, prev, last, stop = pos, -1, -1, -1
         rows = self._rows
         ended = False
+        fast, window, wait = isz == 5, FIRST_WINDOW, 0
         while pos + isz <= end:
+            if fast and not wait and pos and buf[pos - 1] == 10:
+                ahead, found, quick = _stretch(buf, pos, min(end, pos + window))
+                if quick is None:  # not what pg_dump writes: step through the rest of this read
+                    fast = False
+                elif ahead > pos:
+                    rows += found
+                    self.fast_bytes += ahead - pos
+                    pos = ahead
+                    window = min(window * 2, LAST_WINDOW)
+                    continue
+                else:  # too few chunks in the window: step two before looking again
+                    wait = 2
+            wait = max(wait - 1, 0)
             if unpack is not None:
                 sign, length = unpack(buf, pos)
             else:

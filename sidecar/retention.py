@@ -130,7 +130,7 @@ class BaseFacts:
     """What retention needs to know of one base backup (pure data; read by sidecar.physical.base)."""
 
     id: str
-    status: str  # ok | waiting-for-wal | missing-file | size-mismatch | unreadable-metadata
+    status: str  # ok | waiting-for-wal | missing-file | size-mismatch | unreadable-metadata | broken-chain (an incremental missing a link)
     finished: datetime | None = None
     system_id: str = ""
     start_segno: int = 0

@@ -1,15 +1,23 @@
 """Backup and restore speed and memory, side by side with plain pg_dump baselines, in one run.
 
     python bench/bench_backup.py --rows 4000000 --rounds 2      (about 1 GB of tests/data/realistic.sql)
+    python bench/bench_backup.py --url postgresql://...  --rounds 3 --cases 'raw|ours zstd -1$' --no-restore
+                                                               (a database loaded already, e.g. 5 GB: left as it is)
+
+Every case's wall time, its CPU time (the processes it ran, and the PostgreSQL server's: every `postgres` process on the
+machine, so run it on a quiet one) and ratios against raw `pg_dump -Fc -Z0` thrown away (the server's own speed) and
+written to a file and fsynced (the least a backup must do).
 
 Prints a table and ratios; results are recorded by hand in bench/RESULTS.md with the machine."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,19 +34,46 @@ from sidecar.postgres import find_tool  # noqa: E402
 DATASET = ROOT / "tests" / "data" / "realistic.sql"
 
 
-def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:
+CPU: dict[str, list[tuple[float, float]]] = {}  # case -> (client CPU s, server CPU s) per run
+
+
+def server_cpu() -> float:
+    """CPU seconds of every PostgreSQL server process on the machine, with the children they waited for (backends gone)."""
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if argv0.startswith(b"postgres") or argv0.endswith(b"/postgres"):
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+def _run(name: str, argv: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> tuple[float, str]:
+    before = server_cpu()
     start = time.monotonic()
-    subprocess.run(argv, env=env, shell=shell, check=True, stdout=subprocess.DEVNULL, executable="/bin/bash" if shell else None)
-    return time.monotonic() - start
+    proc = subprocess.Popen(argv, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            executable="/bin/bash" if shell else None)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - start
+    time.sleep(0.3)  # the postmaster reaps the backend
+    CPU.setdefault(name, []).append((usage.ru_utime + usage.ru_stime, server_cpu() - before))
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"{name} failed ({os.waitstatus_to_exitcode(status)}): {stderr.strip()[-2000:]}")
+    return seconds, stderr
 
 
-def ours(env: dict[str, str], *args: str) -> tuple[float, int]:
+def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool = False, name: str = "") -> float:
+    return _run(name or str(argv), argv, env, shell)[0]
+
+
+def ours(env: dict[str, str], *args: str, name: str = "") -> tuple[float, int]:
     """Wall time and peak RSS (KiB) of our own process, via bench/rss.py."""
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "rss.py"), *args], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"ours {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
-    return time.monotonic() - start, int(result.stderr.strip().splitlines()[-1].split()[-1])
+    seconds, stderr = _run(name or " ".join(args), [sys.executable, str(ROOT / "bench" / "rss.py"), *args], {**env, "PYTHONPATH": str(ROOT)})
+    return seconds, int(stderr.strip().splitlines()[-1].split()[-1])
 
 
 def main() -> None:
@@ -49,18 +84,29 @@ def main() -> None:
     parser.add_argument("--levels", default="1,3", help="zstd levels to compare")
     parser.add_argument("--cases", default="", help="regular expression: only the cases whose name matches (e.g. 'raw|ours zstd -1$')")
     parser.add_argument("--no-restore", action="store_true", help="leave out the restore comparison")
+    parser.add_argument("--url", help="an existing database to back up (loaded already; neither created nor dropped)")
     args = parser.parse_args()
+    # as installed (pip compiles the package): no module compiled anew in a timed run
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "sidecar")], check=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_DIR", "/tmp")))
     os.chmod(work, 0o755)
-    with Cluster(base=work, port=54400) as cluster:
+    with contextlib.ExitStack() as stack:
+        cluster = None if args.url else stack.enter_context(Cluster(base=work, port=54400))
         rss: dict[int, int] = {}
-        for rows in (args.small_rows, args.rows):
+        for rows in ([args.rows] if args.url else [args.small_rows, args.rows]):
             db = f"bench_{rows}"
-            cluster.psql(f"CREATE DATABASE {db}")
-            subprocess.run([find_tool("psql"), "-X", "-q", "-v", f"rows={rows}", "-f", str(DATASET), "-d", cluster.url(db)], check=True)
-            size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('{db}'))")
+            if cluster is None:
+                url = args.url
+                psql = [find_tool("psql"), "-X", "-At", "-d", url, "-c"]
+                size = subprocess.run([*psql, "SELECT pg_size_pretty(pg_database_size(current_database()))"], capture_output=True, text=True, check=True).stdout.strip()
+                rows = int(subprocess.run([*psql, "SELECT count(*) FROM bench_events"], capture_output=True, text=True, check=True).stdout)
+                args.rows = rows
+            else:
+                cluster.psql(f"CREATE DATABASE {db}")
+                subprocess.run([find_tool("psql"), "-X", "-q", "-v", f"rows={rows}", "-f", str(DATASET), "-d", cluster.url(db)], check=True)
+                size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('{db}'))")
+                url = cluster.url(db)
             print(f"# database {db}: {rows} rows, {size}", flush=True)
-            url = cluster.url(db)
             secret, public = generate_identity()
             key = work / "key.txt"
             key.write_text(secret + "\n")
@@ -68,6 +114,7 @@ def main() -> None:
             pg_dump = find_tool("pg_dump")
             cases: dict[str, object] = {
                 "raw pg_dump -Fc -Z0 > /dev/null": f"{pg_dump} -Fc -Z0 -d '{url}' > /dev/null",
+                "raw pg_dump -Fc -Z0 to a file, fsynced": f"{pg_dump} -Fc -Z0 -d '{url}' -f {work}/raw-file.dump && sync {work}/raw-file.dump && rm {work}/raw-file.dump",
                 "pg_dump -Fp | gzip": f"{pg_dump} -Fp -d '{url}' | gzip > {work}/plain.sql.gz",
                 "pg_dump -Fc (default compression)": f"{pg_dump} -Fc -d '{url}' > {work}/custom.dump",
             }
@@ -86,11 +133,11 @@ def main() -> None:
             for _ in range(args.rounds):  # interleaved: every case once per round
                 for name, case in cases.items():
                     if isinstance(case, str):
-                        times[name].append(timed(case, shell=True))
+                        times[name].append(timed(case, shell=True, name=name))
                     else:
                         backups = work / "backups"
                         env = {**base_env, **case, "BACKUP_DIR": str(backups)}  # type: ignore[dict-item]
-                        seconds, peak = ours(env, "backup")
+                        seconds, peak = ours(env, "backup", name=name)
                         times[name].append(seconds)
                         rss[rows] = max(rss.get(rows, 0), peak)
                         newest = max(backups.glob("backup_*"), key=lambda p: p.stat().st_size)
@@ -102,15 +149,21 @@ def main() -> None:
                     if name in times:
                         sizes[name] = (work / file).stat().st_size
                 raw = min(times["raw pg_dump -Fc -Z0 > /dev/null"])
+                raw_file = min(times.get("raw pg_dump -Fc -Z0 to a file, fsynced", [float("nan")]))
                 gz = min(times.get("pg_dump -Fp | gzip", [float("nan")]))
-                print(f"\n| case ({rows} rows, {size}) | best of {args.rounds} (s) | vs raw pg_dump | pg_dump\\|gzip / this | size (MB) |")
-                print("|---|---|---|---|---|")
+                print(f"\n| case ({rows} rows, {size}) | best of {args.rounds} (s) | median (s) | vs raw pg_dump > /dev/null | vs raw pg_dump to a file "
+                      "| pg_dump\\|gzip / this | CPU s: client + server (median) | size (MB) |")
+                print("|---|---|---|---|---|---|---|---|")
                 for name, values in times.items():
                     best = min(values)
                     mb = f"{sizes[name] / 1e6:.0f}" if name in sizes else "-"
-                    print(f"| {name} | {best:.1f} | {best / raw:.2f}x | {gz / best:.2f}x | {mb} |", flush=True)
-                if args.no_restore:
-                    cluster.psql(f"DROP DATABASE {db}")
+                    client = statistics.median(c for c, _ in CPU[name])
+                    server = statistics.median(s for _, s in CPU[name])
+                    print(f"| {name} | {best:.2f} | {statistics.median(values):.2f} | {best / raw:.2f}x | {best / raw_file:.2f}x | {gz / best:.2f}x "
+                          f"| {client:.2f} + {server:.2f} | {mb} |", flush=True)
+                if args.no_restore or cluster is None:
+                    if cluster is not None:
+                        cluster.psql(f"DROP DATABASE {db}")
                     continue
                 # restore: ours (verify + decode + pg_restore into a new database + row counts) vs pg_restore -j 2
                 subprocess.run(f"{pg_dump} -Fc -Z0 -d '{url}' > {work}/raw.dump", shell=True, check=True)
@@ -128,7 +181,8 @@ def main() -> None:
                 print("\n| restore | best (s) | vs pg_restore -j 2 |\n|---|---|---|")
                 for name, values in restore_times.items():
                     print(f"| {name} | {min(values):.1f} | {min(values) / base:.2f}x |")
-            cluster.psql(f"DROP DATABASE {db}")
+            if cluster is not None:
+                cluster.psql(f"DROP DATABASE {db}")
         print("\n| database rows | peak RSS of our backup process (MiB) |\n|---|---|")
         for rows, peak in rss.items():
             print(f"| {rows} | {peak / 1024:.0f} |")

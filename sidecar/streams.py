@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +128,69 @@ class ReadTap:
     def hexdigest(self) -> str:
         assert self._hash is not None
         return self._hash.hexdigest()
+
+
+class Prefetch:
+    """A reader that reads `source` ahead in a thread of its own, at most `depth` reads of CHUNK_SIZE ahead (bounded
+    memory): what the source does (reading pg_dump's pipe, counting rows) runs beside what its reader does (compress,
+    encrypt, hash, write: C code that lets go of the GIL). An exception in the thread is raised by the read that reaches
+    it. `close()` stops the thread; it never waits on the source (a thread blocked on a pipe ends when the pipe does)."""
+
+    def __init__(self, source: age.Readable, depth: int = 4) -> None:
+        self._source = source
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buffer = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        item: bytes | BaseException
+        try:
+            while not self._stop.is_set():
+                item = self._source.read(CHUNK_SIZE)
+                self._put(item)
+                if not item:
+                    return
+        except BaseException as exc:  # handed to the reader
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._buffer and not self._done:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._done = not item
+            if 0 <= size < len(item):
+                self._buffer = memoryview(item)
+            else:
+                return item
+        size = len(self._buffer) if size < 0 else size
+        data = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return data
+
+    def close(self) -> None:
+        """Stop reading ahead; after the end of the source was read, the thread has ended (joined)."""
+        self._stop.set()
+        if self._done:
+            self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def encode(source: age.Readable, out: Writer, compression: str, level: int, recipients: tuple[str, ...] | None) -> None:

@@ -226,6 +226,57 @@ def test_chunks_that_are_not_one_row_each_are_counted_exactly_by_stepping(dumps:
         assert counter.result() == expected
 
 
+def _one_row_chunks(dump: bytes, toc_end: int, rows: list[bytes]) -> bytes:
+    """The custom dump with every table's rows replaced by `rows`, framed as pg_dump frames them (one row per chunk, then
+    its `\\.` line and a zero length); large objects left out of the data (their blocks kept as they were)."""
+    out, at = [dump[:toc_end]], toc_end
+    framed = b"".join(b"\x00" + len(row).to_bytes(4, "little") + row for row in [*rows, b"\\.\n\n\n"]) + bytes(5)
+    while at < len(dump):
+        kind = dump[at]
+        start, at = at, at + 6
+        while True:  # skip the block's chunks (and a large-objects block's oids)
+            if kind == 3:
+                oid = dump[at + 1:at + 5]
+                at += 5
+                if oid == bytes(4):
+                    break
+            while (length := int.from_bytes(dump[at + 1:at + 5], "little")) != 0:
+                at += 5 + length
+            at += 5
+            if kind == 1:
+                break
+        out.append(dump[start:start + 6] + framed if kind == 1 else dump[start:at])
+    return b"".join(out)
+
+
+# lengths with a newline (10) or a NUL next to one in their bytes, which a search for a newline then a NUL also finds
+AWKWARD_LENGTHS = st.sampled_from([1, 2, 9, 10, 11, 266, 2560, 2570, 2815, 2816])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.one_of(AWKWARD_LENGTHS, st.integers(1, 400)), min_size=200, max_size=1500),
+       wide=st.lists(st.tuples(st.integers(0, 1500), st.sampled_from([65546, 655370, 655371])), max_size=2),
+       read=st.sampled_from([1 << 20, 65536, 7777]))
+def test_one_row_chunks_of_awkward_lengths_are_counted_exactly_by_the_fast_path(dumps: dict[str, bytes], lengths: list[int],
+                                                                               wide: list[tuple[int, int]], read: int) -> None:
+    """pg_dump's own framing, rows whose lengths hold the bytes the fast path looks for: every row counted, no more."""
+    from sidecar.logical.dumpcounts import CustomCounter
+
+    for at, length in wide:
+        lengths.insert(at, length)
+    head = CustomCounter()
+    head.feed(dumps["custom"])
+    rows = [(b"r" * (n - 1))[: n - 1] + b"\n" for n in lengths]
+    dump = _one_row_chunks(dumps["custom"], head.toc_end, rows)
+    counter = CustomCounter()
+    for at in range(0, len(dump), read):
+        counter.feed(dump[at:at + read])
+    counts = counter.result()
+    assert counts and set(counts.values()) == {len(rows)}, counts
+    if read == 1 << 20 and sum(lengths) > 300_000 and not wide:
+        assert counter.fast_bytes > 0.5 * (len(dump) - head.toc_end)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), fmt=st.sampled_from(["custom", "plain"]))
 def test_the_same_dump_fed_in_random_chunk_sizes_gives_the_same_counts(dumps: dict[str, bytes], data: st.DataObject, fmt: str) -> None:

@@ -26,7 +26,7 @@ from sidecar.postgres import Child
 from sidecar.repository import METADATA_SUFFIX, PARTIAL_SUFFIX, Repository, dump_extension, globals_extension, iso_timestamp, new_id
 from sidecar.storage.base import PutResult, StorageError, Store
 from sidecar.storage.copy import Uploaded, metadata_bytes
-from sidecar.streams import HashingFile, Progress, ReadTap, encode, remove_quietly
+from sidecar.streams import HashingFile, Prefetch, Progress, ReadTap, encode, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,8 @@ def dump_format(config: Config) -> str:
 def _write_stream(child: Child, out: Output, config: Config) -> dumpcounts.CountingReader:
     assert child.proc.stdout is not None
     source = dumpcounts.CountingReader(ReadTap(child.proc.stdout, Progress("backup (pg_dump output)")), dumpcounts.row_counter(dump_format(config)))
-    encode(source, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
+    with Prefetch(source) as ahead:  # pipe and row counts in one thread, compress, encrypt, hash and write in this one
+        encode(ahead, out, config.compression, config.compression_level, config.recipients if config.encryption else None)
     return source
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,6 +135,61 @@ def _check_wal(config: Config, report: CheckReport) -> None:
                                "daemon makes the slot again when it starts; take a base backup then (pg-backup-sidecar base-backup)")
     else:
         report.checked.append(f"replication slot {config.wal_slot_name}: {'streaming' if row[0] else 'not streaming now'} (wal_status {row[1]})")
+    try:
+        with connect(config) as conn:
+            _check_synchronous(conn, config.wal_slot_name, report)
+    except (SidecarError, psycopg.Error):
+        return
+
+
+def synchronous_names(setting: str) -> tuple[int, list[str]]:
+    """How many standbys synchronous_standby_names waits for, and the names it lists (as PostgreSQL reads them: `FIRST n
+    (a, b)`, `ANY n (a, b)`, `n (a, b)` or `a, b` - then 1 -, names double-quoted or not, `*` any standby); (0, []) when
+    empty: commits wait for no standby."""
+    text = setting.strip()
+    if not text:
+        return 0, []
+    wanted = 1
+    match = re.fullmatch(r"(?is)(?:(?:first|any)\s+)?(\d+)\s*\((.*)\)", text)
+    if match:
+        wanted, text = int(match.group(1)), match.group(2)
+    names = [name.strip().strip('"').replace('""', '"') for name in re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', text)]
+    return wanted, [name for name in names if name]
+
+
+def _check_synchronous(conn: psycopg.Connection[Any], app: str, report: CheckReport) -> None:
+    """RPO 0 is the receiver (application_name = the slot's name) named in synchronous_standby_names: say whether it is
+    (and connected), and whether commits wait for a receiver that is not there or for standbys that are not this archive."""
+    (setting,) = _one(conn, "SHOW synchronous_standby_names")
+    wanted, names = synchronous_names(setting)
+    if not names:
+        return  # asynchronous: the loss window is what the receiver had not flushed (docs/pitr.md)
+    ours = [name for name in names if name.casefold() in (app.casefold(), "*")]
+    if not ours:
+        report.notes.append(f"synchronous_standby_names ('{setting}') does not name the WAL receiver ({app}): commits wait for "
+                            "those standbys, not for this archive, which can lag behind a commit; for RPO 0 name it: "
+                            f"ALTER SYSTEM SET synchronous_standby_names = '{app}'; SELECT pg_reload_conf()")
+        return
+    rows = conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication").fetchall()
+    if any(name is None for name, _, _ in rows):
+        report.checked.append(f"synchronous_standby_names names the WAL receiver ({app}): RPO 0 while it is connected (this role "
+                              "cannot read pg_stat_replication's details: grant it pg_read_all_stats to check)")
+        return
+    streaming = {name.casefold(): sync for name, state, sync in rows if state == "streaming"}
+    if app.casefold() in streaming:
+        report.checked.append(f"RPO 0: the WAL receiver ({app}) is a synchronous standby ({streaming[app.casefold()]}): a commit "
+                              "returns once it has flushed the commit's WAL")
+        return
+    others = sum(1 for name in names if name.casefold() in streaming and name.casefold() != app.casefold())
+    if "*" in names:
+        others = len(streaming)
+    if others < wanted:
+        report.problems.append(f"synchronous_standby_names ('{setting}') names the WAL receiver ({app}), which is not connected: "
+                               "commits wait until it is; start the daemon (WAL_ARCHIVING=true), or stop waiting: "
+                               "ALTER SYSTEM SET synchronous_standby_names = ''; SELECT pg_reload_conf()")
+    else:
+        report.notes.append(f"synchronous_standby_names ('{setting}') names the WAL receiver ({app}), which is not connected: "
+                            "commits wait for the other standbys named, and this archive can lag behind them")
 
 
 INCREMENTAL_MAJOR = 17  # pg_basebackup --incremental and pg_combinebackup (sidecar.physical.base)

@@ -100,6 +100,9 @@ def test_with_the_receiver_a_synchronous_standby_every_commit_that_returned_surv
         wal_cluster.psql("SELECT pg_reload_conf()")
         wait_for(lambda: wal_cluster.psql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'pg_backup_sidecar'") == "sync",
                  "the receiver to be the synchronous standby", timeout=10)
+        checked = cli({**pitr_env, "WAL_ARCHIVING": "true"}, "check", check=False).stdout.splitlines()
+        assert "ok: RPO 0: the WAL receiver (pg_backup_sidecar) is a synchronous standby (sync): a commit returns once it has " \
+               "flushed the commit's WAL" in checked, checked
 
         def write() -> None:
             # synchronous_commit = on (the test clusters default to off): a commit returns once the receiver has flushed it
@@ -176,3 +179,27 @@ def test_a_dedicated_replication_role_streams_and_takes_base_backups_and_what_it
         assert receiver.stop() == 0
     printed = cli(env, "validate-config", "--print").stdout
     assert "wal.replication_url" in printed and "replicator" in printed and "right-s3cret" not in printed
+
+
+def test_check_says_when_commits_wait_for_a_receiver_that_is_not_there_or_for_standbys_that_are_not_the_archive(
+        wal_cluster: WalCluster, pitr_env: dict[str, str]) -> None:
+    env = {**pitr_env, "WAL_ARCHIVING": "true"}
+
+    def check_with(names: str) -> list[str]:
+        wal_cluster.psql(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        wal_cluster.psql("SELECT pg_reload_conf()")
+        wait_for(lambda: wal_cluster.psql("SHOW synchronous_standby_names") == names.replace("''", "'"), "the setting to be reloaded")
+        return cli(env, "check", check=False).stdout.splitlines()
+
+    try:
+        assert not [line for line in check_with("") if "synchronous_standby_names" in line]  # asynchronous: nothing to say
+        other = check_with("other_standby")
+        assert [line for line in other if line.startswith("note: synchronous_standby_names ('other_standby') does not name the WAL "
+                                                          "receiver (pg_backup_sidecar): commits wait for those standbys")], other
+        for names in ("pg_backup_sidecar", 'ANY 1 ("PG_Backup_Sidecar", other_standby)'):  # nobody connected: every commit hangs
+            hung = check_with(names)
+            assert [line for line in hung if line.startswith(f"problem: synchronous_standby_names ('{names}') names the WAL receiver "
+                                                             "(pg_backup_sidecar), which is not connected: commits wait until it is")], hung
+    finally:
+        wal_cluster.psql("ALTER SYSTEM RESET synchronous_standby_names")
+        wal_cluster.psql("SELECT pg_reload_conf()")

@@ -70,9 +70,9 @@ def timed(argv: list[str] | str, env: dict[str, str] | None = None, shell: bool 
     return _run(name or str(argv), argv, env, shell)[0]
 
 
-def ours(env: dict[str, str], *args: str, name: str = "") -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of our own process, via bench/rss.py."""
-    seconds, stderr = _run(name or " ".join(args), [sys.executable, str(ROOT / "bench" / "rss.py"), *args], {**env, "PYTHONPATH": str(ROOT)})
+def ours(env: dict[str, str], *args: str, name: str = "", root: Path = ROOT) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of our own process (the code under `root`), via bench/rss.py."""
+    seconds, stderr = _run(name or " ".join(args), [sys.executable, str(root / "bench" / "rss.py"), *args], {**env, "PYTHONPATH": str(root)})
     return seconds, int(stderr.strip().splitlines()[-1].split()[-1])
 
 
@@ -85,11 +85,16 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="regular expression: only the cases whose name matches (e.g. 'raw|ours zstd -1$')")
     parser.add_argument("--no-restore", action="store_true", help="leave out the restore comparison")
     parser.add_argument("--url", help="an existing database to back up (loaded already; neither created nor dropped)")
+    parser.add_argument("--before", default="", help="git revision of our code to compare with (run from a git archive of it)")
     args = parser.parse_args()
-    # as installed (pip compiles the package): no module compiled anew in a timed run
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "sidecar")], check=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=os.environ.get("BENCH_DIR", "/tmp")))
     os.chmod(work, 0o755)
+    before = work / "before"
+    if args.before:
+        before.mkdir()
+        subprocess.run(f"git -C {ROOT} archive {args.before} sidecar bench | tar -x -C {before}", shell=True, check=True)
+    for tree in (ROOT, before) if args.before else (ROOT,):  # as installed (pip compiles the package): nothing compiled in a timed run
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "sidecar")], check=True)
     with contextlib.ExitStack() as stack:
         cluster = None if args.url else stack.enter_context(Cluster(base=work, port=54400))
         rss: dict[int, int] = {}
@@ -120,6 +125,9 @@ def main() -> None:
             }
             for level in args.levels.split(","):
                 cases[f"ours zstd -{level}"] = {"BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": level}
+            if args.before:
+                cases[f"ours zstd -{args.levels.split(',')[0]} at {args.before}"] = {
+                    "BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": args.levels.split(",")[0], "root": str(before)}
             cases[f"ours zstd -{args.levels.split(',')[0]} + age"] = {
                 "BACKUP_COMPRESSION": "zstd", "BACKUP_COMPRESSION_LEVEL": args.levels.split(",")[0],
                 "BACKUP_ENCRYPTION": "true", "BACKUP_ENCRYPTION_RECIPIENTS": public}
@@ -137,9 +145,13 @@ def main() -> None:
                     else:
                         backups = work / "backups"
                         env = {**base_env, **case, "BACKUP_DIR": str(backups)}  # type: ignore[dict-item]
-                        seconds, peak = ours(env, "backup", name=name)
+                        root = Path(env.pop("root", str(ROOT)))
+                        seconds, peak = ours(env, "backup", name=name, root=root)
                         times[name].append(seconds)
-                        rss[rows] = max(rss.get(rows, 0), peak)
+                        if root == ROOT:
+                            rss[rows] = max(rss.get(rows, 0), peak)
+                        else:
+                            print(f"# {name}: peak RSS {peak / 1024:.0f} MiB", flush=True)
                         newest = max(backups.glob("backup_*"), key=lambda p: p.stat().st_size)
                         sizes[name] = newest.stat().st_size
                         for path in backups.glob("backup_*"):

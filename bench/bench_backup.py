@@ -34,20 +34,25 @@ from sidecar.postgres import find_tool  # noqa: E402
 DATASET = ROOT / "tests" / "data" / "realistic.sql"
 
 
-CPU: dict[str, list[tuple[float, float]]] = {}  # case -> (client CPU s, server CPU s) per run
+CPU: dict[str, list[tuple[float, float]]] = {}  # case -> (client CPU s, server CPU s) per run, for the database at hand
+POSTMASTER = 0  # the server's postmaster: its CPU and its children's are the server's
 
 
 def server_cpu() -> float:
-    """CPU seconds of every PostgreSQL server process on the machine, with the children they waited for (backends gone)."""
-    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the server: the postmaster with the children it waited for (backends gone) and those alive."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: str) -> list[str]:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3 (state) on
+
+    total = sum(int(x) for x in stat(str(POSTMASTER))[11:15])  # utime stime cutime cstime
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat(pid)
         except OSError:
             continue
-        if argv0.startswith(b"postgres") or argv0.endswith(b"/postgres"):
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        if fields[1] == str(POSTMASTER):
+            total += int(fields[11]) + int(fields[12])
     return total / tick
 
 
@@ -77,6 +82,7 @@ def ours(env: dict[str, str], *args: str, name: str = "", root: Path = ROOT) -> 
 
 
 def main() -> None:
+    global POSTMASTER
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--small-rows", type=int, default=1_000_000)
@@ -112,6 +118,9 @@ def main() -> None:
                 size = cluster.psql(f"SELECT pg_size_pretty(pg_database_size('{db}'))")
                 url = cluster.url(db)
             print(f"# database {db}: {rows} rows, {size}", flush=True)
+            CPU.clear()
+            data = subprocess.run([find_tool("psql"), "-X", "-At", "-d", url, "-c", "SHOW data_directory"], capture_output=True, text=True, check=True).stdout.strip()
+            POSTMASTER = int((Path(data) / "postmaster.pid").read_text().split()[0])
             secret, public = generate_identity()
             key = work / "key.txt"
             key.write_text(secret + "\n")
@@ -119,7 +128,7 @@ def main() -> None:
             pg_dump = find_tool("pg_dump")
             cases: dict[str, object] = {
                 "raw pg_dump -Fc -Z0 > /dev/null": f"{pg_dump} -Fc -Z0 -d '{url}' > /dev/null",
-                "raw pg_dump -Fc -Z0 to a file, fsynced": f"{pg_dump} -Fc -Z0 -d '{url}' -f {work}/raw-file.dump && sync {work}/raw-file.dump && rm {work}/raw-file.dump",
+                "raw pg_dump -Fc -Z0 to a file, fsynced": f"{pg_dump} -Fc -Z0 -d '{url}' -f {work}/raw-file.dump && sync {work}/raw-file.dump",
                 "pg_dump -Fp | gzip": f"{pg_dump} -Fp -d '{url}' | gzip > {work}/plain.sql.gz",
                 "pg_dump -Fc (default compression)": f"{pg_dump} -Fc -d '{url}' > {work}/custom.dump",
             }
@@ -142,6 +151,7 @@ def main() -> None:
                 for name, case in cases.items():
                     if isinstance(case, str):
                         times[name].append(timed(case, shell=True, name=name))
+                        (work / "raw-file.dump").unlink(missing_ok=True)  # deleted outside the timing, as our backups are
                     else:
                         backups = work / "backups"
                         env = {**base_env, **case, "BACKUP_DIR": str(backups)}  # type: ignore[dict-item]

@@ -142,6 +142,7 @@ class Prefetch:
         self._stop = threading.Event()
         self._buffer = memoryview(b"")
         self._done = False
+        self._failed: BaseException | None = None  # raised again by every later read: never mistaken for the stream's end
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self._thread.start()
 
@@ -165,10 +166,12 @@ class Prefetch:
                 continue
 
     def read(self, size: int = -1) -> bytes:
+        if self._failed is not None:
+            raise self._failed
         if not self._buffer and not self._done:
             item = self._queue.get()
             if isinstance(item, BaseException):
-                self._done = True
+                self._done, self._failed = True, item
                 raise item
             self._done = not item
             if 0 <= size < len(item):

@@ -162,6 +162,19 @@ def test_most_of_a_custom_dump_is_counted_by_the_fast_path_and_agrees_with_the_s
     assert fast == stepped
 
 
+def test_without_numpy_the_rows_are_still_counted_exactly_by_stepping(dumps: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from sidecar.logical import dumpcounts
+
+    expected = count_dump([dumps["custom"]], "custom")
+    monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` fails, as where its build does not run
+    monkeypatch.setattr(dumpcounts, "_numpy", None)
+    counter = dumpcounts.CustomCounter()
+    counter.feed(dumps["custom"])
+    assert counter.result() == expected and counter.fast_bytes == 0
+
+
 def _rechunked(dump: bytes, toc_end: int, sizes: list[int]) -> bytes:
     """The custom dump with every table's data cut into chunks of `sizes` bytes in turn, whatever the rows (a negative
     size: that many whole rows per chunk), not as pg_dump writes them (one row per chunk); large objects as they were."""

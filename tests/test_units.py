@@ -318,3 +318,43 @@ def test_the_daemon_remembers_the_newest_runs_only() -> None:
     assert [r["id"] for r in forgotten] == [f"run-{i}" for i in range(5)]
     assert len(records) == REMEMBERED and "run-5" in records and f"run-{REMEMBERED + 4}" in records
     assert _forget_oldest(records) == []
+
+
+def test_a_read_ahead_hands_over_the_source_in_order_with_bounded_memory_and_its_failure_to_every_later_read() -> None:
+    import io
+    import threading
+    import time
+
+    from sidecar.streams import CHUNK_SIZE, Prefetch
+
+    data = bytes(range(256)) * 40_000  # about 10 MiB
+    with Prefetch(io.BytesIO(data)) as ahead:
+        out = []
+        while chunk := ahead.read(CHUNK_SIZE):
+            out.append(chunk)
+    assert b"".join(out) == data
+
+    class Endless:  # a source faster than its reader: read ahead at most `depth` reads
+        reads = 0
+
+        def read(self, size: int = -1) -> bytes:
+            self.reads += 1
+            return b"x" * size
+
+    source = Endless()
+    ahead = Prefetch(source, depth=3)
+    time.sleep(0.3)
+    assert source.reads <= 3 + 1  # three queued, one waiting to be
+    ahead.close()
+    time.sleep(0.5)
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]  # stopped, though the source never ended
+
+    class Failing:
+        def read(self, size: int = -1) -> bytes:
+            raise OSError("pipe broke")
+
+    failing = Prefetch(Failing())
+    for _ in range(2):  # never mistaken for the end of the stream
+        with pytest.raises(OSError, match="pipe broke"):
+            failing.read()
+    failing.close()

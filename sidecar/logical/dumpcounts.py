@@ -20,6 +20,8 @@ back to counting in the snapshot.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import struct
 from collections.abc import Callable, Iterable
@@ -123,17 +125,23 @@ class _Short(Exception):
 
 FIRST_WINDOW, LAST_WINDOW = 65536, 1 << 20  # bytes looked at at once: small first (a small table ends soon), then doubled
 SHORTEST = 16384  # fewer bytes left in a read are stepped through (numpy's cost per call would outweigh its speed)
-_numpy: Any = None
+_numpy: Any = None  # the module once imported; False: it could not be (the stepping counts alone, exactly, slower)
 
 
 def _np() -> Any:
-    """numpy, imported on first use (in the thread that counts, while pg_dump is still starting): not at start-up."""
+    """numpy, imported on first use (in the thread that counts, while pg_dump is still starting): not at start-up. One
+    BLAS thread (none of it is used here; by default it starts one per core of the node). None if it cannot be imported."""
     global _numpy
     if _numpy is None:
-        import numpy
-
-        _numpy = numpy
-    return _numpy
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        try:
+            import numpy
+        except Exception as exc:  # ImportError, or a CPU its build does not support
+            logging.getLogger(__name__).warning("numpy cannot be imported (%s): row counts are read the slower way", exc)
+            _numpy = False
+        else:
+            _numpy = numpy
+    return _numpy or None
 
 
 def _stretch(buf: bytes, pos: int, stop: int) -> tuple[int, int, bool | None]:
@@ -147,6 +155,8 @@ def _stretch(buf: bytes, pos: int, stop: int) -> tuple[int, int, bool | None]:
     stretch, True), (pos, 0, False) when there are too few chunks to gain from, or (pos, 0, None) when the first chunk is
     not one row as pg_dump writes it (stepped through instead)."""
     np = _np()
+    if np is None:
+        return pos, 0, None
     window = np.frombuffer(buf, np.uint8, stop - pos + 1, pos - 1)  # window[0] is the newline before `pos`
     newlines = np.flatnonzero(window == 10)
     ends = newlines[: np.searchsorted(newlines, len(window) - 5)]  # a boundary needs its whole length in the window
@@ -363,8 +373,8 @@ class CustomCounter:
 
     def _chunks(self, buf: bytes, pos: int) -> int:
         """The hot loop: length-prefixed chunks (one per row with -Z0) from `pos`, their newlines counted in C
-        (bytes.count). Where a chunk ends with a newline, the stretch of chunks after it is read by `_stretch` (a
-        regular expression, in C); otherwise, and for the last two chunks before the end of a read or of the table,
+        (bytes.count). Where a chunk ends with a newline, the stretch of chunks after it is read by `_stretch` (numpy,
+        chunk by chunk in C); otherwise, and for the last two chunks before the end of a read or of the table,
         Python steps from one length to the next. Returns where it stopped."""
         end = len(buf)
         isz = 1 + self._int

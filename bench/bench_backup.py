@@ -108,6 +108,7 @@ def main() -> None:
             db = f"bench_{rows}"
             if cluster is None:
                 url = args.url
+                db = url.split("?")[0].rsplit("/", 1)[-1]
                 psql = [find_tool("psql"), "-X", "-At", "-d", url, "-c"]
                 size = subprocess.run([*psql, "SELECT pg_size_pretty(pg_database_size(current_database()))"], capture_output=True, text=True, check=True).stdout.strip()
                 rows = int(subprocess.run([*psql, "SELECT count(*) FROM bench_events"], capture_output=True, text=True, check=True).stdout)

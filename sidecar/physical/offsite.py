@@ -31,7 +31,7 @@ from sidecar import streams
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, DamagedBase, base_dir, chain_facts, chain_of, identities, list_base_backups, materialise
+from sidecar.physical.base import BaseBackup, base_dir, chain_facts, chain_of, identities, list_base_backups
 from sidecar.physical.hold import copying
 from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of, segment_size_of
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
@@ -459,60 +459,19 @@ def _remote_wal_chain(have: dict[str, int], meta: dict[str, Any], target: Any) -
 
 def _remote_candidates(backups: list[BaseBackup], target: Any, wal_of: Callable[[str], dict[str, int]]) -> list[tuple[BaseBackup, list[str]]]:
     """The base backups a restore from the bucket tries, in order, with the WAL each replays (pure but for `wal_of`, the
-    remote's WAL of a system): the newest good one that ends before the target (an incremental with its whole chain
-    there), then, should its chain be broken or a link turn out damaged, each good one before it (of the same system, its
-    chain whole) whose WAL on the remote reaches as far, newest first. NotFound, naming what is missing, when none can."""
-    from sidecar.physical.pitr import choose_base
+    remote's WAL of a system): pitr.restorable's, the WAL being the remote's. NotFound, naming what is missing, when none can."""
+    return _remote_options(backups, target, wal_of)[0]
+
+
+def _remote_options(backups: list[BaseBackup], target: Any, wal_of: Callable[[str], dict[str, int]]) -> tuple[list[tuple[BaseBackup, list[str]]], str]:
+    from sidecar.physical.pitr import choose_base, restorable
 
     chosen = choose_base(backups, target)
-    system = str(chosen.metadata["systemIdentifier"])
-    have = wal_of(system)
+    have = wal_of(str(chosen.metadata["systemIdentifier"]))
     wal, missing = _remote_wal_chain(have, chosen.metadata, target)
     if missing:
         raise NotFound(f"WAL up to {target.describe()} is not on the remote: {missing}")
-    out = []
-    _, broken = chain_of(backups, chosen)
-    if not broken:
-        out.append((chosen, wal))
-    why = ""
-    for backup in backups:  # newest first
-        if backup.id >= chosen.id or not backup.good or str(backup.metadata.get("systemIdentifier")) != system or chain_of(backups, backup)[1]:
-            continue
-        fallback, short = _remote_wal_chain(have, backup.metadata, target)
-        if short or fallback[-1] < wal[-1]:
-            why = why or f" ({backup.id}: WAL {short or 'only up to ' + fallback[-1]})"
-            continue
-        out.append((backup, fallback))
-    if not out:
-        raise NotFound(f"base backup {chosen.id} on the remote cannot be restored: {broken}; no older base backup there whose chain "
-                       f"is whole and whose WAL reaches {target.describe()}{why}")
-    if broken:
-        log.warning("base backup %s on the remote cannot be restored (%s); restoring %s, an older one, with more WAL", chosen.id, broken,
-                    out[0][0].id, extra={"event": "pitr_base_broken_chain", "backup_id": chosen.id})
-    return out
-
-
-def _materialise_remote(config: Config, store: Store, backups: list[BaseBackup], candidates: list[tuple[BaseBackup, list[str]]],
-                        directory: Path) -> tuple[BaseBackup, list[str]]:
-    """The first candidate whose chain reads back whole, written into `directory`; a damaged link rules out every
-    candidate that needs it. ChecksumMismatch naming the first damaged link when none is left."""
-    from sidecar.physical.pitr import _wipe
-
-    def source(link: BaseBackup) -> ChunkReader:
-        return ChunkReader(store.open_read(base_object(link.metadata["files"]["base"]["name"])))
-
-    damaged: list[DamagedBase] = []
-    for backup, wal in candidates:
-        if any(d.backup_id == link.id for d in damaged for link in chain_of(backups, backup)[0]):
-            continue
-        try:
-            materialise(config, backups, backup, directory, source=source)
-            return backup, wal
-        except DamagedBase as exc:
-            damaged.append(exc)
-            log.warning("%s on the remote; trying an older base backup", exc, extra={"event": "pitr_base_damaged", "backup_id": exc.backup_id})
-            _wipe(directory, False)
-    raise ChecksumMismatch(f"{damaged[0]} (on the remote); no older base backup there whose chain is whole restores instead")
+    return restorable(backups, chosen, wal, target, lambda backup: _remote_wal_chain(have, backup.metadata, target), where=" on the remote")
 
 
 def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[str, Any]:
@@ -523,7 +482,7 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
     damaged) gives way to the newest base backup before it whose chain is whole there (a full one, or an incremental) and
     whose WAL there reaches as far; none: refused, naming what is missing. Nothing is read from the volume."""
     from sidecar import api
-    from sidecar.physical.pitr import _chown, _conf_quote, _wipe
+    from sidecar.physical.pitr import _chown, _conf_quote, _wipe, materialise_first
 
     directory = directory.absolute()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -533,12 +492,13 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
     store = api.remote_store(config)
     backups = remote_base_backups(store)
     wal_seen: dict[str, dict[str, int]] = {}
-    candidates = _remote_candidates(backups, target, lambda system: wal_seen.setdefault(system, remote_wal(store, system)))
+    candidates, why = _remote_options(backups, target, lambda system: wal_seen.setdefault(system, remote_wal(store, system)))
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     try:
-        backup, chain = _materialise_remote(config, store, backups, candidates, directory)
+        backup, chain = materialise_first(config, backups, candidates, directory, source=lambda link: ChunkReader(
+            store.open_read(base_object(link.metadata["files"]["base"]["name"]))), where=" on the remote", why=why)
         have = wal_seen[str(backup.metadata["systemIdentifier"])]
         meta = backup.metadata
         system, timeline = str(meta["systemIdentifier"]), int(meta["timeline"])

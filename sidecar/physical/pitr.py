@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +21,9 @@ from typing import Any
 
 from sidecar import age
 from sidecar.config import Config
-from sidecar.errors import NotFound, SidecarError, UsageError
+from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, chain_of, identities, list_base_backups, materialise
+from sidecar.physical.base import BaseBackup, DamagedBase, chain_of, identities, list_base_backups, materialise
 from sidecar.physical.receiver import spool_dir
 from sidecar.physical.wal import HISTORY, PARTIAL, SEGMENT, WalArchive, copy_into_place, format_lsn, parse_lsn, parse_segment, segment_name, segment_of, spool_segment
 from sidecar.repository import iso_timestamp
@@ -129,6 +130,67 @@ def choose_base(backups: list[BaseBackup], target: Target) -> BaseBackup:
     raise NotFound(f"no base backup ends before {target.describe()}: the oldest good one ({oldest['id']}) {ends}")
 
 
+Reach = Callable[[BaseBackup], tuple[list[str], str]]  # a base backup's WAL on hand, and what stops it short ('' when nothing)
+
+
+def restorable(backups: list[BaseBackup], chosen: BaseBackup, wal: list[str], target: Target, reach: Reach,
+               pool: list[BaseBackup] | None = None, where: str = "", hint: str = "") -> tuple[list[tuple[BaseBackup, list[str]]], str]:
+    """The base backups a restore tries, in order, with the WAL each replays (pure but for `reach`): `chosen` (the newest
+    good one that ends before the target, `wal` its WAL) when its chain is whole, then each good one before it in `pool`
+    (default `backups`; of the same system, its chain whole) whose WAL on hand reaches as far, newest first: should a link
+    of the chain turn out damaged when it is read, the next one restores instead. Also why the older ones left out were
+    ('' when none was). NotFound, naming what is broken (and `hint`: what to do), when none can; `where` names the store
+    (' on the remote')."""
+    system = str(chosen.metadata["systemIdentifier"])
+    out = []
+    _, broken = chain_of(backups, chosen)
+    if not broken:
+        out.append((chosen, wal))
+    why = ""
+    for backup in backups if pool is None else pool:  # newest first
+        if backup.id >= chosen.id or not backup.good or str(backup.metadata.get("systemIdentifier")) != system or chain_of(backups, backup)[1]:
+            continue
+        fallback, short = reach(backup)
+        if short or not fallback or fallback[-1] < wal[-1]:
+            why = why or f" ({backup.id}: WAL {short or 'only up to ' + (fallback[-1] if fallback else 'its start')})"
+            continue
+        out.append((backup, fallback))
+    there = " there" if where else ""
+    if not out:
+        raise NotFound(f"base backup {chosen.id}{where} cannot be restored: {broken}; no older base backup{there} whose chain "
+                       f"is whole and whose WAL reaches {target.describe()}{why}{hint}")
+    if broken:
+        log.warning("base backup %s%s cannot be restored (%s); restoring %s, an older one, with more WAL", chosen.id, where, broken,
+                    out[0][0].id, extra={"event": "pitr_base_broken_chain", "backup_id": chosen.id})
+    return out, why
+
+
+def materialise_first(config: Config, backups: list[BaseBackup], candidates: list[tuple[BaseBackup, list[str]]], directory: Path,
+                      source: Callable[[BaseBackup], Any] | None = None, where: str = "", why: str = "",
+                      ready: Callable[[BaseBackup, list[str]], None] | None = None) -> tuple[BaseBackup, list[str]]:
+    """The first candidate (restorable's) whose chain reads back whole, written into the empty `directory`; a damaged
+    link rules out every candidate that needs it, and `ready(backup, wal)` (a check of its WAL) may rule one out by a
+    ChecksumMismatch. Each failure is logged as a warning naming the base backup skipped and why, and what was written
+    is removed before the next one. ChecksumMismatch naming the first damage when none is left."""
+    damaged: list[ChecksumMismatch] = []
+    there = " there" if where else ""
+    for backup, wal in candidates:
+        if any(isinstance(d, DamagedBase) and d.backup_id == link.id for d in damaged for link in chain_of(backups, backup)[0]):
+            continue
+        try:
+            if ready is not None:
+                ready(backup, wal)
+            materialise(config, backups, backup, directory, source=source)
+            return backup, wal
+        except ChecksumMismatch as exc:  # DamagedBase: a link read back damaged; or a segment of its WAL
+            damaged.append(exc)
+            log.warning("%s%s; base backup %s is skipped, trying an older one", exc, f" ({where.strip()})" if where else "", backup.id,
+                        extra={"event": "pitr_base_damaged", "backup_id": getattr(exc, "backup_id", backup.id)})
+            _wipe(directory, False)
+    raise ChecksumMismatch(f"{damaged[0]}{f' ({where.strip()})' if where else ''}; no older base backup{there} whose chain is whole "
+                           f"restores instead{why}{'' if where else '; restore from the off-site copy (--from-remote) or to an earlier point'}")
+
+
 # --- timelines ------------------------------------------------------------------------------------
 
 TimelinePath = list[tuple[int, int | None]]  # (timeline, LSN where the next one forks from it; None for the last)
@@ -194,10 +256,10 @@ def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBack
     return fitting, path
 
 
-def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None) -> list[str]:
+def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None, quiet: bool = False) -> list[str]:
     """The segments recovery reads: from the base backup's start, contiguous, along the timeline path (each timeline up
     to the segment its successor forks in, which is read from the successor), up to the target's segment (LSN) or the
-    newest archived one."""
+    newest archived one. A gap before the newest is logged as a warning unless `quiet`."""
     size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
     path = [(t, s) for t, s in (path or [(int(meta["timeline"]), None)]) if t >= int(meta["timeline"])] or [(int(meta["timeline"]), None)]
     segno = segment_of(parse_lsn(meta["startLsn"]), size)
@@ -211,7 +273,7 @@ def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: T
                 if last is not None:
                     raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
                 later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
-                if later:
+                if later and not quiet:
                     log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
                                 "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
                                 extra={"event": "wal_gap"})
@@ -369,24 +431,42 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
         good = [b for b in candidates if b.good]
         found = locate(config, archive, good[-1].metadata, target, path) if good else None
         choice = Target("lsn", lsn=found) if found is not None else Target("latest")
-    backup = choose_base(candidates, choice)
-    meta = backup.metadata
-    system = str(meta["systemIdentifier"])
-    chain = wal_chain(archive, meta, target, path)
-    if not chain or chain[-1] < meta["endWal"]:
-        raise NotFound(f"the WAL of base backup {backup.id} is not archived up to its end ({meta['endWal']})")
-    for name in chain:  # before anything is written: a damaged segment stops the restore here, named
-        archive.check(system, name)
-    _, broken = chain_of(listed, backup)
-    if broken:  # a missing or unusable link: one line, nothing written
-        raise NotFound(broken)
-    identity = identities(config, meta)
+    chosen = choose_base(candidates, choice)
+    system = str(chosen.metadata["systemIdentifier"])
+    first = wal_chain(archive, chosen.metadata, target, path)
+    if not first or first[-1] < chosen.metadata["endWal"]:
+        raise NotFound(f"the WAL of base backup {chosen.id} is not archived up to its end ({chosen.metadata['endWal']})")
+
+    def reach(backup: BaseBackup) -> tuple[list[str], str]:
+        try:
+            names = wal_chain(archive, backup.metadata, target, path, quiet=True)
+        except NotFound as exc:
+            return [], str(exc)
+        return names, "" if names and names[-1] >= backup.metadata["endWal"] else f"not archived up to its end ({backup.metadata['endWal']})"
+
+    # an incremental whose chain is broken (a link missing or unusable, or read back damaged below) gives way to the newest
+    # older base backup whose chain is whole and whose WAL reaches as far; none: one line naming what is broken
+    options, why = restorable(listed, chosen, first, target, reach, pool=candidates,
+                              hint="; put the missing base backup back, or restore from the off-site copy (--from-remote) or to an earlier point")
+    checked: set[str] = set()
+
+    def ready(backup: BaseBackup, chain: list[str]) -> None:
+        for name in chain:  # a damaged segment stops the restore here, named (only segments not checked for another candidate)
+            if name not in checked:
+                archive.check(system, name)
+                checked.add(name)
+
+    ready(*options[0])  # before anything is written
+    for link in chain_of(listed, options[0][0])[0]:  # a missing identity file too
+        identities(config, link.metadata)
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     staged = os.geteuid() == 0 if stage_wal is None else stage_wal
     try:
-        materialise(config, listed, backup, directory)
+        backup, chain = materialise_first(config, listed, options, directory, why=why, ready=ready)
+        meta = backup.metadata
+        identity = identities(config, meta)
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
         if staged:

@@ -235,6 +235,20 @@ def _wal_identity(config: Config) -> age.Identities | None:
 def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBackup], target: Target) -> tuple[list[BaseBackup], TimelinePath]:
     """The base backups that can reach the target's timeline, and the timeline path (the system is the newest good base
     backup's). `latest` is the highest timeline archived for that system; `current` the chosen base backup's own."""
+
+    def archived(system: str) -> set[int]:
+        found = {t.timeline for t in archive.timelines() if t.system_id == system and t.segnos}
+        history = archive.root / system / "history"
+        return found | ({int(p.name[:8], 16) for p in history.glob("*.history.json")} if history.is_dir() else set())
+
+    return timeline_plan(backups, target, archived, lambda system, timeline: _timeline_path(archive, system, timeline, _wal_identity(config)),
+                         "the WAL archive", "; see 'list --wal'")
+
+
+def timeline_plan(backups: list[BaseBackup], target: Target, archived_of: Callable[[str], set[int]],
+                  path_of: Callable[[str, int], TimelinePath], where: str, hint: str = "") -> tuple[list[BaseBackup], TimelinePath]:
+    """resolve_timeline over any WAL store (pure but for `archived_of(system)`, the timelines it holds WAL or a history
+    file of, and `path_of(system, timeline)`, a timeline's path from its history file)."""
     good = [b for b in backups if b.good]
     if not good:
         return backups, []
@@ -242,13 +256,12 @@ def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBack
     same = [b for b in backups if str(b.metadata.get("systemIdentifier")) == system]
     if target.timeline == "current":
         return same, []
-    archived = {t.timeline for t in archive.timelines() if t.system_id == system and t.segnos}
-    archived |= {int(p.name[:8], 16) for p in (archive.root / system / "history").glob("*.history.json")} if (archive.root / system / "history").is_dir() else set()
+    archived = archived_of(system)
     wanted = max(archived | {int(b.metadata["timeline"]) for b in good}) if target.timeline == "latest" else int(target.timeline)
     if target.timeline != "latest" and wanted not in archived | {int(b.metadata["timeline"]) for b in same}:
         shown = ", ".join(str(t) for t in sorted(archived)) or "none"
-        raise NotFound(f"timeline {wanted} is not in the WAL archive of system {system} (archived timelines: {shown}); see 'list --wal'")
-    path = _timeline_path(archive, system, wanted, _wal_identity(config))
+        raise NotFound(f"timeline {wanted} is not in {where} of system {system} (archived timelines: {shown}){hint}")
+    path = path_of(system, wanted)
     fitting = [b for b in same if on_path(b.metadata, path)]
     if not [b for b in fitting if b.good]:
         raise NotFound(f"no good base backup lies on timeline {wanted}'s history (timelines {', '.join(str(t) for t, _ in path)}); "
@@ -256,30 +269,40 @@ def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBack
     return fitting, path
 
 
-def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None, quiet: bool = False) -> list[str]:
-    """The segments recovery reads: from the base backup's start, contiguous, along the timeline path (each timeline up
-    to the segment its successor forks in, which is read from the successor), up to the target's segment (LSN) or the
-    newest archived one. A gap before the newest is logged as a warning unless `quiet`."""
-    size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
+def chain_along(has: Callable[[str], bool], meta: dict[str, Any], last: int | None, path: TimelinePath | None) -> tuple[list[str], str | None]:
+    """The segments from a base backup's start that `has` holds, contiguous, along the timeline path (each timeline up to
+    the segment its successor forks in, which is read from the successor), up to segment number `last` (None: as far
+    as they go); and the first one missing where the chain stopped (None when it reached `last`). Pure."""
+    size = int(meta["walSegmentSize"])
     path = [(t, s) for t, s in (path or [(int(meta["timeline"]), None)]) if t >= int(meta["timeline"])] or [(int(meta["timeline"]), None)]
     segno = segment_of(parse_lsn(meta["startLsn"]), size)
-    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
     names: list[str] = []
     for timeline, switch in path:
         end = segment_of(switch, size) - 1 if switch is not None else None  # the fork's segment is the successor's
         while (last is None or segno <= last) and (end is None or segno <= end):
             name = segment_name(timeline, segno, size)
-            if archive.record(system, name) is None:
-                if last is not None:
-                    raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
-                later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
-                if later and not quiet:
-                    log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
-                                "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
-                                extra={"event": "wal_gap"})
-                return names
+            if not has(name):
+                return names, name
             names.append(name)
             segno += 1
+    return names, None
+
+
+def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None, quiet: bool = False) -> list[str]:
+    """The segments recovery reads (chain_along the archive's): from the base backup's start up to the target's segment
+    (LSN) or the newest archived one. A gap before the newest is logged as a warning unless `quiet`."""
+    size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
+    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
+    names, missing = chain_along(lambda name: archive.record(system, name) is not None, meta, last, path)
+    if missing is not None:
+        if last is not None:
+            raise NotFound(f"WAL up to {target.describe()} is not archived: segment {missing} is missing")
+        timeline, segno = parse_segment(missing, size)
+        later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
+        if later and not quiet:
+            log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
+                        "(up to %s) cannot be used; restore to an earlier point or take a new base backup", missing, later[0].last,
+                        extra={"event": "wal_gap"})
     return names
 
 
@@ -326,21 +349,29 @@ def waldump_tool(config: Config, major: int | None) -> str | None:
         return None
 
 
-def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identity: age.Identities | None,
-                 following: str | None = None) -> SegmentScan | None:
+def scan_segment(archive: WalArchive | None, system: str, name: str, tool: str, identity: age.Identities | None,
+                 following: str | None = None, fetch: Callable[[str, Path], None] | None = None) -> SegmentScan | None:
     """Decode one archived segment into a scratch file (sha256 checked) and read its transaction and restore point records
     with pg_waldump, streaming (its output is never held whole). None if pg_waldump cannot read it. With `following`
     (the next segment of the chain) that one is decoded beside it, so that a record starting in `name` and ending in
-    the next (a large COMMIT) is read whole; records starting in the next are left out."""
+    the next (a large COMMIT) is read whole; records starting in the next are left out. `fetch(name, dest)` reads a
+    segment from elsewhere (the remote store) instead of `archive`."""
     from sidecar.postgres import base_env
+
+    def get(wanted: str, dest: Path) -> None:
+        if fetch is not None:
+            fetch(wanted, dest)
+        else:
+            assert archive is not None
+            archive.fetch(system, wanted, dest, identity)
 
     with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-waldump-") as scratch:
         path = Path(scratch) / name
-        archive.fetch(system, name, path, identity)
+        get(name, path)
         argv = [tool, "--rmgr=Transaction", "--rmgr=XLOG", str(path)]
         end = None
         if following is not None:
-            archive.fetch(system, following, Path(scratch) / following, identity)
+            get(following, Path(scratch) / following)
             size = path.stat().st_size
             timeline, segno = parse_segment(name, size)
             end = (segno + 1) * size
@@ -382,17 +413,25 @@ def locate(config: Config, archive: WalArchive, meta: dict[str, Any], target: Ta
     system = str(meta["systemIdentifier"])
     chain = wal_chain(archive, meta, Target("latest"), path)
     identity = _wal_identity(config)
+    return search_wal(chain, lambda name, following: scan_segment(archive, system, name, tool, identity, following), target, system,
+                      "the archived WAL", "; 'list --wal' shows what is archived")
+
+
+def search_wal(chain: list[str], scan: Callable[[str, str | None], SegmentScan | None], target: Target, system: str, where: str,
+               hint: str = "") -> int | None:
+    """The LSN of a restore point's record or of the end of transaction `xid` in the segments `chain`, newest first, each
+    read by `scan(name, the next one)`; None if one cannot be read here; NotFound if it is not there."""
     for i, name in reversed(list(enumerate(chain))):
-        scan = scan_segment(archive, system, name, tool, identity, chain[i + 1] if i + 1 < len(chain) else None)
-        if scan is None:
+        scan_ = scan(name, chain[i + 1] if i + 1 < len(chain) else None)
+        if scan_ is None:
             return None
-        found = scan.restore_points.get(target.name or "") if target.kind == "name" else scan.xids.get(target.xid or -1)
+        found = scan_.restore_points.get(target.name or "") if target.kind == "name" else scan_.xids.get(target.xid or -1)
         if found is not None:
             return found
     span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
     what = "no restore point of that name was created" if target.kind == "name" else "that transaction did not end"
-    raise NotFound(f"{target.describe()} is not in the archived WAL of system {system} ({span} searched: {what} after the oldest "
-                   "good base backup); 'list --wal' shows what is archived")
+    raise NotFound(f"{target.describe()} is not in {where} of system {system} ({span} searched: {what} after the oldest "
+                   f"good base backup){hint}")
 
 
 def _empty_target(directory: Path) -> None:
@@ -607,7 +646,8 @@ class ScratchServer:
 
         done = subprocess.run(argv, user=self.user, capture_output=True, text=True, check=False, cwd="/", env=base_env())
         if check and done.returncode != 0:
-            raise SidecarError(f"the scratch PostgreSQL failed: {(done.stderr or done.stdout).strip()[-300:]}; {self.log_tail()}")
+            said = " ".join((done.stderr or done.stdout).split())[-300:]
+            raise SidecarError(f"the scratch PostgreSQL failed: {said}; {self.log_tail()}")
         return done.stdout
 
     def log_tail(self) -> str:
@@ -640,12 +680,17 @@ class ScratchServer:
                         return
             except psycopg.OperationalError:
                 if not (self.data / "postmaster.pid").exists():
-                    if "recovery ended before configured recovery target was reached" in self.log_tail():
-                        raise NotFound(f"{target} is not in the archived WAL: recovery ended before reaching it (PostgreSQL: 'recovery "
-                                       "ended before configured recovery target was reached'); nothing was restored") from None
+                    self.not_reached(target)
                     raise SidecarError(f"the scratch PostgreSQL stopped during recovery; {self.log_tail()}") from None
             time.sleep(0.5)
         raise SidecarError(f"the scratch PostgreSQL did not finish recovery in {timeout:.0f}s; {self.log_tail()}")
+
+    def not_reached(self, target: str) -> None:
+        """NotFound when the server stopped because recovery ran to the end of the WAL without reaching the target
+        (PostgreSQL 13+ refuses to promote then: FATAL, 'recovery ended before configured recovery target was reached')."""
+        if "recovery ended before configured recovery target was reached" in self.log_tail():
+            raise NotFound(f"{target} is not in the archived WAL: recovery ended before reaching it (PostgreSQL: 'recovery "
+                           "ended before configured recovery target was reached'); nothing was restored")
 
     def start_promoted(self, config: Config, target: str) -> str:
         """Start it and wait until recovery has promoted; the conninfo of `config`'s database there, as its user. The
@@ -653,7 +698,11 @@ class ScratchServer:
         from psycopg.conninfo import make_conninfo
 
         try:
-            self.start()
+            try:
+                self.start()
+            except SidecarError:  # it may stop before pg_ctl saw it accept connections
+                self.not_reached(target)
+                raise
             params = {k: v for k, v in config.conninfo().items() if k in ("user", "dbname")}
             url = make_conninfo(**params, host=str(self.root), port=str(self.port))
             self.wait_promoted(make_conninfo(url, dbname="postgres"), target=target)

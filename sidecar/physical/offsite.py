@@ -552,7 +552,7 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
 
     good = [b for b in backups if b.good]
     newest = good[0].metadata if good else {}
-    pool, path = timeline_plan(backups, target, lambda system: {int(name[:8], 16) for name in wal_of(system)},
+    pool, path = timeline_plan(backups, target, lambda system: {int(n[:8], 16) for n in wal_of(system) if SEGMENT.fullmatch(n) or HISTORY.fullmatch(n)},
                                lambda system, timeline: _remote_history(config, store, system, timeline, wal_of(system), newest),
                                "the WAL on the remote")
     choice, through = target, None

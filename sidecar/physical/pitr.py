@@ -427,6 +427,8 @@ def search_wal(chain: list[str], scan: Callable[[str, str | None], SegmentScan |
             return None
         found = scan_.restore_points.get(target.name or "") if target.kind == "name" else scan_.xids.get(target.xid or -1)
         if found is not None:
+            log.info("%s found in %s at LSN %s, segment %s (%d of %d segments read, newest first)", target.describe(), where, format_lsn(found),
+                     name, len(chain) - i, len(chain), extra={"event": "pitr_target_found"})
             return found
     span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
     what = "no restore point of that name was created" if target.kind == "name" else "that transaction did not end"

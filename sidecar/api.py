@@ -645,11 +645,11 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
     """Write a data directory that recovers to the target (base backup + WAL, recovery configured, promote). `stage_wal`:
     copy the WAL into its pg_wal (self-contained; the default when running as root) or read it through wal-fetch.
     `exclusive` stops just before a time, LSN or transaction; `timeline` is latest (default), current or a number.
-    `from_remote`: base backup and WAL read from the remote store alone (a lost volume); the WAL is then always staged."""
+    `from_remote`: base backup and WAL read from the remote store alone (a lost volume), every target as from the volume;
+    the WAL is then always staged."""
     from sidecar.physical.pitr import parse_target, restore_to_data_dir
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
-    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
     cfg = _config(config)
     if from_remote:
         from sidecar.physical.offsite import restore_from_remote
@@ -662,24 +662,18 @@ def restore_to_point(config: Config | None, to_time: str | None, to_lsn: str | N
         return restore_to_data_dir(cfg, target, into_data_dir, stage_wal)
 
 
-def _remote_targets_only(from_remote: bool, to_restore_point: str | None, to_xid: str | None, exclusive: bool, timeline: str | None) -> None:
-    """A restore from the bucket reaches a time, an LSN or the end of the copied WAL on the base backup's timeline; the
-    other targets are refused rather than ignored (recovery would run past them)."""
-    if from_remote and (to_restore_point or to_xid or exclusive or timeline not in (None, "latest")):
-        raise UsageError("--from-remote restores to --to-time, --to-lsn or --to-latest on the base backup's timeline; "
-                         "--to-restore-point, --to-xid, --exclusive and --timeline need the WAL archive on the volume")
-
-
 def describe_point_in_time_target(to_time: str | None = None, to_lsn: str | None = None, to_latest: bool = False,
                                   to_restore_point: str | None = None, to_xid: str | None = None, exclusive: bool = False,
                                   timeline: str | None = None, from_remote: bool = False) -> str:
     """Check a point-in-time target as `restore --to-*` would, before anything starts (UsageError naming the problem);
-    what it restores to, in words. The daemon checks a `POST /v1/restores` target with it."""
+    what it restores to, in words. The daemon checks a `POST /v1/restores` target with it. Every target restores from the
+    remote store too (`from_remote`, kept for the callers: nothing is refused for it any more)."""
     from sidecar.physical.pitr import parse_target
 
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
-    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
     return target.describe()
+
+
 def pitr_drill(config: Config | None = None) -> Any:
     """A PITR drill (issue 16): a restore point with the exact row counts at it, its WAL archived, a restore to it into a
     scratch server, the counts compared; recorded on the volume (wal/.pitr-drill.json) for the metrics. `report.ok`."""
@@ -718,7 +712,6 @@ def restore_to_point_in_database(config: Config | None, to_time: str | None, to_
 
     cfg = _config(config)
     target = parse_target(to_time, to_lsn, to_latest, to_restore_point, to_xid, exclusive, timeline)
-    _remote_targets_only(from_remote, to_restore_point, to_xid, exclusive, timeline)
 
     root = scratch_directory()
     try:
@@ -752,7 +745,7 @@ def restore_tables(config: Config | None, tables: list[str], ref: str | None = N
     time, `_restored` for a backup), or into `target_db` under their own; with their rows, indexes and constraints that
     stand alone (foreign keys to tables not restored are left out). A name already taken is refused before anything.
     `from_remote` (always without a volume): the backup, or the base backup and WAL, read from the remote store alone
-    (for a point in time: --to-time, --to-lsn or --to-latest). `database`: of a whole server's backup set, the database
+    (for a point in time: every target, as from the volume). `database`: of a whole server's backup set, the database
     whose tables to restore (they go back into it); a set needs it, a point in time refuses it (DATABASE_URL's database)."""
     from sidecar.logical import tables as _tables
 
@@ -771,7 +764,6 @@ def restore_tables(config: Config | None, tables: list[str], ref: str | None = N
     if database is not None:
         raise UsageError("a point in time restores tables of DATABASE_URL's database (the one the base backups were taken with); "
                          "leave out --database, or restore from a logical backup set: restore ID --database NAME --table S.T")
-    _remote_targets_only(remote, to_restore_point, to_xid, exclusive, timeline)
     with _reading(cfg):  # a prune run beside it (the daemon's, with the volume) leaves the base backups and WAL alone
         return _tables.restore_tables_to_point(cfg, target, tables, suffix, target_db, from_remote=remote)
 

@@ -250,8 +250,7 @@ def test_the_chart_s_restore_job_args_are_what_the_cli_parses_and_the_sidecar_ac
     ({"toTime": "2026-11-26T14:32:05Z", "toLsn": "0/3000028", "targetDb": "x"}, "toTime, toLsn: give one point-in-time target"),
     ({"exclusive": True, "targetDb": "x"}, "go with a point-in-time target"),
     ({"toLatest": True, "targetDb": "x", "database": "shop"}, "leave out restore.database"),
-    ({"database": "shop", "targetDb": "x"}, "leave out restore.targetDb"),
-    ({"toXid": 1234, "targetDb": "x", "fromRemote": True}, "need the WAL archive on the volume")])
+    ({"database": "shop", "targetDb": "x"}, "leave out restore.targetDb")])
 def test_a_restore_job_the_sidecar_would_refuse_fails_at_install_saying_why(restore: dict[str, Any], words: str) -> None:
     with pytest.raises(helm_python.HelmError, match=words):
         render({"restore": {"enabled": True, "requestId": "r1", **restore}})

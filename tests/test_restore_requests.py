@@ -43,7 +43,6 @@ def test_the_daemon_asks_its_restore_child_for_exactly_what_the_request_asked(re
     (None, {"to_time": "2026-11-26 14:32"}, "x", None, False, "to_time '2026-11-26 14:32' has no time zone", "--to-time '2026-11-26 14:32' has no"),
     (None, {"to_restore_point": "p", "exclusive": True}, "x", None, False, "exclusive stops just before", "--exclusive stops just before"),
     (None, {"to_latest": True}, None, None, False, "add target_db", "add --target-db"),
-    (None, {"to_xid": "77"}, "x", None, True, "from_remote restores to to_time, to_lsn or to_latest", "--from-remote restores to --to-time"),
     ("latest", {}, "x", "shop", False, "leave out target_db", "leave out --target-db"),
 ])
 def test_a_request_the_sidecar_cannot_take_is_one_line_in_the_api_s_terms_and_the_cli_s(backup: str | None, target: dict[str, Any],

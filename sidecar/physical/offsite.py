@@ -31,7 +31,7 @@ from sidecar import streams
 from sidecar.config import Config
 from sidecar.errors import ChecksumMismatch, NotFound, SidecarError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, DamagedBase, base_dir, chain_facts, chain_of, identities, list_base_backups, materialise
+from sidecar.physical.base import BaseBackup, base_dir, chain_facts, chain_of, identities, list_base_backups
 from sidecar.physical.hold import copying
 from sidecar.physical.wal import HISTORY, SEGMENT, WalArchive, parse_lsn, parse_segment, segment_name, segment_of, segment_size_of
 from sidecar.repository import METADATA_SUFFIX, Repository, write_atomically
@@ -441,89 +441,102 @@ def _fetch_wal(store: Store, system: str, name: str, dest: Path, config: Config,
     os.rename(tmp, dest)
 
 
-def _remote_wal_chain(have: dict[str, int], meta: dict[str, Any], target: Any) -> tuple[list[str], str]:
-    """The WAL segments on the remote from a base backup's start, one after the other (to the target's segment for an LSN
-    target), and what is missing ('' when they reach the target, or, for another target, at least the base backup's end)."""
-    timeline, size = int(meta["timeline"]), int(meta["walSegmentSize"])
-    segno = segment_of(parse_lsn(meta["startLsn"]), size)
+def _remote_wal_chain(have: dict[str, int], meta: dict[str, Any], target: Any, path: Any = None, through: int | None = None) -> tuple[list[str], str]:
+    """The WAL segments on the remote from a base backup's start, one after the other along the timeline path (to the
+    target's segment for an LSN target; to the segment after `through`, the target's, when the remote has it), and what
+    is missing ('' when they reach the target, or, for another target, at least the base backup's end)."""
+    from sidecar.physical.pitr import chain_along
+
+    size = int(meta["walSegmentSize"])
     last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
-    chain = []
-    while (last is None or segno <= last) and segment_name(timeline, segno, size) in have:
-        chain.append(segment_name(timeline, segno, size))
-        segno += 1
-    needed = segment_name(timeline, last, size) if last is not None else str(meta["endWal"])
-    if not chain or chain[-1] < needed:
-        return chain, f"segment {segment_name(timeline, segno, size)} is missing"
+    chain, missing = chain_along(lambda name: name in have, meta, last if through is None else through + 1, path)
+    needed = last if last is not None else max(through or 0, parse_segment(str(meta["endWal"]), size)[1])
+    if not chain or parse_segment(chain[-1], size)[1] < needed:
+        return chain, f"segment {missing} is missing"
     return chain, ""
 
 
 def _remote_candidates(backups: list[BaseBackup], target: Any, wal_of: Callable[[str], dict[str, int]]) -> list[tuple[BaseBackup, list[str]]]:
     """The base backups a restore from the bucket tries, in order, with the WAL each replays (pure but for `wal_of`, the
-    remote's WAL of a system): the newest good one that ends before the target (an incremental with its whole chain
-    there), then, should its chain be broken or a link turn out damaged, each good one before it (of the same system, its
-    chain whole) whose WAL on the remote reaches as far, newest first. NotFound, naming what is missing, when none can."""
-    from sidecar.physical.pitr import choose_base
+    remote's WAL of a system): pitr.restorable's, the WAL being the remote's. NotFound, naming what is missing, when none can."""
+    return _remote_options(backups, target, wal_of)[0]
 
-    chosen = choose_base(backups, target)
-    system = str(chosen.metadata["systemIdentifier"])
-    have = wal_of(system)
-    wal, missing = _remote_wal_chain(have, chosen.metadata, target)
+
+def _remote_options(backups: list[BaseBackup], target: Any, wal_of: Callable[[str], dict[str, int]], path: Any = None,
+                    pool: list[BaseBackup] | None = None, choice: Any = None, through: int | None = None) -> tuple[list[tuple[BaseBackup, list[str]]], str]:
+    """_remote_candidates along a timeline `path`, of the base backups `pool` on it, the base backup chosen for `choice`
+    (default: the target), the WAL staged up to the segment after `through` (a restore point's or transaction's)."""
+    from sidecar.physical.pitr import choose_base, restorable
+
+    chosen = choose_base(backups if pool is None else pool, target if choice is None else choice)
+    have = wal_of(str(chosen.metadata["systemIdentifier"]))
+    wal, missing = _remote_wal_chain(have, chosen.metadata, target, path, through)
     if missing:
         raise NotFound(f"WAL up to {target.describe()} is not on the remote: {missing}")
-    out = []
-    _, broken = chain_of(backups, chosen)
-    if not broken:
-        out.append((chosen, wal))
-    why = ""
-    for backup in backups:  # newest first
-        if backup.id >= chosen.id or not backup.good or str(backup.metadata.get("systemIdentifier")) != system or chain_of(backups, backup)[1]:
-            continue
-        fallback, short = _remote_wal_chain(have, backup.metadata, target)
-        if short or fallback[-1] < wal[-1]:
-            why = why or f" ({backup.id}: WAL {short or 'only up to ' + fallback[-1]})"
-            continue
-        out.append((backup, fallback))
-    if not out:
-        raise NotFound(f"base backup {chosen.id} on the remote cannot be restored: {broken}; no older base backup there whose chain "
-                       f"is whole and whose WAL reaches {target.describe()}{why}")
-    if broken:
-        log.warning("base backup %s on the remote cannot be restored (%s); restoring %s, an older one, with more WAL", chosen.id, broken,
-                    out[0][0].id, extra={"event": "pitr_base_broken_chain", "backup_id": chosen.id})
-    return out
+    return restorable(backups, chosen, wal, target, lambda backup: _remote_wal_chain(have, backup.metadata, target, path, through),
+                      pool=pool, where=" on the remote")
 
 
-def _materialise_remote(config: Config, store: Store, backups: list[BaseBackup], candidates: list[tuple[BaseBackup, list[str]]],
-                        directory: Path) -> tuple[BaseBackup, list[str]]:
-    """The first candidate whose chain reads back whole, written into `directory`; a damaged link rules out every
-    candidate that needs it. ChecksumMismatch naming the first damaged link when none is left."""
-    from sidecar.physical.pitr import _wipe
+def _remote_history(config: Config, store: Store, system: str, timeline: int, have: dict[str, int], meta: dict[str, Any]) -> Any:
+    """A timeline's path from its history file on the remote (the timeline alone when there is none)."""
+    import tempfile
 
-    def source(link: BaseBackup) -> ChunkReader:
-        return ChunkReader(store.open_read(base_object(link.metadata["files"]["base"]["name"])))
+    from sidecar.physical.pitr import parse_history
 
-    damaged: list[DamagedBase] = []
-    for backup, wal in candidates:
-        if any(d.backup_id == link.id for d in damaged for link in chain_of(backups, backup)[0]):
-            continue
-        try:
-            materialise(config, backups, backup, directory, source=source)
-            return backup, wal
-        except DamagedBase as exc:
-            damaged.append(exc)
-            log.warning("%s on the remote; trying an older base backup", exc, extra={"event": "pitr_base_damaged", "backup_id": exc.backup_id})
-            _wipe(directory, False)
-    raise ChecksumMismatch(f"{damaged[0]} (on the remote); no older base backup there whose chain is whole restores instead")
+    name = f"{timeline:08X}.history"
+    if timeline == 1 or name not in have:
+        return [(timeline, None)]
+    with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-history-") as scratch:
+        _fetch_wal(store, system, name, Path(scratch) / name, config, meta)
+        return parse_history((Path(scratch) / name).read_text(errors="replace"), timeline)
+
+
+def _remote_locate(config: Config, store: Store, meta: dict[str, Any], target: Any, path: Any, have: dict[str, int]) -> int | None:
+    """pitr.locate over the remote's WAL: the LSN of a restore point or of the end of a transaction, the segments from
+    the newest back to the start of `meta` (the oldest base backup that can reach it) streamed one at a time into a
+    scratch file (sha256 checked) and read by pg_waldump, each beside the next; at most two kept, and the search stops
+    at the newest segment that has it. None without a pg_waldump of that major version; NotFound if it is not there."""
+    import shutil
+    import tempfile
+
+    from sidecar.physical.pitr import chain_along, scan_segment, search_wal, waldump_tool
+
+    tool = waldump_tool(config, meta.get("serverMajor"))
+    if tool is None:
+        return None
+    system = str(meta["systemIdentifier"])
+    chain, _ = chain_along(lambda name: name in have, meta, None, path)
+    with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-remote-wal-") as cache:
+        kept: list[Path] = []
+
+        def fetch(name: str, dest: Path) -> None:
+            cached = Path(cache) / name
+            if not cached.exists():
+                _fetch_wal(store, system, name, cached, config, meta)
+                kept.append(cached)
+                while len(kept) > 2:  # newest first: a segment is read once as itself and once as the next one's follower
+                    kept.pop(0).unlink(missing_ok=True)
+            try:
+                os.link(cached, dest)
+            except OSError:
+                shutil.copyfile(cached, dest)
+
+        return search_wal(chain, lambda name, following: scan_segment(None, system, name, tool, None, following, fetch=fetch), target, system,
+                          "the WAL on the remote", "; nothing was written")
 
 
 def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[str, Any]:
-    """restore --to-time/--to-lsn/--to-latest --from-remote --into-data-dir: the newest good base backup on the remote
-    that ends before the target, streamed from the bucket into `directory` (every file checked against its manifest; an
-    incremental one with its chain, combined by pg_combinebackup as on the volume), the WAL it needs staged in pg_wal (each
-    file's sha256 checked), recovery configured. An incremental whose chain is broken there (a link missing, or read back
-    damaged) gives way to the newest base backup before it whose chain is whole there (a full one, or an incremental) and
-    whose WAL there reaches as far; none: refused, naming what is missing. Nothing is read from the volume."""
+    """restore --to-... --from-remote --into-data-dir (every target, as from the volume): the newest good base backup on
+    the remote that ends before the target, on the target's timeline path (from the history files on the remote), streamed
+    from the bucket into `directory` (every file checked against its manifest; an incremental one with its chain, combined
+    by pg_combinebackup as on the volume), the WAL it needs staged in pg_wal (each file's sha256 checked), recovery
+    configured. A restore point or transaction is looked for first in the remote's WAL (pg_waldump, newest segment first,
+    one segment at a time): its LSN chooses the base backup and the WAL staged ends just after it; not there: refused
+    before anything is written. An incremental whose chain is broken there (a link missing, or read back damaged) gives
+    way to the newest base backup before it whose chain is whole there (a full one, or an incremental) and whose WAL
+    there reaches as far; none: refused, naming what is missing. Nothing is read from the volume."""
     from sidecar import api
-    from sidecar.physical.pitr import _chown, _conf_quote, _wipe
+    from sidecar.physical.pitr import Target, _chown, _conf_quote, _wipe, materialise_first, recovery_settings, timeline_plan
 
     directory = directory.absolute()
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -533,24 +546,44 @@ def restore_from_remote(config: Config, target: Any, directory: Path) -> dict[st
     store = api.remote_store(config)
     backups = remote_base_backups(store)
     wal_seen: dict[str, dict[str, int]] = {}
-    candidates = _remote_candidates(backups, target, lambda system: wal_seen.setdefault(system, remote_wal(store, system)))
+
+    def wal_of(system: str) -> dict[str, int]:
+        return wal_seen.setdefault(system, remote_wal(store, system))
+
+    good = [b for b in backups if b.good]
+    newest = good[0].metadata if good else {}
+    pool, path = timeline_plan(backups, target, lambda system: {int(n[:8], 16) for n in wal_of(system) if SEGMENT.fullmatch(n) or HISTORY.fullmatch(n)},
+                               lambda system, timeline: _remote_history(config, store, system, timeline, wal_of(system), newest),
+                               "the WAL on the remote")
+    choice, through = target, None
+    if target.kind in ("name", "xid") and [b for b in pool if b.good]:  # its LSN chooses the base backup, and bounds the WAL staged
+        oldest = [b for b in pool if b.good][-1]
+        found = _remote_locate(config, store, oldest.metadata, target, path, wal_of(str(oldest.metadata["systemIdentifier"])))
+        if found is None:  # not looked for: the oldest base backup, which reaches it if anything does; PostgreSQL stops there
+            log.warning("pg_waldump of PostgreSQL %s is not here: %s cannot be looked for in the WAL on the remote before the restore; "
+                        "restoring from the oldest base backup there (%s), and PostgreSQL refuses to promote if it is not reached",
+                        oldest.metadata.get("serverMajor"), target.describe(), oldest.id)
+            choice = Target("lsn", lsn=parse_lsn(oldest.metadata["endLsn"]))
+        else:
+            choice, through = Target("lsn", lsn=found), segment_of(found, int(oldest.metadata["walSegmentSize"]))
+    candidates, why = _remote_options(backups, target, wal_of, path, pool, choice, through)
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     try:
-        backup, chain = _materialise_remote(config, store, backups, candidates, directory)
-        have = wal_seen[str(backup.metadata["systemIdentifier"])]
+        backup, chain = materialise_first(config, backups, candidates, directory, source=lambda link: ChunkReader(
+            store.open_read(base_object(link.metadata["files"]["base"]["name"]))), where=" on the remote", why=why)
+        have = wal_of(str(backup.metadata["systemIdentifier"]))
         meta = backup.metadata
         system, timeline = str(meta["systemIdentifier"]), int(meta["timeline"])
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
-        for name in [f"{t:08X}.history" for t in range(2, timeline + 1) if f"{t:08X}.history" in have] + chain:
+        highest = max([timeline, *(t for t, _ in path)])
+        for name in [f"{t:08X}.history" for t in range(2, highest + 1) if f"{t:08X}.history" in have] + chain:
             _fetch_wal(store, system, name, wal_dir / name, config, meta)
-        settings = ["restore_command = '/bin/false'", "recovery_target_action = 'promote'", "recovery_target_timeline = 'latest'"]
-        if target.kind == "time" and target.time:
-            settings.append(f"recovery_target_time = {_conf_quote(target.time.strftime('%Y-%m-%d %H:%M:%S.%f+00'))}")
-        elif target.kind == "lsn" and target.lsn is not None:
-            settings.append(f"recovery_target_lsn = {_conf_quote(target.describe().removeprefix('LSN '))}")
+        recover_along = str(path[-1][0]) if path and target.timeline != "current" else target.timeline
+        settings = ["restore_command = '/bin/false'", "recovery_target_action = 'promote'", f"recovery_target_timeline = {_conf_quote(recover_along)}"]
+        settings += recovery_settings(target)
         with open(directory / "postgresql.auto.conf", "a") as conf:
             conf.write(f"\n# point-in-time recovery written by pg-backup-sidecar from {store.description} (WAL staged in pg_wal)\n")
             conf.write("".join(line + "\n" for line in settings))

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +21,9 @@ from typing import Any
 
 from sidecar import age
 from sidecar.config import Config
-from sidecar.errors import NotFound, SidecarError, UsageError
+from sidecar.errors import ChecksumMismatch, NotFound, SidecarError, UsageError
 from sidecar.physical import tar
-from sidecar.physical.base import BaseBackup, chain_of, identities, list_base_backups, materialise
+from sidecar.physical.base import BaseBackup, DamagedBase, chain_of, identities, list_base_backups, materialise
 from sidecar.physical.receiver import spool_dir
 from sidecar.physical.wal import HISTORY, PARTIAL, SEGMENT, WalArchive, copy_into_place, format_lsn, parse_lsn, parse_segment, segment_name, segment_of, spool_segment
 from sidecar.repository import iso_timestamp
@@ -129,6 +130,67 @@ def choose_base(backups: list[BaseBackup], target: Target) -> BaseBackup:
     raise NotFound(f"no base backup ends before {target.describe()}: the oldest good one ({oldest['id']}) {ends}")
 
 
+Reach = Callable[[BaseBackup], tuple[list[str], str]]  # a base backup's WAL on hand, and what stops it short ('' when nothing)
+
+
+def restorable(backups: list[BaseBackup], chosen: BaseBackup, wal: list[str], target: Target, reach: Reach,
+               pool: list[BaseBackup] | None = None, where: str = "", hint: str = "") -> tuple[list[tuple[BaseBackup, list[str]]], str]:
+    """The base backups a restore tries, in order, with the WAL each replays (pure but for `reach`): `chosen` (the newest
+    good one that ends before the target, `wal` its WAL) when its chain is whole, then each good one before it in `pool`
+    (default `backups`; of the same system, its chain whole) whose WAL on hand reaches as far, newest first: should a link
+    of the chain turn out damaged when it is read, the next one restores instead. Also why the older ones left out were
+    ('' when none was). NotFound, naming what is broken (and `hint`: what to do), when none can; `where` names the store
+    (' on the remote')."""
+    system = str(chosen.metadata["systemIdentifier"])
+    out = []
+    _, broken = chain_of(backups, chosen)
+    if not broken:
+        out.append((chosen, wal))
+    why = ""
+    for backup in backups if pool is None else pool:  # newest first
+        if backup.id >= chosen.id or not backup.good or str(backup.metadata.get("systemIdentifier")) != system or chain_of(backups, backup)[1]:
+            continue
+        fallback, short = reach(backup)
+        if short or not fallback or fallback[-1] < wal[-1]:
+            why = why or f" ({backup.id}: WAL {short or 'only up to ' + (fallback[-1] if fallback else 'its start')})"
+            continue
+        out.append((backup, fallback))
+    there = " there" if where else ""
+    if not out:
+        raise NotFound(f"base backup {chosen.id}{where} cannot be restored: {broken}; no older base backup{there} whose chain "
+                       f"is whole and whose WAL reaches {target.describe()}{why}{hint}")
+    if broken:
+        log.warning("base backup %s%s cannot be restored (%s); restoring %s, an older one, with more WAL", chosen.id, where, broken,
+                    out[0][0].id, extra={"event": "pitr_base_broken_chain", "backup_id": chosen.id})
+    return out, why
+
+
+def materialise_first(config: Config, backups: list[BaseBackup], candidates: list[tuple[BaseBackup, list[str]]], directory: Path,
+                      source: Callable[[BaseBackup], Any] | None = None, where: str = "", why: str = "",
+                      ready: Callable[[BaseBackup, list[str]], None] | None = None) -> tuple[BaseBackup, list[str]]:
+    """The first candidate (restorable's) whose chain reads back whole, written into the empty `directory`; a damaged
+    link rules out every candidate that needs it, and `ready(backup, wal)` (a check of its WAL) may rule one out by a
+    ChecksumMismatch. Each failure is logged as a warning naming the base backup skipped and why, and what was written
+    is removed before the next one. ChecksumMismatch naming the first damage when none is left."""
+    damaged: list[ChecksumMismatch] = []
+    there = " there" if where else ""
+    for backup, wal in candidates:
+        if any(isinstance(d, DamagedBase) and d.backup_id == link.id for d in damaged for link in chain_of(backups, backup)[0]):
+            continue
+        try:
+            if ready is not None:
+                ready(backup, wal)
+            materialise(config, backups, backup, directory, source=source)
+            return backup, wal
+        except ChecksumMismatch as exc:  # DamagedBase: a link read back damaged; or a segment of its WAL
+            damaged.append(exc)
+            log.warning("%s%s; base backup %s is skipped, trying an older one", exc, f" ({where.strip()})" if where else "", backup.id,
+                        extra={"event": "pitr_base_damaged", "backup_id": getattr(exc, "backup_id", backup.id)})
+            _wipe(directory, False)
+    raise ChecksumMismatch(f"{damaged[0]}{f' ({where.strip()})' if where else ''}; no older base backup{there} whose chain is whole "
+                           f"restores instead{why}{'' if where else '; restore from the off-site copy (--from-remote) or to an earlier point'}")
+
+
 # --- timelines ------------------------------------------------------------------------------------
 
 TimelinePath = list[tuple[int, int | None]]  # (timeline, LSN where the next one forks from it; None for the last)
@@ -173,6 +235,20 @@ def _wal_identity(config: Config) -> age.Identities | None:
 def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBackup], target: Target) -> tuple[list[BaseBackup], TimelinePath]:
     """The base backups that can reach the target's timeline, and the timeline path (the system is the newest good base
     backup's). `latest` is the highest timeline archived for that system; `current` the chosen base backup's own."""
+
+    def archived(system: str) -> set[int]:
+        found = {t.timeline for t in archive.timelines() if t.system_id == system and t.segnos}
+        history = archive.root / system / "history"
+        return found | ({int(p.name[:8], 16) for p in history.glob("*.history.json")} if history.is_dir() else set())
+
+    return timeline_plan(backups, target, archived, lambda system, timeline: _timeline_path(archive, system, timeline, _wal_identity(config)),
+                         "the WAL archive", "; see 'list --wal'")
+
+
+def timeline_plan(backups: list[BaseBackup], target: Target, archived_of: Callable[[str], set[int]],
+                  path_of: Callable[[str, int], TimelinePath], where: str, hint: str = "") -> tuple[list[BaseBackup], TimelinePath]:
+    """resolve_timeline over any WAL store (pure but for `archived_of(system)`, the timelines it holds WAL or a history
+    file of, and `path_of(system, timeline)`, a timeline's path from its history file)."""
     good = [b for b in backups if b.good]
     if not good:
         return backups, []
@@ -180,13 +256,12 @@ def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBack
     same = [b for b in backups if str(b.metadata.get("systemIdentifier")) == system]
     if target.timeline == "current":
         return same, []
-    archived = {t.timeline for t in archive.timelines() if t.system_id == system and t.segnos}
-    archived |= {int(p.name[:8], 16) for p in (archive.root / system / "history").glob("*.history.json")} if (archive.root / system / "history").is_dir() else set()
+    archived = archived_of(system)
     wanted = max(archived | {int(b.metadata["timeline"]) for b in good}) if target.timeline == "latest" else int(target.timeline)
     if target.timeline != "latest" and wanted not in archived | {int(b.metadata["timeline"]) for b in same}:
         shown = ", ".join(str(t) for t in sorted(archived)) or "none"
-        raise NotFound(f"timeline {wanted} is not in the WAL archive of system {system} (archived timelines: {shown}); see 'list --wal'")
-    path = _timeline_path(archive, system, wanted, _wal_identity(config))
+        raise NotFound(f"timeline {wanted} is not in {where} of system {system} (archived timelines: {shown}){hint}")
+    path = path_of(system, wanted)
     fitting = [b for b in same if on_path(b.metadata, path)]
     if not [b for b in fitting if b.good]:
         raise NotFound(f"no good base backup lies on timeline {wanted}'s history (timelines {', '.join(str(t) for t, _ in path)}); "
@@ -194,30 +269,40 @@ def resolve_timeline(archive: WalArchive, config: Config, backups: list[BaseBack
     return fitting, path
 
 
-def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None) -> list[str]:
-    """The segments recovery reads: from the base backup's start, contiguous, along the timeline path (each timeline up
-    to the segment its successor forks in, which is read from the successor), up to the target's segment (LSN) or the
-    newest archived one."""
-    size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
+def chain_along(has: Callable[[str], bool], meta: dict[str, Any], last: int | None, path: TimelinePath | None) -> tuple[list[str], str | None]:
+    """The segments from a base backup's start that `has` holds, contiguous, along the timeline path (each timeline up to
+    the segment its successor forks in, which is read from the successor), up to segment number `last` (None: as far
+    as they go); and the first one missing where the chain stopped (None when it reached `last`). Pure."""
+    size = int(meta["walSegmentSize"])
     path = [(t, s) for t, s in (path or [(int(meta["timeline"]), None)]) if t >= int(meta["timeline"])] or [(int(meta["timeline"]), None)]
     segno = segment_of(parse_lsn(meta["startLsn"]), size)
-    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
     names: list[str] = []
     for timeline, switch in path:
         end = segment_of(switch, size) - 1 if switch is not None else None  # the fork's segment is the successor's
         while (last is None or segno <= last) and (end is None or segno <= end):
             name = segment_name(timeline, segno, size)
-            if archive.record(system, name) is None:
-                if last is not None:
-                    raise NotFound(f"WAL up to {target.describe()} is not archived: segment {name} is missing")
-                later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
-                if later:
-                    log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
-                                "(up to %s) cannot be used; restore to an earlier point or take a new base backup", name, later[0].last,
-                                extra={"event": "wal_gap"})
-                return names
+            if not has(name):
+                return names, name
             names.append(name)
             segno += 1
+    return names, None
+
+
+def wal_chain(archive: WalArchive, meta: dict[str, Any], target: Target, path: TimelinePath | None = None, quiet: bool = False) -> list[str]:
+    """The segments recovery reads (chain_along the archive's): from the base backup's start up to the target's segment
+    (LSN) or the newest archived one. A gap before the newest is logged as a warning unless `quiet`."""
+    size, system = int(meta["walSegmentSize"]), str(meta["systemIdentifier"])
+    last = segment_of(target.lsn, size) if target.kind == "lsn" and target.lsn is not None else None
+    names, missing = chain_along(lambda name: archive.record(system, name) is not None, meta, last, path)
+    if missing is not None:
+        if last is not None:
+            raise NotFound(f"WAL up to {target.describe()} is not archived: segment {missing} is missing")
+        timeline, segno = parse_segment(missing, size)
+        later = [t for t in archive.timelines() if t.system_id == system and t.timeline == timeline and t.segnos and t.segnos[-1] > segno]
+        if later and not quiet:
+            log.warning("segment %s is missing from the WAL archive (a gap): recovery stops before it, and the WAL archived after it "
+                        "(up to %s) cannot be used; restore to an earlier point or take a new base backup", missing, later[0].last,
+                        extra={"event": "wal_gap"})
     return names
 
 
@@ -264,21 +349,29 @@ def waldump_tool(config: Config, major: int | None) -> str | None:
         return None
 
 
-def scan_segment(archive: WalArchive, system: str, name: str, tool: str, identity: age.Identities | None,
-                 following: str | None = None) -> SegmentScan | None:
+def scan_segment(archive: WalArchive | None, system: str, name: str, tool: str, identity: age.Identities | None,
+                 following: str | None = None, fetch: Callable[[str, Path], None] | None = None) -> SegmentScan | None:
     """Decode one archived segment into a scratch file (sha256 checked) and read its transaction and restore point records
     with pg_waldump, streaming (its output is never held whole). None if pg_waldump cannot read it. With `following`
     (the next segment of the chain) that one is decoded beside it, so that a record starting in `name` and ending in
-    the next (a large COMMIT) is read whole; records starting in the next are left out."""
+    the next (a large COMMIT) is read whole; records starting in the next are left out. `fetch(name, dest)` reads a
+    segment from elsewhere (the remote store) instead of `archive`."""
     from sidecar.postgres import base_env
+
+    def get(wanted: str, dest: Path) -> None:
+        if fetch is not None:
+            fetch(wanted, dest)
+        else:
+            assert archive is not None
+            archive.fetch(system, wanted, dest, identity)
 
     with tempfile.TemporaryDirectory(prefix="pg-backup-sidecar-waldump-") as scratch:
         path = Path(scratch) / name
-        archive.fetch(system, name, path, identity)
+        get(name, path)
         argv = [tool, "--rmgr=Transaction", "--rmgr=XLOG", str(path)]
         end = None
         if following is not None:
-            archive.fetch(system, following, Path(scratch) / following, identity)
+            get(following, Path(scratch) / following)
             size = path.stat().st_size
             timeline, segno = parse_segment(name, size)
             end = (segno + 1) * size
@@ -320,17 +413,27 @@ def locate(config: Config, archive: WalArchive, meta: dict[str, Any], target: Ta
     system = str(meta["systemIdentifier"])
     chain = wal_chain(archive, meta, Target("latest"), path)
     identity = _wal_identity(config)
+    return search_wal(chain, lambda name, following: scan_segment(archive, system, name, tool, identity, following), target, system,
+                      "the archived WAL", "; 'list --wal' shows what is archived")
+
+
+def search_wal(chain: list[str], scan: Callable[[str, str | None], SegmentScan | None], target: Target, system: str, where: str,
+               hint: str = "") -> int | None:
+    """The LSN of a restore point's record or of the end of transaction `xid` in the segments `chain`, newest first, each
+    read by `scan(name, the next one)`; None if one cannot be read here; NotFound if it is not there."""
     for i, name in reversed(list(enumerate(chain))):
-        scan = scan_segment(archive, system, name, tool, identity, chain[i + 1] if i + 1 < len(chain) else None)
-        if scan is None:
+        scan_ = scan(name, chain[i + 1] if i + 1 < len(chain) else None)
+        if scan_ is None:
             return None
-        found = scan.restore_points.get(target.name or "") if target.kind == "name" else scan.xids.get(target.xid or -1)
+        found = scan_.restore_points.get(target.name or "") if target.kind == "name" else scan_.xids.get(target.xid or -1)
         if found is not None:
+            log.info("%s found in %s at LSN %s, segment %s (%d of %d segments read, newest first)", target.describe(), where, format_lsn(found),
+                     name, len(chain) - i, len(chain), extra={"event": "pitr_target_found"})
             return found
     span = f"segments {chain[0]}..{chain[-1]}" if chain else "no segments"
     what = "no restore point of that name was created" if target.kind == "name" else "that transaction did not end"
-    raise NotFound(f"{target.describe()} is not in the archived WAL of system {system} ({span} searched: {what} after the oldest "
-                   "good base backup); 'list --wal' shows what is archived")
+    raise NotFound(f"{target.describe()} is not in {where} of system {system} ({span} searched: {what} after the oldest "
+                   f"good base backup){hint}")
 
 
 def _empty_target(directory: Path) -> None:
@@ -369,24 +472,42 @@ def restore_to_data_dir(config: Config, target: Target, directory: Path, stage_w
         good = [b for b in candidates if b.good]
         found = locate(config, archive, good[-1].metadata, target, path) if good else None
         choice = Target("lsn", lsn=found) if found is not None else Target("latest")
-    backup = choose_base(candidates, choice)
-    meta = backup.metadata
-    system = str(meta["systemIdentifier"])
-    chain = wal_chain(archive, meta, target, path)
-    if not chain or chain[-1] < meta["endWal"]:
-        raise NotFound(f"the WAL of base backup {backup.id} is not archived up to its end ({meta['endWal']})")
-    for name in chain:  # before anything is written: a damaged segment stops the restore here, named
-        archive.check(system, name)
-    _, broken = chain_of(listed, backup)
-    if broken:  # a missing or unusable link: one line, nothing written
-        raise NotFound(broken)
-    identity = identities(config, meta)
+    chosen = choose_base(candidates, choice)
+    system = str(chosen.metadata["systemIdentifier"])
+    first = wal_chain(archive, chosen.metadata, target, path)
+    if not first or first[-1] < chosen.metadata["endWal"]:
+        raise NotFound(f"the WAL of base backup {chosen.id} is not archived up to its end ({chosen.metadata['endWal']})")
+
+    def reach(backup: BaseBackup) -> tuple[list[str], str]:
+        try:
+            names = wal_chain(archive, backup.metadata, target, path, quiet=True)
+        except NotFound as exc:
+            return [], str(exc)
+        return names, "" if names and names[-1] >= backup.metadata["endWal"] else f"not archived up to its end ({backup.metadata['endWal']})"
+
+    # an incremental whose chain is broken (a link missing or unusable, or read back damaged below) gives way to the newest
+    # older base backup whose chain is whole and whose WAL reaches as far; none: one line naming what is broken
+    options, why = restorable(listed, chosen, first, target, reach, pool=candidates,
+                              hint="; put the missing base backup back, or restore from the off-site copy (--from-remote) or to an earlier point")
+    checked: set[str] = set()
+
+    def ready(backup: BaseBackup, chain: list[str]) -> None:
+        for name in chain:  # a damaged segment stops the restore here, named (only segments not checked for another candidate)
+            if name not in checked:
+                archive.check(system, name)
+                checked.add(name)
+
+    ready(*options[0])  # before anything is written
+    for link in chain_of(listed, options[0][0])[0]:  # a missing identity file too
+        identities(config, link.metadata)
     created = not directory.exists()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     staged = os.geteuid() == 0 if stage_wal is None else stage_wal
     try:
-        materialise(config, listed, backup, directory)
+        backup, chain = materialise_first(config, listed, options, directory, why=why, ready=ready)
+        meta = backup.metadata
+        identity = identities(config, meta)
         wal_dir = directory / "pg_wal"
         wal_dir.mkdir(mode=0o700, exist_ok=True)
         if staged:
@@ -527,7 +648,8 @@ class ScratchServer:
 
         done = subprocess.run(argv, user=self.user, capture_output=True, text=True, check=False, cwd="/", env=base_env())
         if check and done.returncode != 0:
-            raise SidecarError(f"the scratch PostgreSQL failed: {(done.stderr or done.stdout).strip()[-300:]}; {self.log_tail()}")
+            said = " ".join((done.stderr or done.stdout).split())[-300:]
+            raise SidecarError(f"the scratch PostgreSQL failed: {said}; {self.log_tail()}")
         return done.stdout
 
     def log_tail(self) -> str:
@@ -560,12 +682,17 @@ class ScratchServer:
                         return
             except psycopg.OperationalError:
                 if not (self.data / "postmaster.pid").exists():
-                    if "recovery ended before configured recovery target was reached" in self.log_tail():
-                        raise NotFound(f"{target} is not in the archived WAL: recovery ended before reaching it (PostgreSQL: 'recovery "
-                                       "ended before configured recovery target was reached'); nothing was restored") from None
+                    self.not_reached(target)
                     raise SidecarError(f"the scratch PostgreSQL stopped during recovery; {self.log_tail()}") from None
             time.sleep(0.5)
         raise SidecarError(f"the scratch PostgreSQL did not finish recovery in {timeout:.0f}s; {self.log_tail()}")
+
+    def not_reached(self, target: str) -> None:
+        """NotFound when the server stopped because recovery ran to the end of the WAL without reaching the target
+        (PostgreSQL 13+ refuses to promote then: FATAL, 'recovery ended before configured recovery target was reached')."""
+        if "recovery ended before configured recovery target was reached" in self.log_tail():
+            raise NotFound(f"{target} is not in the archived WAL: recovery ended before reaching it (PostgreSQL: 'recovery "
+                           "ended before configured recovery target was reached'); nothing was restored")
 
     def start_promoted(self, config: Config, target: str) -> str:
         """Start it and wait until recovery has promoted; the conninfo of `config`'s database there, as its user. The
@@ -573,7 +700,11 @@ class ScratchServer:
         from psycopg.conninfo import make_conninfo
 
         try:
-            self.start()
+            try:
+                self.start()
+            except SidecarError:  # it may stop before pg_ctl saw it accept connections
+                self.not_reached(target)
+                raise
             params = {k: v for k, v in config.conninfo().items() if k in ("user", "dbname")}
             url = make_conninfo(**params, host=str(self.root), port=str(self.port))
             self.wait_promoted(make_conninfo(url, dbname="postgres"), target=target)

@@ -1,5 +1,6 @@
 """Incremental base backups (PostgreSQL 17+, pg_basebackup --incremental, pg_combinebackup at restore) on the
-PostgreSQL 18 test server: a chain restores to the same rows as the server has, a broken chain is refused."""
+PostgreSQL 18 test server: a chain restores to the same rows as the server has; a broken chain gives way to the newest
+older one that is whole and whose WAL reaches as far, and is refused (one line) when there is none."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CHECKSUM = "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) 
 
 
 @pytest.mark.parametrize("wal_cluster", ["18"], indirect=True)
-def test_an_incremental_chain_restores_the_same_rows_and_a_broken_chain_is_refused(wal_cluster: WalCluster, pitr_env: dict[str, str],
+def test_an_incremental_chain_restores_the_same_rows_and_a_damaged_link_gives_way_to_an_older_whole_chain(wal_cluster: WalCluster, pitr_env: dict[str, str],
                                                                                     tmp_path: Path) -> None:
     env = pitr_env
     backups = Path(env["BACKUP_DIR"])
@@ -62,12 +63,51 @@ def test_an_incremental_chain_restores_the_same_rows_and_a_broken_chain_is_refus
     finally:
         restored.destroy()
 
+    # a link's file damaged on the volume (same size: its sha256 tells): the newest older chain that is whole, with more WAL
     name = listed[first]["files"]["base"]["name"]
-    (backups / "base" / name).rename(tmp_path / name)  # a link of the chain goes missing
+    flip_file(backups / "base" / name)
+    restored = WalCluster(port=54332, bin_dir=wal_cluster.bin_dir)
+    try:
+        result = cli(env, "restore", "--to-latest", "--into-data-dir", str(restored.data))
+        assert f"from base backup {full} " in result.stdout, result.stdout
+        assert f"base backup {first} (of the chain of {second}) is damaged" in result.stderr, result.stderr
+        assert f"base backup {second} is skipped, trying an older one" in result.stderr, result.stderr
+        restored.start_existing()
+        restored.wait_promoted()
+        assert restored.psql(CHECKSUM) == expected
+    finally:
+        restored.destroy()
+
+    # and the WAL just after the full one's end is lost: no older chain reaches the end; refused, one line, nothing left written
+    gap = segment_name(1, int(listed[full]["endWal"][16:], 16) + 1, 1 << 20)
+    assert gap < listed[first]["startWal"], (gap, listed[first])
+    for path in backups.glob(f"wal/*/00000001/{gap}.*"):
+        path.unlink()
     into = tmp_path / "refused"
-    broken = cli(env, "restore", "--to-latest", "--into-data-dir", str(into), check=False)
-    assert broken.returncode == 2 and first in broken.stderr and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
-    assert not into.exists() or not any(into.iterdir())
+    into.mkdir()
+    damaged = cli(env, "restore", "--to-latest", "--into-data-dir", str(into), check=False)
+    assert damaged.returncode == 3 and "Traceback" not in damaged.stderr, damaged.stderr
+    line = damaged.stderr.strip().splitlines()[-1]
+    assert f"base backup {first} (of the chain of {second}) is damaged" in line and "no older base backup whose chain is whole" in line \
+        and f"({full}: WAL only up to {segment_name(1, int(gap[16:], 16) - 1, 1 << 20)})" in line and "--from-remote" in line, line
+    assert into.is_dir() and not any(into.iterdir())
+    (backups / "base" / name).rename(tmp_path / name)  # the link missing instead: refused before anything is read
+    into.rmdir()
+    missing = cli(env, "restore", "--to-latest", "--into-data-dir", str(into), check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert f"base backup {second} cannot be restored: base backup {first}, which incremental {second} builds on, is missing-file" \
+        in missing.stderr and f"no older base backup whose chain is whole and whose WAL reaches the latest archived WAL ({full}: " \
+        in missing.stderr, missing.stderr
+    assert not into.exists()
+
+
+def flip_file(path: Path) -> None:
+    """Damage a stored file in place, its size unchanged (only its sha256 tells)."""
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_an_incremental_base_backup_on_postgresql_15_says_it_needs_17(wal_cluster: WalCluster, pitr_env: dict[str, str]) -> None:

@@ -286,7 +286,7 @@ def test_a_table_comes_back_as_it_was_at_a_time_from_the_bucket_alone_once_the_v
                   "WHERE indrelid = 'orders_pitr'::regclass") == "orders_amount_pitr,orders_pkey_pitr"
     assert c.psql("SELECT count(*) FROM orders") == "10"  # the live table untouched
     assert not (backups / "base").exists() and not (backups / "wal").exists()  # nothing read from (or written back to) the volume
-    for args, words in [(("--to-xid", "5", "--from-remote"), "--from-remote restores to --to-time, --to-lsn or --to-latest"),
+    for args, words in [(("--to-xid", "5", "--from-remote"), "transaction 5 is not in the WAL on the remote"),
                         (("--to-latest", "--database", "postgres"), "leave out --database")]:
         refused = cli(env, "restore", *args, "--table", "public.orders", "--as-suffix", "_x", check=False)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and words in refused.stderr, refused.stderr

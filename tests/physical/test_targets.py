@@ -1,5 +1,6 @@
 """Recovery targets other than a time: a restore point, a transaction (inclusive or just before it), and the timeline
-to recover along (two timelines after a promote). Real servers; the pure parts without I/O."""
+to recover along (two timelines after a promote; from the volume and from the bucket). Real servers; the pure parts
+without I/O."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from sidecar.config import load_config
 from sidecar.errors import UsageError
+from sidecar.physical.offsite import copy_base, copy_wal
 from sidecar.physical.pitr import Target, on_path, parse_history, parse_target, parse_waldump, recovery_settings
 from tests.conftest import cli
 from tests.physical.conftest import Receiver, WalCluster, archived, switch, wait_for
+from tests.storage.seaweed import SeaweedServer
 
 # --- pure ------------------------------------------------------------------------------------------
 
@@ -125,7 +130,7 @@ def test_a_restore_to_a_restore_point_or_a_transaction_stops_there_and_an_unknow
 
 @pytest.mark.parametrize("wal_cluster", ["15", "18"], indirect=True)
 def test_after_a_promote_a_restore_follows_the_new_timeline_or_the_old_one_when_asked(wal_cluster: WalCluster, pitr_env: dict[str, str],
-                                                                                      tmp_path: Path) -> None:
+                                                                                      tmp_path: Path, seaweed: SeaweedServer) -> None:
     backups = Path(pitr_env["BACKUP_DIR"])
     wal_cluster.psql("CREATE TABLE t (id int PRIMARY KEY, note text)")
     receiver = Receiver(pitr_env, tmp_path / "receiver.log")
@@ -174,3 +179,10 @@ def test_after_a_promote_a_restore_follows_the_new_timeline_or_the_old_one_when_
     assert _rows(wal_cluster, pitr_env, "--to-time", fork.isoformat(), "--timeline", "current") == "10 before"
     wrong = cli(pitr_env, "restore", "--to-latest", "--timeline", "7", "--into-data-dir", str(tmp_path / "x"), check=False)
     assert wrong.returncode == 2 and "timeline 7 is not in the WAL archive" in wrong.stderr and not (tmp_path / "x").exists(), wrong.stderr
+
+    # from the bucket alone the same: its history file there gives the path
+    prefix = "t-" + uuid.uuid4().hex[:12]
+    remote = {**pitr_env, **seaweed.environment(prefix)}
+    config, store = load_config(environ=remote), seaweed.store(prefix)
+    assert copy_base(config, store).ok and copy_wal(config, store).ok
+    assert _rows(wal_cluster, remote, "--from-remote", "--to-time", on_new.isoformat()) == "20 before,new"  # not the old timeline's

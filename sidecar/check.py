@@ -171,7 +171,7 @@ def _check_synchronous(conn: psycopg.Connection[Any], app: str, report: CheckRep
                             f"ALTER SYSTEM SET synchronous_standby_names = '{app}'; SELECT pg_reload_conf()")
         return
     rows = conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication").fetchall()
-    if any(name is None for name, _, _ in rows):
+    if any(name is None or state is None for name, state, _ in rows):  # a walsender's details need pg_read_all_stats
         report.checked.append(f"synchronous_standby_names names the WAL receiver ({app}): RPO 0 while it is connected (this role "
                               "cannot read pg_stat_replication's details: grant it pg_read_all_stats to check)")
         return

@@ -136,7 +136,7 @@ class Prefetch:
     encrypt, hash, write: C code that lets go of the GIL). An exception in the thread is raised by the read that reaches
     it. `close()` stops the thread; it never waits on the source (a thread blocked on a pipe ends when the pipe does)."""
 
-    def __init__(self, source: age.Readable, depth: int = 4) -> None:
+    def __init__(self, source: age.Readable, depth: int = 1) -> None:
         self._source = source
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
         self._stop = threading.Event()

@@ -162,19 +162,6 @@ def test_most_of_a_custom_dump_is_counted_by_the_fast_path_and_agrees_with_the_s
     assert fast == stepped
 
 
-def test_without_numpy_the_rows_are_still_counted_exactly_by_stepping(dumps: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    from sidecar.logical import dumpcounts
-
-    expected = count_dump([dumps["custom"]], "custom")
-    monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` fails, as where its build does not run
-    monkeypatch.setattr(dumpcounts, "_numpy", None)
-    counter = dumpcounts.CustomCounter()
-    counter.feed(dumps["custom"])
-    assert counter.result() == expected and counter.fast_bytes == 0
-
-
 def _rechunked(dump: bytes, toc_end: int, sizes: list[int]) -> bytes:
     """The custom dump with every table's data cut into chunks of `sizes` bytes in turn, whatever the rows (a negative
     size: that many whole rows per chunk), not as pg_dump writes them (one row per chunk); large objects as they were."""
@@ -272,7 +259,8 @@ AWKWARD_LENGTHS = st.sampled_from([1, 2, 9, 10, 11, 266, 2560, 2570, 2815, 2816]
        read=st.sampled_from([1 << 20, 65536, 7777]))
 def test_one_row_chunks_of_awkward_lengths_are_counted_exactly_by_the_fast_path(dumps: dict[str, bytes], lengths: list[int],
                                                                                wide: list[tuple[int, int]], read: int) -> None:
-    """pg_dump's own framing, rows whose lengths hold the bytes the fast path looks for: every row counted, no more."""
+    """pg_dump's own framing, rows whose lengths hold the bytes the fast path looks for (a newline, or a newline then a
+    NUL, as at a chunk's end): every row counted, no more."""
     from sidecar.logical.dumpcounts import CustomCounter
 
     for at, length in wide:

@@ -976,7 +976,11 @@ def test_a_pod_rendered_with_a_replication_role_and_rpo_0_streams_as_that_role_a
                 return ",".join(str(v) for row in (cursor.fetchall() if cursor.description else []) for v in row)
 
         sql("SET synchronous_commit = local; CREATE TABLE t (id int PRIMARY KEY)")
-        assert cli(pod_env, "check").returncode == 0
+        # before the daemon streams, `check` says the one thing wrong: every commit waits for a receiver not there yet
+        before = cli(pod_env, "check", check=False)
+        problems = [line for line in before.stdout.splitlines() if line.startswith("problem:")]
+        assert before.returncode == 1 and len(problems) == 1, before.stdout
+        assert "names the WAL receiver (pg_backup_sidecar), which is not connected: commits wait until it is" in problems[0], problems
         # the database's role has no replication line: without the dedicated role the sidecar could not stream
         without = cli({k: v for k, v in pod_env.items() if not k.startswith("WAL_REPLICATION_")}, "base-backup", check=False)
         assert without.returncode == 3 and "no pg_hba.conf line allows replication connections for role app" in without.stderr, without.stderr
@@ -988,6 +992,8 @@ def test_a_pod_rendered_with_a_replication_role_and_rpo_0_streams_as_that_role_a
                                          "WHERE application_name = 'pg_backup_sidecar'") == "replicator,pg_backup_sidecar,sync",
                              "the receiver to stream as the synchronous standby")
             sql("INSERT INTO t VALUES (1)")  # returns: the receiver flushed it
+            streaming = cli(pod_env, "check").stdout.splitlines()  # and now `check` passes, saying so
+            assert [line for line in streaming if line.startswith("ok: RPO 0: the WAL receiver (pg_backup_sidecar) is a synchronous standby")], streaming
             running.wait_for(lambda: [b["status"] for b in json.loads(cli(pod_env, "list", "--base", "--json").stdout)] == ["ok"],
                              "the daemon's base backup (as the replication role)")
             assert request(running.base, "/v1/backups", token=token)[0] == 200  # the API token of the rendered Secret's file

@@ -20,12 +20,10 @@ back to counting in the snapshot.
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from sidecar import age
 from sidecar.errors import SidecarError
@@ -123,64 +121,35 @@ class _Short(Exception):
     """Not enough bytes buffered yet."""
 
 
-FIRST_WINDOW, LAST_WINDOW = 65536, 1 << 20  # bytes looked at at once: small first (a small table ends soon), then doubled
-SHORTEST = 16384  # fewer bytes left in a read are stepped through (numpy's cost per call would outweigh its speed)
-_numpy: Any = None  # the module once imported; False: it could not be (the stepping counts alone, exactly, slower)
-
-
-def _np() -> Any:
-    """numpy, imported on first use (in the thread that counts, while pg_dump is still starting): not at start-up. One
-    BLAS thread (none of it is used here; by default it starts one per core of the node). None if it cannot be imported."""
-    global _numpy
-    if _numpy is None:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        try:
-            import numpy
-        except Exception as exc:  # ImportError, or a CPU its build does not support
-            logging.getLogger(__name__).warning("numpy cannot be imported (%s): row counts are read the slower way", exc)
-            _numpy = False
-        else:
-            _numpy = numpy
-    return _numpy or None
+# the end of a chunk (a row's newline) and the next chunk's length (sign byte 0, 4 bytes little-endian); COPY text never
+# holds a NUL byte and holds a raw newline only at a row's end, so from a chunk boundary after a newline this matches
+# exactly once per chunk and takes the whole next length with it
+_CHUNK_END = re.compile(rb"\n\x00(....)", re.DOTALL)
+ZERO = bytes(4)  # a zero length: the end of the table's data
+FIRST_WINDOW, LAST_WINDOW = 4096, 1 << 20  # bytes searched at once: small first (a small table ends soon), then doubled
 
 
 def _stretch(buf: bytes, pos: int, stop: int) -> tuple[int, int, bool | None]:
-    """Chunks from the boundary `pos` (buf[pos - 1] is a newline) found in buf[pos - 1:stop] with numpy, all but the last
-    two (and none from a zero length on, the table's end): those are left to the exact stepping, with whatever crosses the
-    read's end. A boundary is a newline followed by a NUL (the next length's sign byte): COPY text never holds a NUL byte
-    and holds a raw newline only at a row's end, so the only other such pairs lie inside a length (a byte 10 then a byte
-    0), within 4 bytes after a boundary, while boundaries are at least 6 bytes apart: those are dropped. Every chunk is then
-    checked as pg_dump writes it, one by one: its length leads exactly to the next boundary, it is not empty, and the
-    chunks hold exactly one newline each (outside the lengths' bytes). Returns (where the stepping goes on, the rows of the
-    stretch, True), (pos, 0, False) when there are too few chunks to gain from, or (pos, 0, None) when the first chunk is
-    not one row as pg_dump writes it (stepped through instead)."""
-    np = _np()
-    if np is None:
-        return pos, 0, None
-    window = np.frombuffer(buf, np.uint8, stop - pos + 1, pos - 1)  # window[0] is the newline before `pos`
-    newlines = np.flatnonzero(window == 10)
-    ends = newlines[: np.searchsorted(newlines, len(window) - 5)]  # a boundary needs its whole length in the window
-    ends = ends[window[ends + 1] == 0]
-    gaps = np.diff(ends)
-    if len(gaps) and gaps.min() <= 4:
-        ends = ends[np.concatenate(([True], gaps > 4))]
-    if len(ends) < 4 or ends[0] != 0:
-        return pos, 0, False
-    heads = [window[ends + i] for i in range(2, 6)]  # each boundary's length, 4 bytes little-endian
-    lengths = heads[0].astype(np.int64)
-    for shift, byte in zip((8, 16, 24), heads[1:], strict=True):
-        lengths |= byte.astype(np.int64) << shift
-    empty = lengths[:-1] == 0  # the table's end
-    stops = np.flatnonzero(empty | (ends[:-1] + 5 + lengths[:-1] != ends[1:]))  # or a length that does not lead to the next
-    first = int(stops[0]) if len(stops) else len(empty)
-    keep = first - 2
+    """Chunks from the boundary `pos` (buf[pos - 1] is a newline), found in buf[pos - 1:stop] by _CHUNK_END, all but
+    the last two found (and none from a zero length on, the table's end): those are left to the exact stepping, with
+    whatever crosses the read's end. The stretch is taken only as pg_dump writes it: the first match at `pos`, the
+    lengths' sum landing on the last match kept, and exactly one newline per chunk (outside the lengths' bytes). The
+    regular expression can only lose step after a chunk that does not end with a newline, which the last check rules
+    out. Returns (where the stepping goes on, the rows of the stretch, True), (pos, 0, False) when there are too few
+    chunks to gain from, or (pos, 0, None) when the chunks are not pg_dump's one row each (stepped through instead)."""
+    found = _CHUNK_END.findall(buf, pos - 1, stop)
+    try:
+        keep = found.index(ZERO) - 2
+    except ValueError:
+        keep = len(found) - 2
     if keep < 1:
-        return pos, 0, None if first == 0 and not empty[0] else False
-    last = int(ends[keep])  # where chunk number `keep` starts (its boundary newline), in the window
-    inside = sum(int(np.count_nonzero(byte[:keep] == 10)) for byte in heads)  # newlines that are bytes of the lengths
-    if int(np.searchsorted(newlines, last, "right")) - 1 - inside != keep:  # one row per chunk, each ending at its end
+        return pos, 0, False
+    heads = b"".join(found[:keep])
+    ahead = pos + 5 * keep + sum(struct.unpack(f"<{keep}I", heads))  # where chunk number `keep` starts, if they chain
+    if (buf[pos:pos + 5] != b"\x00" + found[0] or ahead + 5 > stop or buf[ahead - 1:ahead + 5] != b"\n\x00" + found[keep]
+            or buf.count(NL, pos, ahead) != keep + heads.count(NL)):  # one row per chunk, each ending at its end
         return pos, 0, None
-    return pos + last, keep, True
+    return ahead, keep, True
 
 
 class CustomCounter:
@@ -208,7 +177,6 @@ class CustomCounter:
         self._rows = 0
         self._tail = NL  # the table's last COPY bytes (17 at most) after a NL for its start: where its `\\.` line is
         self._unpack: Callable[[bytes, int], tuple[int, int]] | None = None
-        self._window = FIRST_WINDOW  # bytes _stretch looks at at once: doubled while a table goes on
         self.fast_bytes = 0  # data bytes read by _stretch rather than stepped through (for tests)
 
     # -- primitives over self._buf / self._pos (header and TOC)
@@ -356,7 +324,7 @@ class CustomCounter:
                     self._entry = self._tables.get(dump_id)
                     if self._entry is not None and self._entry in self._counts:
                         raise DumpCountError(f"two data blocks for table {self._entry!r}")
-                    self._rows, self._tail, self._window = 0, NL, FIRST_WINDOW
+                    self._rows, self._tail = 0, NL
                     self._state = "chunk"
                 elif kind == BLK_BLOBS:
                     self._entry = None
@@ -373,8 +341,8 @@ class CustomCounter:
 
     def _chunks(self, buf: bytes, pos: int) -> int:
         """The hot loop: length-prefixed chunks (one per row with -Z0) from `pos`, their newlines counted in C
-        (bytes.count). Where a chunk ends with a newline, the stretch of chunks after it is read by `_stretch` (numpy,
-        chunk by chunk in C); otherwise, and for the last two chunks before the end of a read or of the table,
+        (bytes.count). Where a chunk ends with a newline, the stretch of chunks after it is read by `_stretch` (a
+        regular expression, in C); otherwise, and for the last two chunks before the end of a read or of the table,
         Python steps from one length to the next. Returns where it stopped."""
         end = len(buf)
         isz = 1 + self._int
@@ -383,9 +351,9 @@ class CustomCounter:
         begin, prev, last, stop = pos, -1, -1, -1
         rows = self._rows
         ended = False
-        fast, window, wait = isz == 5, self._window, 0
+        fast, window, wait = isz == 5, FIRST_WINDOW, 0
         while pos + isz <= end:
-            if fast and not wait and pos and buf[pos - 1] == 10 and end - pos >= SHORTEST:
+            if fast and not wait and pos and buf[pos - 1] == 10:
                 ahead, found, quick = _stretch(buf, pos, min(end, pos + window))
                 if quick is None:  # not what pg_dump writes: step through the rest of this read
                     fast = False
@@ -393,7 +361,7 @@ class CustomCounter:
                     rows += found
                     self.fast_bytes += ahead - pos
                     pos = ahead
-                    window = self._window = min(window * 2, LAST_WINDOW)
+                    window = min(window * 2, LAST_WINDOW)
                     continue
                 else:  # too few chunks in the window: step two before looking again
                     wait = 2

@@ -103,6 +103,11 @@ def test_with_the_receiver_a_synchronous_standby_every_commit_that_returned_surv
         checked = cli({**pitr_env, "WAL_ARCHIVING": "true"}, "check", check=False).stdout.splitlines()
         assert "ok: RPO 0: the WAL receiver (pg_backup_sidecar) is a synchronous standby (sync): a commit returns once it has " \
                "flushed the commit's WAL" in checked, checked
+        wal_cluster.psql("SET synchronous_commit = local; CREATE ROLE watcher LOGIN")  # sees walsenders but not their details
+        unprivileged = cli({**pitr_env, "WAL_ARCHIVING": "true", "DATABASE_URL": wal_cluster.url("postgres", user="watcher"),
+                                                  "WAL_REPLICATION_URL": wal_cluster.url("postgres")}, "check", check=False)
+        assert [line for line in unprivileged.stdout.splitlines() if line.startswith("ok: synchronous_standby_names names the WAL receiver "
+                                                                                      "(pg_backup_sidecar): RPO 0 while it is connected")], unprivileged.stdout
 
         def write() -> None:
             # synchronous_commit = on (the test clusters default to off): a commit returns once the receiver has flushed it
